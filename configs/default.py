@@ -1,0 +1,128 @@
+"""Default configuration shared by every mode: the reference study's settings.
+
+Each mode file (pretrain.py, finetune.py, baseline.py, predict.py, sweep.py,
+audit.py) imports `get_config` from here and overrides a few fields. Config
+arguments follow big_vision: `configs/pretrain.py:runlocal` shrinks everything
+for a CPU demo, `configs/finetune.py:label_fraction=0.1` sets a field, and any
+field can be overridden with `--config.field=value`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg, **defaults):
+  """Parses 'runlocal,key=value,...' into a ConfigDict with typed defaults.
+
+  Args:
+    arg: the string after ':' in `--config=configs/x.py:arg`, or None.
+    **defaults: known keys and their default values; values in `arg` are cast
+      to the type of the default.
+
+  Returns:
+    A ConfigDict with every key of `defaults`.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for token in (arg or '').split(','):
+    token = token.strip()
+    if not token:
+      continue
+    key, sep, value = token.partition('=')
+    if key not in defaults:
+      raise ValueError(
+          f'Unknown config argument {key!r}; known arguments are '
+          f'{sorted(defaults)}.')
+    default = defaults[key]
+    if not sep:  # A bare word is a boolean switch such as 'runlocal'.
+      result[key] = True
+    elif isinstance(default, bool):
+      result[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      result[key] = value
+    else:
+      result[key] = type(default)(value)
+  return result
+
+
+def get_config(arg=None):
+  """Returns the default (reference-study) configuration."""
+  del arg
+  config = ml_collections.ConfigDict()
+
+  config.mode = 'pretrain'  # One of: pretrain, finetune, baseline, predict, sweep, audit.
+  config.seed = 0  # Seed of initialisation, augmentation and data order.
+
+  # ---------------------------------------------------------------- Input.
+  config.dataset = 'alzheimer_mri'  # alzheimer_mri | synthetic_mri | image_folder.
+  config.data_dir = config_dict.placeholder(str)  # TFDS data dir (None: ~/tensorflow_datasets).
+  config.dataset_path = config_dict.placeholder(str)  # Kaggle zip, its Dataset/ folder, or an image_folder root.
+  config.image_size = 128  # Images are resized to image_size x image_size.
+  config.channels = 3  # 1, or 3 by repeating the gray channel (the reference used 3).
+  config.skip_unreadable = False  # image_folder: skip unreadable files with a warning instead of failing.
+  config.split_scheme = 'subject'  # subject (honest, default) | slice (the reference's leaky split).
+  config.split_seed = 0  # Seed of the train/val/test split.
+  config.test_fraction = 0.2  # Share of each class's subjects (or slices) in test.
+  config.val_fraction = 0.1  # Share of each class's train subjects (or slices) held out for model selection.
+  config.label_fraction = 1.0  # Share of the labeled train split used by finetune/baseline, in (0, 1].
+  config.label_seed = 0  # Seed of the nested, stratified label subsets.
+  config.include_test_in_pretrain = False  # The reference's transductive setting: pretrain on test images too.
+  config.shuffle_buffer = 0  # Unused: order is a function of (seed, step) so that resumed runs match.
+  config.prefetch = 2  # Batches prefetched to the devices.
+
+  # SimCLR view augmentation (pretraining) and training augmentation (finetune/baseline).
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_scale = (0.5, 1.0)  # RandomResizedCrop area range (reference: (0.5, 1)).
+  config.augment.crop_ratio = (1.0, 1.0)  # RandomResizedCrop aspect-ratio range (reference: (1, 1)).
+  config.augment.flip = False  # Random horizontal flip.
+  config.augment.rotation_degrees = 0.0  # Maximum absolute random rotation.
+  config.augment.brightness = 0.0  # Maximum brightness jitter (added, images in [0, 1]).
+  config.augment.contrast = 0.0  # Maximum contrast jitter (factor in [1 - c, 1 + c]).
+  config.augment.blur = False  # Random Gaussian blur.
+  config.train_augment = True  # finetune/baseline: apply the crop augmentation to labeled images.
+
+  # ---------------------------------------------------------------- Model.
+  config.model = 'resnet50'  # resnet18 | resnet34 | resnet50.
+  config.width = 1.0  # Width multiplier of every ResNet stage (1.0: 64 filters in the stem).
+  config.encoder_output = 'flatten'  # flatten (the reference: 2048 x 4 x 4 map) | avgpool (standard SimCLR).
+  config.projection_dims = (256, 128)  # Projection head: hidden sizes then output size.
+  config.projection_dropout = 0.5  # Dropout before each projection Dense (the reference: 0.5).
+  config.head_dropout = 0.5  # Dropout before the classification Dense (the reference: 0.5).
+  config.num_classes = 4  # Output classes of the classifier (set from the data set).
+  config.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (parameters and BatchNorm stay float32).
+
+  # ---------------------------------------------------------------- Optimisation.
+  config.num_epochs = 100  # Passes over the (labeled) train split.
+  config.batch_size = 32  # Global batch size (images, not views), divisible by the device count.
+  # Pretraining: SGD + momentum inside SAM/ASAM with a one-cycle cosine schedule.
+  config.pretrain_optimizer = ml_collections.ConfigDict()
+  config.pretrain_optimizer.learning_rate = 1e-2  # Peak learning rate of the one-cycle schedule.
+  config.pretrain_optimizer.momentum = 0.9  # SGD momentum.
+  config.pretrain_optimizer.weight_decay = 0.0  # Decoupled weight decay (the reference: none).
+  config.pretrain_optimizer.warmup_fraction = 0.3  # One-cycle: share of steps spent rising to the peak.
+  config.sam = 'asam'  # none | sam | asam.
+  config.sam_rho = 2.0  # SAM neighbourhood radius (the reference: ASAM with rho 2).
+  config.sam_eta = 0.0  # ASAM offset: |w| + eta scales the perturbation (0: davda54/sam, as the reference; 0.01: the ASAM paper's code).
+  config.joint_views = True  # Both views in one forward pass (BatchNorm over 2N views, as SimCLR); False: the reference's two calls.
+  config.temperature = 0.5  # NT-Xent temperature.
+  config.temperature_schedule = False  # The reference's step-down (0.5 -> 0.3 -> 0.1 -> 0.05 as the loss falls).
+  config.temperature_steps = ((3.0, 0.3), (2.0, 0.1), (1.0, 0.05))  # (epoch-loss threshold, temperature) pairs.
+  # Fine-tuning and the supervised baseline: AdamW with a constant learning rate.
+  config.finetune_optimizer = ml_collections.ConfigDict()
+  config.finetune_optimizer.learning_rate = 1e-4  # AdamW learning rate (the reference: 1e-4).
+  config.finetune_optimizer.weight_decay = 1e-8  # AdamW weight decay (the reference: 1e-8).
+  config.pretrained_workdir = config_dict.placeholder(str)  # finetune: workdir of a pretrain run.
+  config.linear_probe = False  # finetune: freeze the encoder and train only the head.
+  config.finetune_sam = 'none'  # finetune/baseline: none | sam | asam (the reference: none).
+
+  # ---------------------------------------------------------------- Evaluation, logging, checkpoints.
+  config.selection_metric = 'balanced_accuracy'  # Validation metric that picks the best checkpoint.
+  config.selection_split = 'val'  # Split that picks the best checkpoint: val (honest) | test (the reference's protocol only).
+  config.eval_every_epochs = 1  # Validation (and kNN monitor) period in epochs.
+  config.eval_batch_size = 128  # Global batch size of evaluation.
+  config.knn_k = (1, 10, 50, 100)  # k of the pretraining kNN monitor.
+  config.log_every_steps = 10  # Training metrics period in steps.
+  config.checkpoint_every_steps = 200  # Checkpoint period in steps (also saved at every evaluation).
+  config.keep_checkpoints = 2  # Latest checkpoints kept besides the best one.
+  config.num_summary_images = 8  # Augmented views written to TensorBoard once.
+
+  return config

@@ -1,0 +1,222 @@
+"""ResNet encoders, SimCLR projection head and classification head in Flax linen.
+
+The ResNet follows the Flax ImageNet example (and torchvision, which the reference
+used): a 7x7 stride-2 stem with max pooling, four stages, BatchNorm everywhere.
+At 128 px the last stage is a 4 x 4 map, so the reference's flattened encoder output
+of ResNet-50 has 2048 * 4 * 4 = 32,768 values.
+
+Both `SimCLRModel` and `Classifier` hold their ResNet as the submodule `encoder`,
+so fine-tuning copies `params['encoder']` and `batch_stats['encoder']` from a
+pretraining checkpoint. Each stage's output is sown into the `intermediates`
+collection and marked with `perturb`, so Grad-CAM can take gradients with respect
+to the activations of any stage (`stage1` .. `stage4`).
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+STAGE_SIZES = {
+    'resnet18': (2, 2, 2, 2),
+    'resnet34': (3, 4, 6, 3),
+    'resnet50': (3, 4, 6, 3),
+}
+ENCODER_OUTPUTS = ('flatten', 'avgpool')
+
+
+class ResNetBlock(nn.Module):
+  """Basic two-convolution residual block (ResNet-18/34)."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = self.norm()(y)
+    y = self.act(y)
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name='conv_proj')(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    return self.act(residual + y)
+
+
+class BottleneckResNetBlock(nn.Module):
+  """Bottleneck residual block (ResNet-50), stride on the 3x3 convolution."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (1, 1))(x)
+    y = self.norm()(y)
+    y = self.act(y)
+    y = self.conv(self.filters, (3, 3), self.strides)(y)
+    y = self.norm()(y)
+    y = self.act(y)
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, name='conv_proj')(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet encoder returning the final feature map [N, h, w, C]."""
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  width: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    # BatchNorm statistics over the global batch: under jit with a sharded batch XLA
+    # reduces across devices, so no axis_name is needed.
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        epsilon=1e-5, dtype=self.dtype)
+    num_filters = max(1, int(round(64 * self.width)))
+    x = x.astype(self.dtype)
+    x = conv(num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
+    x = norm(name='bn_init')(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    for i, block_size in enumerate(self.stage_sizes):
+      for j in range(block_size):
+        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        x = self.block_cls(num_filters * 2**i, strides=strides, conv=conv,
+                           norm=norm, act=nn.relu)(x)
+      name = f'stage{i + 1}'
+      x = self.perturb(name, x)
+      self.sow('intermediates', name, x)
+    return x
+
+
+def encoder_features(feature_map, encoder_output):
+  """Turns the final map into the encoder's output vector h."""
+  if encoder_output == 'avgpool':
+    return jnp.mean(feature_map, axis=(1, 2))
+  return feature_map.reshape((feature_map.shape[0], -1))
+
+
+class ProjectionHead(nn.Module):
+  """SimCLR projection MLP: [Dropout -> Dense -> ReLU]* -> Dropout -> Dense.
+
+  With dims (256, 128) and dropout 0.5 this is the reference's
+  Dropout(0.5) -> Linear(32768, 256) -> Dropout(0.5) -> Linear(256, 128).
+  """
+  dims: Sequence[int] = (256, 128)
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, h, train: bool = True):
+    z = h.astype(jnp.float32)
+    for i, dim in enumerate(self.dims):
+      z = nn.Dropout(self.dropout, deterministic=not train)(z)
+      z = nn.Dense(dim, name=f'dense{i}')(z)
+      if i < len(self.dims) - 1:
+        z = nn.relu(z)
+    return z
+
+
+class ClassifierHead(nn.Module):
+  """The reference's classification head: Dropout -> Dense(num_classes)."""
+  num_classes: int
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, h, train: bool = True):
+    h = nn.Dropout(self.dropout, deterministic=not train)(h.astype(jnp.float32))
+    return nn.Dense(self.num_classes, name='dense')(h)
+
+
+class SimCLRModel(nn.Module):
+  """Encoder + projection head; returns (h, z)."""
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  width: float = 1.0
+  encoder_output: str = 'flatten'
+  projection_dims: Sequence[int] = (256, 128)
+  projection_dropout: float = 0.5
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = ResNet(self.stage_sizes, self.block_cls, self.width, self.dtype)
+    self.projection = ProjectionHead(self.projection_dims, self.projection_dropout)
+
+  def __call__(self, x, train: bool = True):
+    h = encoder_features(self.encoder(x, train), self.encoder_output)
+    return h.astype(jnp.float32), self.projection(h, train)
+
+  def embed(self, x):
+    """Encoder output h in inference mode (the kNN monitor's embedding)."""
+    return encoder_features(self.encoder(x, False), self.encoder_output).astype(jnp.float32)
+
+
+class Classifier(nn.Module):
+  """Encoder + classification head; returns logits."""
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  width: float = 1.0
+  encoder_output: str = 'flatten'
+  head_dropout: float = 0.5
+  dtype: Any = jnp.float32
+  freeze_encoder: bool = False
+
+  def setup(self):
+    self.encoder = ResNet(self.stage_sizes, self.block_cls, self.width, self.dtype)
+    self.head = ClassifierHead(self.num_classes, self.head_dropout)
+
+  def __call__(self, x, train: bool = True):
+    # A linear probe runs the encoder in inference mode: frozen weights and
+    # frozen BatchNorm statistics.
+    fmap = self.encoder(x, train and not self.freeze_encoder)
+    return self.head(encoder_features(fmap, self.encoder_output), train)
+
+
+def _architecture(name):
+  if name not in STAGE_SIZES:
+    raise ValueError(
+        f'Unknown model {name!r}; set --config.model to one of {sorted(STAGE_SIZES)}.')
+  block = BottleneckResNetBlock if name == 'resnet50' else ResNetBlock
+  return STAGE_SIZES[name], block
+
+
+def _dtype(name):
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f'Unknown dtype {name!r}; set --config.dtype to float32 or bfloat16.')
+  return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
+
+
+def create_model(config, kind):
+  """Builds the SimCLR model (kind='simclr') or the classifier (kind='classifier')."""
+  stage_sizes, block_cls = _architecture(config.model)
+  if config.encoder_output not in ENCODER_OUTPUTS:
+    raise ValueError(
+        f'Unknown encoder_output {config.encoder_output!r}; set '
+        f'--config.encoder_output to one of {ENCODER_OUTPUTS}.')
+  common = dict(stage_sizes=stage_sizes, block_cls=block_cls, width=config.width,
+                encoder_output=config.encoder_output, dtype=_dtype(config.dtype))
+  if kind == 'simclr':
+    return SimCLRModel(projection_dims=tuple(config.projection_dims),
+                       projection_dropout=config.projection_dropout, **common)
+  if kind == 'classifier':
+    return Classifier(num_classes=config.num_classes, head_dropout=config.head_dropout,
+                      freeze_encoder=bool(config.get('linear_probe', False)), **common)
+  raise ValueError(f'Unknown model kind {kind!r}; use simclr or classifier.')

@@ -1,0 +1,100 @@
+"""Every matplotlib figure of the project, one function per figure.
+
+Figures are drawn with the Agg backend (no display needed) and saved as PNG; each
+function also returns the figure as an RGB uint8 array so it can go to TensorBoard.
+"""
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+
+def figure_to_array(fig):
+  """RGB uint8 [H, W, 3] of a drawn figure."""
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(fig, path):
+  """Saves `fig` to `path` (if given), closes it and returns it as an array."""
+  image = figure_to_array(fig)
+  if path:
+    fig.savefig(path, dpi=fig.dpi, bbox_inches='tight')
+  plt.close(fig)
+  return image
+
+
+def draw_confusion_matrix(ax, matrix, class_names, title=None):
+  """Counts and row-normalised shading of a confusion matrix on `ax`."""
+  matrix = np.asarray(matrix)
+  rows = matrix.sum(axis=1, keepdims=True)
+  shares = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
+  ax.imshow(shares, cmap='Blues', vmin=0, vmax=1)
+  short = [name.replace('_Demented', '').replace('_', ' ') for name in class_names]
+  ax.set_xticks(range(len(short)), short, rotation=30, ha='right', fontsize=8)
+  ax.set_yticks(range(len(short)), short, fontsize=8)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  for i in range(matrix.shape[0]):
+    for j in range(matrix.shape[1]):
+      ax.text(j, i, str(matrix[i, j]), ha='center', va='center', fontsize=8,
+              color='white' if shares[i, j] > 0.5 else 'black')
+  if title:
+    ax.set_title(title, fontsize=9)
+
+
+def plot_confusion_matrix(matrix, class_names, path=None, title=None):
+  """One confusion matrix (counts, shaded by recall per true class)."""
+  fig, ax = plt.subplots(figsize=(4.5, 4), dpi=100)
+  draw_confusion_matrix(ax, matrix, class_names, title)
+  return save_figure(fig, path)
+
+
+def plot_audit_pairs(pairs_by_scheme, path=None,
+                     title='Closest test images to train+val'):
+  """The closest test/train pairs of each split scheme, side by side.
+
+  Args:
+    pairs_by_scheme: {scheme name: list of dicts with test_image and
+      reference_image ([H, W] or [H, W, 1]), similarity, test_name,
+      reference_name and optionally same_subject (bool)}, closest pair first.
+    path: PNG to write, or None.
+    title: title of the figure.
+
+  Returns:
+    The figure as an RGB uint8 array.
+  """
+  schemes = [name for name, pairs in pairs_by_scheme.items() if pairs]
+  num_rows = max([len(pairs_by_scheme[name]) for name in schemes] or [1])
+  height = 2.0 * num_rows + 0.9
+  fig = plt.figure(dpi=100, figsize=(3.6 * max(len(schemes), 1), height))
+  fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va='top')
+  if not schemes:
+    fig.text(0.5, 0.5, 'no cross-split pairs', ha='center')
+    return save_figure(fig, path)
+  panels = np.atleast_1d(fig.subfigures(1, len(schemes), wspace=0.06))
+  for panel, scheme in zip(panels, schemes):
+    # Room at the top for the figure title, then the scheme's title.
+    panel.suptitle(f'{scheme} split', fontsize=10, fontweight='bold',
+                   y=1 - 0.45 / height, va='top')
+    axes = panel.subplots(num_rows, 2, squeeze=False, gridspec_kw=dict(
+        wspace=0.05, hspace=0.45, top=1 - 0.95 / height, bottom=0.03,
+        left=0.02, right=0.98))
+    for ax in axes.ravel():
+      ax.axis('off')
+    for row, pair in enumerate(pairs_by_scheme[scheme]):
+      for side, (image, name, split) in enumerate((
+          (pair['test_image'], pair['test_name'], 'test'),
+          (pair['reference_image'], pair['reference_name'], 'train'))):
+        axes[row, side].imshow(np.squeeze(np.asarray(image)), cmap='gray')
+        # File names may be long paths; the last part identifies the slice.
+        axes[row, side].set_title(f'{split}: {str(name).split("/")[-1]}',
+                                  fontsize=7)
+      label = f'similarity {pair["similarity"]:.4f}'
+      if pair.get('same_subject') is not None:
+        label += ', same subject' if pair['same_subject'] else ', other subject'
+      axes[row, 0].text(1.025, -0.04, label, transform=axes[row, 0].transAxes,
+                        ha='center', va='top', fontsize=7)
+  return save_figure(fig, path)

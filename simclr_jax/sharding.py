@@ -1,0 +1,88 @@
+"""Data parallelism with jax.jit over a device mesh (big_vision style).
+
+The global batch is sharded over the `data` axis of a one-dimensional mesh of all
+devices (of all processes); parameters and optimizer state are replicated. Under
+`jax.jit` XLA inserts the cross-device reductions itself, so BatchNorm statistics
+and NT-Xent negatives are taken over the global batch with no explicit collective.
+"""
+
+import collections
+import os
+
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
+                                 process_id=None):
+  """Calls `jax.distributed.initialize` when launched as several processes.
+
+  Cloud TPU pods and SLURM/Open MPI launches are detected by JAX itself; a plain
+  multi-process launch passes the coordinator's address and the process layout.
+  """
+  if jax.distributed.is_initialized():
+    return
+  explicit = coordinator_address is not None and num_processes not in (None, 1)
+  cluster = any(k in os.environ for k in (
+      'TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  if explicit:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif cluster:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('Distributed JAX: process %d of %d, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def create_mesh():
+  """A one-dimensional `data` mesh over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def data_sharding(mesh):
+  """Leading (batch) axis split over the mesh."""
+  return NamedSharding(mesh, P('data'))
+
+
+def replicated_sharding(mesh):
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size, what='batch_size'):
+  """Raises a one-sentence error when a global batch cannot be split evenly."""
+  devices = jax.device_count()
+  if batch_size % devices:
+    raise ValueError(
+        f'The global {what} {batch_size} is not divisible by the {devices} devices; '
+        f'set --config.{what} to a multiple of {devices}.')
+
+
+def to_global(local_batch, sharding):
+  """Per-process numpy batch -> global jax.Array sharded over all devices."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local_batch)
+
+
+def prefetch(iterator, sharding, size=2):
+  """Transfers the next `size` batches to the devices while the current one runs."""
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(to_global(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def to_host(tree):
+  """Global arrays -> numpy, gathering shards of other processes if needed."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, tree)

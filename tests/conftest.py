@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny configs on the small synthetic data set, built once."""
+
+import os
+
+import pytest
+
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KAGGLE_ZIP = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'alzheimer-mri-dataset.zip')
+
+
+def tiny_config(data_dir, mode='pretrain', **overrides):
+  """A config whose runs take seconds on a CPU: ResNet-18 at 1/8 width, 32 px."""
+  config = default.get_config()
+  config.mode = mode
+  config.dataset = 'synthetic_mri/small'
+  config.data_dir = data_dir
+  config.image_size = 32
+  config.channels = 1
+  config.model = 'resnet18'
+  config.width = 0.125
+  config.encoder_output = 'avgpool'
+  config.projection_dims = (32, 16)
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.num_epochs = 2
+  config.log_every_steps = 4
+  config.checkpoint_every_steps = 5
+  config.knn_k = (1, 5)
+  config.num_summary_images = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """A TFDS data dir shared by the session's tests (the small synthetic set is built once)."""
+  return str(tmp_path_factory.mktemp('tfds'))

@@ -1,0 +1,149 @@
+"""End-to-end tests of pretrain -> finetune and baseline on tiny models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from simclr_jax import run
+from simclr_jax import train
+from tests.conftest import REPO, tiny_config
+
+
+@pytest.fixture(scope='module')
+def pretrain_workdir(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  train.train_and_evaluate(tiny_config(data_dir, 'pretrain'), workdir)
+  return workdir
+
+
+def test_pretrain_writes_outputs_and_knn_metrics(pretrain_workdir):
+  with open(os.path.join(pretrain_workdir, 'metrics.json')) as f:
+    metrics = json.load(f)
+  assert 0.0 <= metrics['knn1_accuracy'] <= 1.0
+  assert 'knn5_balanced_accuracy' in metrics
+  assert metrics['chosen_step'] is not None
+  assert train.latest_step(pretrain_workdir) == metrics['total_steps']
+  assert train.latest_step(pretrain_workdir, 'best') == metrics['chosen_step']
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(pretrain_workdir))
+
+
+def test_finetune_loads_encoder_and_reports_test_metrics(pretrain_workdir, data_dir, tmp_path):
+  config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
+                       label_fraction=0.5)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  for key in ('accuracy', 'balanced_accuracy', 'macro_f1'):
+    assert 0.0 <= result[key] <= 1.0
+  assert len(result['per_class_recall']) == 4
+  assert np.sum(result['confusion_matrix']) == result['num_examples']
+  assert os.path.exists(tmp_path / 'confusion_matrix.png')
+  # Finetuning starts from the pretrained encoder, not from the random init.
+  _, _, variables = train.restore_for_inference(str(tmp_path), which='latest')
+  _, _, pretrained = train.restore_for_inference(pretrain_workdir, which='latest')
+  kernel = variables['params']['encoder']['conv_init']['kernel']
+  assert kernel.shape == pretrained['params']['encoder']['conv_init']['kernel'].shape
+
+
+def test_pretrain_and_baseline_start_from_the_same_encoder(data_dir):
+  states = []
+  for mode in ('pretrain', 'baseline'):
+    config = tiny_config(data_dir, mode)
+    model = train.models.create_model(config, train.model_kind(config))
+    params, _ = train.init_variables(config, model, jax.random.key(config.seed))
+    states.append(params['encoder'])
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('overrides,needle', [
+    (dict(mode='finetun'), '--config.mode'),
+    (dict(model='resnet101'), '--config.model'),
+    (dict(label_fraction=0.0), '--config.label_fraction'),
+    (dict(label_fraction=1.5), '--config.label_fraction'),
+    (dict(batch_size=15), None),  # Divisible by one CPU device: accepted by the check.
+    (dict(mode='finetune'), '--config.pretrained_workdir'),
+    (dict(mode='finetune', pretrained_workdir='/nonexistent'), 'No pretrain checkpoint'),
+])
+def test_bad_config_is_one_clear_error_before_work(data_dir, overrides, needle):
+  config = tiny_config(data_dir, overrides.pop('mode', 'pretrain'), **overrides)
+  if needle is None:
+    train.check_config(config)
+    return
+  with pytest.raises(ValueError, match=needle.replace('.', r'\.')):
+    train.check_config(config)
+
+
+def test_unknown_mode_in_dispatch(data_dir):
+  with pytest.raises(ValueError, match='--config.mode'):
+    run.run(tiny_config(data_dir, 'pretrian'), '/tmp/unused')
+
+
+def test_finetune_from_another_architecture_is_rejected(pretrain_workdir, data_dir):
+  config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir, width=0.25)
+  with pytest.raises(ValueError, match='another architecture.*--config.width=0.125'):
+    train.check_config(config)
+
+
+def test_workdir_with_a_different_config_is_rejected(pretrain_workdir, data_dir):
+  config = tiny_config(data_dir, 'pretrain', temperature=0.1)
+  with pytest.raises(ValueError, match='different config.*temperature'):
+    train.train_and_evaluate(config, pretrain_workdir)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(data_dir, tmp_path):
+  config = tiny_config(data_dir, 'baseline', num_epochs=3, checkpoint_every_steps=4,
+                       log_every_steps=4)
+  config.finetune_optimizer.learning_rate = 1e30  # Diverges within a few steps.
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path))
+  step = train.latest_step(str(tmp_path))
+  if step is not None:
+    _, _, variables = train.restore_for_inference(str(tmp_path), which='latest')
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
+
+
+def _main_command(workdir, data_dir, extra=()):
+  return [sys.executable, os.path.join(REPO, 'main.py'),
+          '--config=' + os.path.join(REPO, 'configs', 'baseline.py'),
+          f'--workdir={workdir}',
+          '--config.dataset=synthetic_mri/small', f'--config.data_dir={data_dir}',
+          '--config.image_size=32', '--config.channels=1', '--config.model=resnet18',
+          '--config.width=0.125', '--config.encoder_output=avgpool',
+          '--config.batch_size=16', '--config.eval_batch_size=32', '--config.num_epochs=3',
+          '--config.checkpoint_every_steps=2', '--config.log_every_steps=2',
+          '--config.label_fraction=0.5', '--config.num_summary_images=0', *extra]
+
+
+def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
+  """A run killed with SIGKILL mid-training and restarted matches an uninterrupted run."""
+  env = dict(os.environ, SIMCLR_JAX_CACHE=str(tmp_path / 'cache'))
+  reference = tmp_path / 'uninterrupted'
+  subprocess.run(_main_command(reference, data_dir), check=True, env=env, cwd=REPO,
+                 capture_output=True)
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen(_main_command(killed, data_dir), env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if (train.latest_step(str(killed)) or 0) >= 2:
+      break
+    time.sleep(0.2)
+  assert process.poll() is None, 'the run ended before it could be killed'
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not os.path.exists(killed / 'metrics.json')
+  subprocess.run(_main_command(killed, data_dir), check=True, env=env, cwd=REPO,
+                 capture_output=True)
+  with open(reference / 'metrics.json') as f:
+    expected = json.load(f)
+  with open(killed / 'metrics.json') as f:
+    resumed = json.load(f)
+  for key in ('accuracy', 'balanced_accuracy', 'macro_f1', 'chosen_step',
+              'confusion_matrix'):
+    assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
