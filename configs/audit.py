@@ -36,6 +36,5 @@ def get_config(arg=None):
 
   if args.runlocal:
     config.dataset = 'synthetic_mri/small'
-    config.audit_image_size = 32
     config.audit_chunk_size = 256
   return config

@@ -38,6 +38,21 @@ from simclr_jax import neighbours
 from simclr_jax import plots
 
 REFERENCE_SPLITS = ('train', 'val')  # What a model sees: trained or selected on.
+# Larger feature matrices are spilled to a memory-mapped file in the workdir.
+FEATURES_IN_MEMORY_BYTES = 2 << 30
+
+
+class RowSubset:
+  """Rows `index` of `array`, read block by block so a memmap stays on disk."""
+
+  def __init__(self, array, index):
+    self.array, self.index = array, np.asarray(index)
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, rows):
+    return self.array[self.index[rows]]
 
 
 def check_config(config):
@@ -213,7 +228,8 @@ def _scheme_report(scheme_name, arrays, features, splits, threshold, config,
     return report, []
 
   nearest, similarity = neighbours.nearest_neighbours(
-      features[test], features[reference], k=1, metric=config.audit_metric,
+      RowSubset(features, test), RowSubset(features, reference), k=1,
+      metric=config.audit_metric,
       chunk_size=config.audit_chunk_size,
       progress=progress_logger(f'{scheme_name} split: test vs train+val',
                                len(test)))
@@ -297,7 +313,17 @@ def run_audit(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   has_ids = bool(np.all(arrays.subject_ids >= 0))
 
-  features = neighbours.pixel_features(arrays.images, config.audit_image_size)
+  size = config.audit_image_size or arrays.images.shape[1]
+  shape = (len(arrays), size * size * arrays.images.shape[-1])
+  features_path = os.path.join(workdir, 'features.tmp')
+  spill = np.prod(shape) * 4 > FEATURES_IN_MEMORY_BYTES
+  if spill:
+    logging.info('Features of %s bytes go to %s.', np.prod(shape) * 4,
+                 features_path)
+  features = neighbours.pixel_features(
+      arrays.images, size, chunk_size=config.audit_chunk_size,
+      out=np.memmap(features_path, np.float32, 'w+', shape=shape)
+      if spill else None)
   k = min(config.grouping_k, len(arrays) - 1)
   all_indices, all_similarities = neighbours.nearest_neighbours(
       features, features, k=k, metric=config.audit_metric, exclude_self=True,
@@ -318,7 +344,7 @@ def run_audit(config, workdir):
       images_per_class=np.bincount(
           arrays.labels, minlength=len(arrays.class_names)).tolist(),
       metric=config.audit_metric,
-      image_size=int(config.audit_image_size or arrays.images.shape[1]),
+      image_size=int(size),
       subject_ids='given' if has_ids else 'recovered',
       threshold=threshold,
       grouping=_grouping_report(groups, arrays, has_ids, grouping_threshold,
@@ -358,6 +384,9 @@ def run_audit(config, workdir):
         scheme_name, arrays, features, splits, threshold['value'], config,
         all_indices, all_similarities, has_ids)
   report['seconds'] = round(time.time() - start, 1)
+  if spill:
+    del features
+    os.remove(features_path)
 
   with open(os.path.join(workdir, 'audit.json'), 'w') as f:
     json.dump(report, f, indent=2)

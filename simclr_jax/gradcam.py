@@ -153,8 +153,13 @@ def _cam(model, variables, images, class_index, reference_embeddings, *, method,
   return upsample_and_normalise(maps, images.shape[1:3]), returned
 
 
+def _pad_rows(array, size):
+  """Pads a batch to `size` rows with copies of its first row."""
+  return np.concatenate([array, np.repeat(array[:1], size - len(array), axis=0)])
+
+
 def cam(model, variables, images, method='gradcam', layer='stage4', class_index=None,
-        *, reference_embeddings=None):
+        *, reference_embeddings=None, batch_size=None):
   """Class-activation heatmaps of a batch, jit-compiled per (model, method, layer).
 
   Args:
@@ -171,6 +176,8 @@ def cam(model, variables, images, method='gradcam', layer='stage4', class_index=
     reference_embeddings: only for a model without a classifier head (SimCLR):
       an embedding [D] or [N, D]; the explained score is then the cosine between
       each image's encoder output h and it.
+    batch_size: if set, images go through in batches of this size, the last one
+      padded so that one compiled shape serves them all.
 
   Returns:
     (heatmaps float32 [N, H, W] in [0, 1], logits [N, K]); for a SimCLR model the
@@ -183,15 +190,29 @@ def cam(model, variables, images, method='gradcam', layer='stage4', class_index=
   if method not in CAM_METHODS:
     raise ValueError(f'Unknown CAM method {method!r}; set --config.cam_method to one '
                      f'of {CAM_METHODS}.')
-  images = jnp.asarray(images, jnp.float32)
+  images = np.asarray(images, np.float32)
   num_images = images.shape[0]
-  if class_index is None:
-    class_index = -1
-  class_index = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), (num_images,))
+  class_index = np.broadcast_to(
+      np.asarray(-1 if class_index is None else class_index, np.int32), (num_images,))
   if reference_embeddings is not None:
-    reference_embeddings = jnp.asarray(reference_embeddings, jnp.float32)
-  return _cam(model, variables, images, class_index, reference_embeddings,
-              method=method, layer=layer)
+    reference_embeddings = np.asarray(reference_embeddings, np.float32)
+    if reference_embeddings.ndim == 2:
+      reference_embeddings = np.broadcast_to(
+          reference_embeddings, (num_images, reference_embeddings.shape[-1]))
+  batch_size = min(batch_size or num_images, num_images)
+  heatmaps, returned = [], []
+  for start in range(0, num_images, batch_size):
+    rows = slice(start, start + batch_size)
+    reference = reference_embeddings
+    if reference is not None and reference.ndim == 2:
+      reference = _pad_rows(reference[rows], batch_size)
+    maps, out = _cam(model, variables, _pad_rows(images[rows], batch_size),
+                     _pad_rows(class_index[rows], batch_size), reference,
+                     method=method, layer=layer)
+    count = len(images[rows])
+    heatmaps.append(np.asarray(maps)[:count])
+    returned.append(np.asarray(out)[:count])
+  return np.concatenate(heatmaps), np.concatenate(returned)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -213,8 +234,7 @@ def probabilities(model, variables, images, batch_size=64):
   outputs = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
-    padded = np.concatenate(
-        [batch, np.repeat(batch[:1], batch_size - len(batch), axis=0)])
+    padded = _pad_rows(batch, batch_size)
     outputs.append(np.asarray(_probabilities(model, variables, padded))[:len(batch)])
   return np.concatenate(outputs)
 

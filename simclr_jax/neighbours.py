@@ -24,7 +24,7 @@ from scipy.sparse import csgraph
 METRICS = ('correlation', 'cosine')
 
 
-def pixel_features(images, size=None, chunk_size=1024):
+def pixel_features(images, size=None, chunk_size=1024, out=None):
   """Flattened, optionally area-downsampled pixels: the raw-pixel features.
 
   Args:
@@ -32,9 +32,11 @@ def pixel_features(images, size=None, chunk_size=1024):
     size: output side length; None keeps the stored size. Area averaging is an
       anti-aliasing filter, so small features still reflect the whole image.
     chunk_size: images resized at a time (bounds memory).
+    out: optional float32 [n, size * size * c] array to fill, e.g. an
+      np.memmap when the features do not fit in memory.
 
   Returns:
-    float32 [n, size * size * c].
+    float32 [n, size * size * c] (`out` if given).
   """
   images = np.asarray(images)
   if images.ndim == 3:
@@ -44,15 +46,15 @@ def pixel_features(images, size=None, chunk_size=1024):
         f'pixel_features expects [n, h, w] or [n, h, w, c] images, got shape '
         f'{images.shape}.')
   n, height, width, channels = images.shape
-  if size is None or (size == height and size == width):
-    return images.reshape(n, -1).astype(np.float32)
-  features = np.empty((n, size * size * channels), np.float32)
+  size = size or height
+  features = np.empty((n, size * size * channels), np.float32) if (
+      out is None) else out
   for start in range(0, n, chunk_size):
-    chunk = jnp.asarray(images[start:start + chunk_size], jnp.float32)
-    resized = jax.image.resize(
-        chunk, (chunk.shape[0], size, size, channels), method='area')
-    features[start:start + chunk_size] = np.asarray(resized).reshape(
-        chunk.shape[0], -1)
+    chunk = np.asarray(images[start:start + chunk_size], np.float32)
+    if (size, size) != (height, width):
+      chunk = np.asarray(jax.image.resize(
+          chunk, (chunk.shape[0], size, size, channels), method='area'))
+    features[start:start + chunk_size] = chunk.reshape(chunk.shape[0], -1)
   return features
 
 
@@ -304,9 +306,7 @@ def groups_from_neighbours(indices, similarities, threshold,
   keep = (cols >= 0) & (weights >= threshold)
   rows, cols, weights = rows[keep], cols[keep], weights[keep]
   if mutual:  # Keep i->j only where j->i is also a kept edge.
-    directed = sparse.coo_matrix(
-        (np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n)).tocsr()
-    both = np.asarray(directed[cols, rows]).reshape(-1) > 0
+    both = np.isin(cols * n + rows, rows * n + cols)
     rows, cols, weights = rows[both], cols[both], weights[both]
   upper = rows < cols  # One edge per pair.
   rows, cols, weights = rows[upper], cols[upper], weights[upper]

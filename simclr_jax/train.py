@@ -254,11 +254,11 @@ def train_step(state, batch, rng, temperature, *, loss_fn, sam_mode, sam_rho, sa
   loss, (new_stats, accuracy), grads, grad_norm = sam.sam_step_gradients(
       loss_of_params, state.params, mode=sam_mode, rho=sam_rho, eta=sam_eta)
   new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-  update_norm = optax.global_norm(
+  update_norm = optax.tree.norm(
       jax.tree.map(lambda a, b: a - b, new_state.params, state.params))
   step_metrics = TrainMetrics.single_from_model_output(
       loss=loss, accuracy=accuracy, grad_norm=grad_norm,
-      param_norm=optax.global_norm(new_state.params), update_norm=update_norm)
+      param_norm=optax.tree.norm(new_state.params), update_norm=update_norm)
   return new_state, step_metrics
 
 

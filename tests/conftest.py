@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import pytest
 
 from configs import default
@@ -32,6 +33,16 @@ def tiny_config(data_dir, mode='pretrain', **overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Tests that compile the same tiny steps share one persistent compilation cache."""
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  os.environ['SIMCLR_JAX_CACHE'] = cache  # Subprocesses (main.py) use it too.
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  yield cache
 
 
 @pytest.fixture(scope='session')

@@ -122,7 +122,7 @@ def _main_command(workdir, data_dir, extra=()):
 
 def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
   """A run killed with SIGKILL mid-training and restarted matches an uninterrupted run."""
-  env = dict(os.environ, SIMCLR_JAX_CACHE=str(tmp_path / 'cache'))
+  env = dict(os.environ)
   reference = tmp_path / 'uninterrupted'
   subprocess.run(_main_command(reference, data_dir), check=True, env=env, cwd=REPO,
                  capture_output=True)
@@ -144,6 +144,6 @@ def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
     expected = json.load(f)
   with open(killed / 'metrics.json') as f:
     resumed = json.load(f)
-  for key in ('accuracy', 'balanced_accuracy', 'macro_f1', 'chosen_step',
-              'confusion_matrix'):
+  for key in ('accuracy', 'balanced_accuracy', 'macro_f1', 'chosen_step'):
     assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
+  assert resumed['confusion_matrix'] == expected['confusion_matrix']

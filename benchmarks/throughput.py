@@ -1,0 +1,287 @@
+r"""Throughput of the jitted train step: images/s, step time, compile time, memory, FLOP/s.
+
+Builds the real TrainState and step with `train.make_steps` (the function
+training runs), puts one random batch on the devices, compiles the step, runs
+warm-up steps, then times windows of `--window` steps each with one
+`block_until_ready` at the end of every window (no other host synchronisation).
+Reports the median step time and its spread (min, max, interquartile range),
+images/s of the median, the compile time, the peak memory, and the achieved
+FLOP/s from XLA's cost analysis of the compiled step as a fraction of
+`--peak_flops`. The last line printed is JSON.
+
+Defaults are the reference's settings (SimCLR + ASAM, ResNet-50, batch 32,
+3 x 128 x 128, float32) on this machine's measured matrix-multiply peak:
+
+  python benchmarks/throughput.py                                   # SimCLR + ASAM ResNet-50
+  python benchmarks/throughput.py --mode=baseline                   # AdamW supervised ResNet-50
+  python benchmarks/throughput.py --model=resnet18                  # SimCLR + ASAM ResNet-18
+  python benchmarks/throughput.py --no-joint_views                  # the reference's two calls
+  python benchmarks/throughput.py --dtype=bfloat16
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+      python benchmarks/throughput.py --num_devices=2               # data parallel on 2 CPU devices
+  python benchmarks/throughput.py --peak_flops=989e12 --steps=20    # on an H100 (dense bf16 peak)
+
+XLA options are read from the XLA_FLAGS environment variable, as everywhere in
+JAX; the JSON records them. See docs/performance.md for measured numbers.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# This 2-core machine's measured float32 matrix-multiply peak (see docs/performance.md).
+CPU_PEAK_FLOPS = 188e9
+_BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--mode', default='pretrain', choices=train.TRAIN_MODES,
+                      help='pretrain: SimCLR (two views); finetune/baseline: supervised.')
+  parser.add_argument('--model', default='resnet50', choices=sorted(models.STAGE_SIZES))
+  parser.add_argument('--width', type=float, default=1.0, help='ResNet width multiplier.')
+  parser.add_argument('--encoder_output', default='flatten', choices=models.ENCODER_OUTPUTS)
+  parser.add_argument('--batch_size', type=int, default=32,
+                      help='Global batch (images, not views).')
+  parser.add_argument('--image_size', type=int, default=128)
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='Compute dtype; parameters and BatchNorm statistics stay float32.')
+  parser.add_argument('--num_devices', type=int, default=0,
+                      help='Use the first k devices (0: all).')
+  parser.add_argument('--joint_views', default=True, action=argparse.BooleanOptionalAction,
+                      help='pretrain: both views in one forward pass (BatchNorm over 2N).')
+  parser.add_argument('--sam', default=None, choices=('none', 'sam', 'asam'),
+                      help='SAM variant (default: the reference, asam for pretrain and '
+                      'none for finetune/baseline).')
+  parser.add_argument('--warmup_steps', type=int, default=2,
+                      help='Untimed steps after compilation.')
+  parser.add_argument('--steps', type=int, default=7, help='Timed steps.')
+  parser.add_argument('--window', type=int, default=1,
+                      help='Steps per timed window (one block_until_ready per window); '
+                      'must divide --steps.')
+  parser.add_argument('--peak_flops', type=float, default=CPU_PEAK_FLOPS,
+                      help='Peak FLOP/s that the achieved FLOP/s is a fraction of.')
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.window < 1 or args.steps % args.window:
+    parser.error(f'--window {args.window} must divide --steps {args.steps} (both >= 1).')
+  return args
+
+
+def benchmark_config(args):
+  """The default (reference) config with the command line's overrides."""
+  config = default.get_config()
+  config.mode = args.mode
+  config.model = args.model
+  config.width = args.width
+  config.encoder_output = args.encoder_output
+  config.batch_size = args.batch_size
+  config.image_size = args.image_size
+  config.channels = args.channels
+  config.dtype = args.dtype
+  config.joint_views = args.joint_views
+  if args.sam is not None:
+    if args.mode == 'pretrain':
+      config.sam = args.sam
+    else:
+      config.finetune_sam = args.sam
+  return config
+
+
+def random_batch(config, mesh, seed=0):
+  """One global batch of random images (and labels) sharded over the mesh."""
+  rng = np.random.default_rng(seed)
+  shape = (config.batch_size, config.image_size, config.image_size, config.channels)
+  if config.mode == 'pretrain':
+    batch = {'image1': rng.random(shape, np.float32),
+             'image2': rng.random(shape, np.float32)}
+  else:
+    batch = {'image': rng.random(shape, np.float32),
+             'label': rng.integers(0, config.num_classes, config.batch_size, np.int32)}
+  return sharding.to_global(batch, sharding.data_sharding(mesh))
+
+
+def peak_memory_bytes(devices):
+  """Peak memory in use: the devices' allocator statistics, else the process's max RSS."""
+  stats = [d.memory_stats() for d in devices]
+  if all(s and 'peak_bytes_in_use' in s for s in stats):
+    return sum(s['peak_bytes_in_use'] for s in stats), 'device peak_bytes_in_use'
+  # CPU devices keep no statistics; ru_maxrss is in KiB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process max RSS'
+
+
+class _CompileCounter:
+  """Counts XLA backend compilations and their seconds (jax.monitoring events)."""
+
+  def __init__(self):
+    self.count, self.seconds = 0, 0.0
+
+  def __call__(self, event, duration_secs, **kwargs):
+    del kwargs
+    if event == _BACKEND_COMPILE_EVENT:
+      self.count += 1
+      self.seconds += duration_secs
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+def time_windows(p_train_step, state, batch, rng, temperature, num_windows, window):
+  """Wall and process-CPU seconds per step of each window.
+
+  The host waits once, at each window's end. CPU seconds (all threads) tell how
+  much work a step was, when other processes share the cores.
+  """
+  seconds, cpu_seconds = [], []
+  for _ in range(num_windows):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(window):
+      state, metrics = p_train_step(state, batch, rng, temperature)
+    jax.block_until_ready((state, metrics))
+    seconds.append((time.perf_counter() - start) / window)
+    cpu_seconds.append((time.process_time() - start_cpu) / window)
+  return state, seconds, cpu_seconds
+
+
+def run_benchmark(args):
+  """Builds, compiles and times the step of `args`; returns the result dictionary."""
+  load_start = os.getloadavg()
+  config = benchmark_config(args)
+  devices = jax.devices()[:args.num_devices or None]
+  if args.num_devices > len(jax.devices()):
+    raise ValueError(
+        f'--num_devices={args.num_devices} but only {len(jax.devices())} devices exist; on '
+        'CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N.')
+  if config.batch_size % len(devices):
+    raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
+                     f'{len(devices)} devices; pick a multiple.')
+  mesh = Mesh(np.asarray(devices), ('data',))
+
+  model = models.create_model(config, train.model_kind(config))
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1000))
+  state = train.create_train_state(config, model, jax.random.key(config.seed), tx)
+  state = jax.device_put(state, sharding.replicated_sharding(mesh))
+  batch = random_batch(config, mesh)
+  rng = jax.device_put(jax.random.key(1), sharding.replicated_sharding(mesh))
+  temperature = jax.device_put(jnp.float32(config.temperature),
+                               sharding.replicated_sharding(mesh))
+  p_train_step, _ = train.make_steps(config, state, mesh)
+
+  # Trace, lower and compile once; the jitted step then reuses this executable.
+  with _CompileCounter() as compiles:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    compiled = p_train_step.lower(state, batch, rng, temperature).compile()
+    compile_seconds = time.perf_counter() - start
+    # CPU seconds of this process: less sensitive than wall time to other work.
+    compile_cpu_seconds = time.process_time() - start_cpu
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # The compiled module is the per-device program of the SPMD partitioning.
+  flops_per_step = float(cost.get('flops', float('nan'))) * len(devices)
+  memory_analysis = compiled.memory_analysis()
+
+  with _CompileCounter() as recompiles:
+    state, _, _ = time_windows(p_train_step, state, batch, rng, temperature,
+                               args.warmup_steps, 1)
+    state, step_seconds, step_cpu_seconds = time_windows(
+        p_train_step, state, batch, rng, temperature, args.steps // args.window,
+        args.window)
+  memory_bytes, memory_source = peak_memory_bytes(devices)
+
+  median = statistics.median(step_seconds)
+  quartiles = (statistics.quantiles(step_seconds, n=4, method='inclusive')
+               if len(step_seconds) > 1 else [median] * 3)
+  achieved_flops = flops_per_step / median
+  return {
+      'benchmark': 'train_step',
+      'mode': config.mode,
+      'model': config.model,
+      'width': config.width,
+      'encoder_output': config.encoder_output,
+      'batch_size': config.batch_size,
+      'image_size': config.image_size,
+      'channels': config.channels,
+      'dtype': config.dtype,
+      'joint_views': bool(config.joint_views) if config.mode == 'pretrain' else None,
+      'sam': config.sam if config.mode == 'pretrain' else config.finetune_sam,
+      'num_devices': len(devices),
+      'device_kind': devices[0].device_kind,
+      'platform': devices[0].platform,
+      'cpu_count': os.cpu_count(),
+      'machine': platform.machine(),
+      'jax_version': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'warmup_steps': args.warmup_steps,
+      'timed_steps': args.steps,
+      'window': args.window,
+      'images_per_s': config.batch_size / median,
+      'step_s_median': median,
+      'step_s_min': min(step_seconds),
+      'step_s_max': max(step_seconds),
+      'step_s_iqr': quartiles[2] - quartiles[0],
+      'step_s_windows': step_seconds,
+      'step_cpu_s_median': statistics.median(step_cpu_seconds),
+      'compile_s': compile_seconds,
+      'compile_cpu_s': compile_cpu_seconds,
+      'backend_compile_s': compiles.seconds,
+      'compiles_while_stepping': recompiles.count,
+      'peak_memory_bytes': memory_bytes,
+      'peak_memory_source': memory_source,
+      'xla_temp_bytes': getattr(memory_analysis, 'temp_size_in_bytes', None),
+      'flops_per_step': flops_per_step,
+      'flops_per_image': flops_per_step / config.batch_size,
+      'achieved_flops': achieved_flops,
+      'peak_flops': args.peak_flops,
+      'peak_fraction': achieved_flops / args.peak_flops,
+      'loadavg_start': list(load_start),
+      'loadavg_end': list(os.getloadavg()),
+  }
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  result = run_benchmark(args)
+  for i, seconds in enumerate(result['step_s_windows']):
+    print(f'window {i}: {seconds:.3f} s/step')
+  print(f"{result['mode']} {result['model']} x{result['width']} {result['dtype']}, "
+        f"batch {result['batch_size']} x {result['channels']} x {result['image_size']}^2, "
+        f"sam {result['sam']}, joint_views {result['joint_views']}, "
+        f"{result['num_devices']} {result['platform']} device(s)")
+  print(f"  {result['images_per_s']:.2f} images/s; step {result['step_s_median']:.3f} s "
+        f"(min {result['step_s_min']:.3f}, max {result['step_s_max']:.3f}, "
+        f"IQR {result['step_s_iqr']:.3f}); compile {result['compile_s']:.1f} s; "
+        f"recompilations {result['compiles_while_stepping']}")
+  print(f"  peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB "
+        f"({result['peak_memory_source']}); "
+        f"{result['flops_per_image'] / 1e9:.1f} GFLOP/image; "
+        f"{result['achieved_flops'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * result['peak_fraction']:.1f} % of {result['peak_flops'] / 1e9:.0f} GFLOP/s; "
+        f"load {result['loadavg_start'][0]:.1f} -> {result['loadavg_end'][0]:.1f}")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,376 @@
+"""Predict mode: classify new images with a trained run and show where it looked.
+
+  python main.py --config=configs/predict.py --config.checkpoint_workdir=runs/ft10 \
+    --config.inputs=PATH --workdir=out
+
+PATH is an image file, a folder (searched recursively for image files), a glob,
+or `test_split`, the test split of the run's own data set with its labels and,
+for synthetic_mri, its class-signal masks. Images are read like the training
+data: gray, at the data set's stored size (128 x 128; square after padding with
+black), then `input_pipeline.preprocess` with the run's config. The workdir
+receives:
+
+- predictions.csv: file, predicted class, its probability, the probability of
+  every class (and the true class for test_split), and the overlay's name;
+- overlays/<name>.png: the image, its heatmap and the class probabilities;
+- gradcam_grid.png: the most confident image of each predicted class, side by
+  side, image above heatmap (the reference study's figure);
+- predict_summary.json: counts, unreadable files, accuracy (test_split) and,
+  with evaluate_cam, the heatmaps' mask energy and deletion faithfulness
+  (also drawn in cam_quality.png).
+"""
+
+import csv
+import glob
+import json
+import os
+import re
+
+from absl import logging
+import numpy as np
+import PIL.Image
+import scipy.special
+
+from simclr_jax import evaluate
+from simclr_jax import gradcam
+from simclr_jax import input_pipeline
+from simclr_jax import plots
+from simclr_jax import train
+from simclr_jax.datasets import alzheimer_mri
+
+TEST_SPLIT = 'test_split'
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp',
+                    '.pgm', '.ppm', '.pnm')
+CAM_NAMES = {'gradcam': 'Grad-CAM', 'gradcam++': 'Grad-CAM++', 'hirescam': 'HiResCAM'}
+CLASSIFIER_MODES = ('finetune', 'baseline')
+# Heatmaps coarser than this many cells a side say little about where the model looked.
+MIN_USEFUL_LAYER_SIZE = 4
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_run(checkpoint_workdir):
+  """Returns the config of a run that can classify, or raises a one-sentence error."""
+  if not checkpoint_workdir:
+    raise ValueError('predict needs a trained classifier; set --config.checkpoint_workdir '
+                     'to the --workdir of a finetune or baseline run.')
+  if not os.path.exists(os.path.join(checkpoint_workdir, 'config.json')):
+    raise ValueError(f'No run found in {checkpoint_workdir} (it has no config.json); set '
+                     '--config.checkpoint_workdir to the --workdir of a finetune or '
+                     'baseline run.')
+  run_config = train.load_workdir_config(checkpoint_workdir)
+  if run_config.mode not in CLASSIFIER_MODES:
+    raise ValueError(
+        f'{checkpoint_workdir} holds a {run_config.mode} run, whose model has no '
+        'classifier head; fine-tune it first (configs/finetune.py) and point '
+        '--config.checkpoint_workdir at the finetune or baseline run.')
+  if not (train.latest_step(checkpoint_workdir, 'best')
+          or train.latest_step(checkpoint_workdir, 'latest')):
+    raise ValueError(f'The run in {checkpoint_workdir} has no checkpoint yet; let it '
+                     'train until its first evaluation, or point '
+                     '--config.checkpoint_workdir at a finished run.')
+  return run_config
+
+
+def find_inputs(inputs):
+  """Image paths named by an image file, a folder (recursive) or a glob, sorted.
+
+  Files in a folder count if their extension is in IMAGE_EXTENSIONS; a file
+  named directly or matched by a glob counts whatever its extension (an
+  unreadable one is reported when read).
+
+  Raises:
+    ValueError: if `inputs` is empty or matches no file.
+  """
+  if not inputs:
+    raise ValueError('Set --config.inputs to an image file, a folder of images, a quoted '
+                     f"glob such as 'scans/*.png', or {TEST_SPLIT}.")
+  path = os.path.expanduser(inputs)
+  if os.path.isdir(path):
+    files = [os.path.join(root, name)
+             for root, _, names in os.walk(path) for name in names
+             if name.lower().endswith(IMAGE_EXTENSIONS)]
+  elif os.path.isfile(path):
+    files = [path]
+  else:
+    files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+  if not files:
+    raise ValueError(f'--config.inputs={inputs!r} matches no image file; give an image '
+                     f"file, a folder of images, a quoted glob such as 'scans/*.png', or "
+                     f'{TEST_SPLIT}.')
+  return sorted(files)
+
+
+def check_config(config):
+  """Rejects predict settings that cannot work, before any work is done."""
+  if config.cam_method not in gradcam.CAM_METHODS:
+    raise ValueError(f'Unknown cam_method {config.cam_method!r}; set --config.cam_method '
+                     f'to one of {gradcam.CAM_METHODS}.')
+  if not re.fullmatch(r'stage[1-4]', config.cam_layer):
+    raise ValueError(f'Unknown cam_layer {config.cam_layer!r}; set --config.cam_layer to '
+                     'one of stage1, stage2, stage3, stage4 (the last convolutional stage).')
+  if config.batch_size < 1:
+    raise ValueError('batch_size must be at least 1; set --config.batch_size.')
+  if not all(0.0 < f < 1.0 for f in config.deletion_fractions):
+    raise ValueError('deletion_fractions must lie in (0, 1); set e.g. '
+                     '--config.deletion_fractions="(0.05, 0.1, 0.2)".')
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def stored_size(run_config):
+  """Height and width at which the run's data set stores its images."""
+  if run_config.dataset == 'image_folder':
+    return int(run_config.image_size)
+  return alzheimer_mri.IMAGE_SIZE  # alzheimer_mri and synthetic_mri: 128 x 128.
+
+
+def read_image(path, size):
+  """Reads any image PIL can open as gray uint8 [size, size, 1].
+
+  Colour images become gray by luminance (PIL's 'L'); 16-bit and float images
+  are scaled from their own range to 0..255; non-square images are padded
+  with black to a square (brain MRI background) so the anatomy keeps its
+  proportions; then the image is resized with antialiasing.
+  """
+  with PIL.Image.open(path) as image:
+    image.load()
+    if image.mode in ('I', 'F') or image.mode.startswith('I;'):
+      values = np.asarray(image, np.float64)
+      low, high = values.min(), values.max()
+      values = (values - low) / (high - low) * 255.0 if high > low else values * 0.0
+      gray = PIL.Image.fromarray(np.round(values).astype(np.uint8), 'L')
+    else:
+      gray = image.convert('L')
+  width, height = gray.size
+  side = max(width, height)
+  if width != height:
+    square = PIL.Image.new('L', (side, side), 0)
+    square.paste(gray, ((side - width) // 2, (side - height) // 2))
+    gray = square
+  if side != size:
+    gray = gray.resize((size, size), PIL.Image.Resampling.BILINEAR, reducing_gap=None)
+  return np.asarray(gray, np.uint8)[..., None]
+
+
+def read_images(files, size):
+  """(names read, uint8 [n, size, size, 1], unreadable names); warns for each unreadable."""
+  names, images, unreadable = [], [], []
+  for path in files:
+    try:
+      images.append(read_image(path, size))
+      names.append(path)
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+      logging.warning('Skipping %s: not a readable image (%s).', path, error)
+      unreadable.append(path)
+  stacked = np.stack(images) if images else np.zeros((0, size, size, 1), np.uint8)
+  return names, stacked, unreadable
+
+
+def test_split_inputs(run_config):
+  """The test split of the run's data set: (names, uint8 images, labels, masks or None)."""
+  arrays = input_pipeline.load_arrays(run_config)
+  splits = input_pipeline.make_splits(arrays, run_config.split_scheme,
+                                      run_config.split_seed, run_config.test_fraction,
+                                      run_config.val_fraction)
+  idx = splits['test']
+  masks = arrays.masks[idx] if arrays.masks is not None else None
+  return list(arrays.file_names[idx]), arrays.images[idx], arrays.labels[idx], masks
+
+
+def class_names_of_run(checkpoint_workdir, run_config):
+  """Class names saved by the run (metrics.json), else those of its data set."""
+  path = os.path.join(checkpoint_workdir, 'metrics.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      names = json.load(f).get('class_names')
+    if names:
+      return list(names)
+  if run_config.dataset.startswith(('alzheimer_mri', 'synthetic_mri')):
+    return list(alzheimer_mri.CLASS_NAMES)
+  logging.warning('The run in %s has no metrics.json with class names yet; classes are '
+                  'shown by index.', checkpoint_workdir)
+  return [f'class_{k}' for k in range(run_config.num_classes)]
+
+
+def overlay_names(files):
+  """Unique PNG names for the overlays: each file's path below the inputs' common folder."""
+  paths = [os.path.abspath(str(f)) for f in files]
+  root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ''
+  names, used = [], set()
+  for path in paths:
+    relative = os.path.relpath(path, root)
+    base = re.sub(r'[^A-Za-z0-9._-]+', '_',
+                  os.path.splitext(relative)[0].replace(os.sep, '__'))
+    name, k = base, 1
+    while name in used:
+      k += 1
+      name = f'{base}_{k}'
+    used.add(name)
+    names.append(f'{name}.png')
+  return names
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_predictions(path, files, probabilities, class_names, overlays, labels=None):
+  """predictions.csv: one row per image."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    header = ['file', 'predicted_class', 'probability']
+    header += [f'p_{name}' for name in class_names]
+    header += (['true_class'] if labels is not None else []) + ['overlay']
+    writer.writerow(header)
+    for i, (name, probs) in enumerate(zip(files, probabilities)):
+      predicted = int(np.argmax(probs))
+      row = [name, class_names[predicted], f'{probs[predicted]:.4f}']
+      row += [f'{p:.4f}' for p in probs]
+      row += ([class_names[labels[i]]] if labels is not None else [])
+      row += [os.path.join('overlays', overlays[i])]
+      writer.writerow(row)
+
+
+def write_grid(path, images, heatmaps, probabilities, files, class_names, cam_name,
+               title, labels=None):
+  """gradcam_grid.png: the most confident image of each predicted class."""
+  predicted = probabilities.argmax(-1)
+  column_images, column_maps, titles = [], [], []
+  for k, name in enumerate(class_names):
+    members = np.flatnonzero(predicted == k)
+    if not len(members):
+      column_images.append(None)
+      column_maps.append(None)
+      titles.append(f'{plots.class_label(name)}:\nno image predicted')
+      continue
+    i = members[np.argmax(probabilities[members, k])]
+    truth = f', true {plots.class_label(class_names[labels[i]])}' if labels is not None \
+        else ''
+    column_images.append(images[i, ..., 0])
+    column_maps.append(heatmaps[i])
+    titles.append(f'{plots.class_label(name)}\np = {probabilities[i, k]:.2f}{truth}\n'
+                  f'{_short(files[i])}')
+  plots.plot_cam_grid(column_images, column_maps, titles, path, title=title,
+                      cam_name=cam_name)
+
+
+def _short(name, length=28):
+  name = os.path.basename(str(name))
+  return name if len(name) <= length else name[:length - 3] + '...'
+
+
+# ----------------------------------------------------------------------------- mode
+
+
+def predict(config, workdir):
+  """Classifies `config.inputs` with `config.checkpoint_workdir`'s best checkpoint.
+
+  Args:
+    config: the predict config (configs/predict.py).
+    workdir: where predictions.csv, overlays/, gradcam_grid.png,
+      predict_summary.json (and cam_quality.png) are written.
+
+  Returns:
+    The summary written to predict_summary.json.
+
+  Raises:
+    ValueError: before any work, for a missing run, a run without a classifier
+      (pretrain), inputs that match no file, or unknown CAM settings; after
+      reading, if no input image could be read.
+  """
+  check_config(config)
+  run_dir = config.checkpoint_workdir
+  run_config = check_run(run_dir)
+  use_test_split = config.inputs == TEST_SPLIT
+  files = None if use_test_split else find_inputs(config.inputs)
+
+  run_config, model, variables = train.restore_for_inference(run_dir)
+  class_names = class_names_of_run(run_dir, run_config)
+  labels = masks = None
+  unreadable = []
+  if use_test_split:
+    names, stored, labels, masks = test_split_inputs(run_config)
+  else:
+    names, stored, unreadable = read_images(files, stored_size(run_config))
+    if not names:
+      raise ValueError(f'None of the {len(files)} files of --config.inputs='
+                       f'{config.inputs!r} is a readable image.')
+  images = input_pipeline.preprocess(stored, run_config)
+  layer_size = gradcam.layer_shape(model, variables, images.shape[1:], config.cam_layer)[:2]
+  if min(layer_size) < MIN_USEFUL_LAYER_SIZE:
+    logging.warning(
+        'The %s activations of this run are only %d x %d cells, so the heatmaps are '
+        'coarse; an earlier stage (--config.cam_layer=stage%d) gives finer ones.',
+        config.cam_layer, layer_size[0], layer_size[1],
+        max(1, int(config.cam_layer[-1]) - 1))
+  logging.info('Explaining %d images with %s at %s (%d x %d cells).', len(names),
+               config.cam_method, config.cam_layer, *layer_size)
+  heatmaps, logits = gradcam.cam(model, variables, images, config.cam_method,
+                                 config.cam_layer, batch_size=config.batch_size)
+  probabilities = scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
+  predicted = probabilities.argmax(-1)
+
+  os.makedirs(os.path.join(workdir, 'overlays'), exist_ok=True)
+  overlays = overlay_names(names)
+  write_predictions(os.path.join(workdir, 'predictions.csv'), names, probabilities,
+                    class_names, overlays, labels)
+  cam_name = CAM_NAMES[config.cam_method]
+  for i, name in enumerate(names):
+    truth = f'  (true class: {plots.class_label(class_names[labels[i]])})' \
+        if labels is not None else ''
+    plots.plot_cam_overlay(stored[i, ..., 0], heatmaps[i], probabilities[i], class_names,
+                           os.path.join(workdir, 'overlays', overlays[i]),
+                           title=f'{name}{truth}', cam_name=f'{cam_name} ({config.cam_layer})')
+  write_grid(os.path.join(workdir, 'gradcam_grid.png'), stored, heatmaps, probabilities,
+             names, class_names, cam_name,
+             f'{cam_name} at {config.cam_layer} of {os.path.basename(os.path.normpath(run_dir))} '
+             f'({run_config.mode}): the most confident image of each predicted class',
+             labels)
+
+  summary = {
+      'checkpoint_workdir': os.path.abspath(run_dir),
+      'run_mode': run_config.mode,
+      'inputs': config.inputs,
+      'class_names': class_names,
+      'cam_method': config.cam_method,
+      'cam_layer': config.cam_layer,
+      'cam_cells': list(layer_size),
+      'num_inputs': len(names) + len(unreadable),
+      'num_predicted': len(names),
+      'num_unreadable': len(unreadable),
+      'unreadable': unreadable,
+      'predicted_counts': {name: int(np.sum(predicted == k))
+                           for k, name in enumerate(class_names)},
+  }
+  if labels is not None:
+    summary['test_metrics'] = evaluate.classification_metrics(labels, predicted,
+                                                              len(class_names))
+  if config.evaluate_cam:
+    if masks is None:
+      logging.warning('No class-signal masks come with these inputs (only '
+                      'inputs=%s of a synthetic_mri run has them): the heatmap quality '
+                      'has deletion faithfulness but no mask energy.', TEST_SPLIT)
+    quality = gradcam.evaluate_heatmaps(
+        model, variables, images, heatmaps, masks, layer_size=layer_size,
+        fractions=tuple(config.deletion_fractions), seed=config.seed)
+    summary['cam_quality'] = quality
+    plots.plot_cam_quality(quality, os.path.join(workdir, 'cam_quality.png'),
+                           title=f'{cam_name} at {config.cam_layer}')
+    _log_quality(quality)
+  with open(os.path.join(workdir, 'predict_summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  logging.info('Predicted %d images (%d unreadable) into %s: %s.', len(names),
+               len(unreadable), workdir, summary['predicted_counts'])
+  return summary
+
+
+def _log_quality(quality):
+  if 'mask_energy' in quality:
+    energy = quality['mask_energy']
+    logging.info('Mask energy: heatmaps %.3f, uniform map %.3f, random maps %.3f.',
+                 energy['cam'], energy['uniform'], energy['random'])
+  for d in quality['deletion']:
+    logging.info('Deleting %.0f%% of pixels: confidence drop %.3f (most relevant) vs '
+                 '%.3f (random).', 100 * d['fraction'], d['top_drop'], d['random_drop'])
