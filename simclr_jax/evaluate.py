@@ -59,13 +59,17 @@ def knn_monitor(train_embeddings, train_labels, query_embeddings, query_labels,
     {'knn{k}_accuracy': ..., 'knn{k}_balanced_accuracy': ...} for each k that is
     not larger than the memory bank.
   """
+  ks = [k for k in ks if k <= len(train_labels)]
+  if not ks:
+    return {}
+  # One neighbour search with the largest k; each k votes on its first k neighbours.
+  indices, similarities = neighbours.nearest_neighbours(
+      query_embeddings, train_embeddings, k=max(ks), metric='cosine')
+  neighbour_labels = np.asarray(train_labels)[indices]
   result = {}
   for k in ks:
-    if k > len(train_labels):
-      continue
-    predictions = neighbours.knn_classify(
-        train_embeddings, train_labels, query_embeddings, k=k,
-        num_classes=num_classes, metric='cosine')
+    predictions = neighbours.knn_vote(neighbour_labels[:, :k], similarities[:, :k],
+                                      num_classes)
     m = metrics_from_confusion(confusion_matrix(query_labels, predictions, num_classes))
     result[f'knn{k}_accuracy'] = m['accuracy']
     result[f'knn{k}_balanced_accuracy'] = m['balanced_accuracy']

@@ -98,3 +98,100 @@ def plot_audit_pairs(pairs_by_scheme, path=None,
       axes[row, 0].text(1.025, -0.04, label, transform=axes[row, 0].transAxes,
                         ha='center', va='top', fontsize=7)
   return save_figure(fig, path)
+
+
+def plot_label_fraction_curves(summary, path=None):
+  """Test scores against the label fraction: one row per protocol, one column per metric.
+
+  Args:
+    summary: the sweep's aggregates (`sweep.aggregate`): summary['protocols'][name]
+      ['fractions'] is a list of {'fraction', 'num_labeled', 'arms': {arm: {metric:
+      {'mean', 'std'}}}} with arms floor, baseline and finetune, and ['majority_share'].
+    path: PNG to write, or None.
+
+  Returns:
+    The figure as an RGB uint8 array.
+  """
+  metrics = (('accuracy', 'accuracy'), ('balanced_accuracy', 'balanced accuracy'),
+             ('macro_f1', 'macro-F1'))
+  arms = (('floor', 'raw-pixel 1-NN (no training)', 'tab:gray', 's', '--'),
+          ('baseline', 'supervised baseline', 'tab:orange', 'o', '-'),
+          ('finetune', 'SimCLR + fine-tuning', 'tab:blue', 'D', '-'))
+  protocols = list(summary['protocols'].items())
+  num_classes = len(summary['class_names'])
+  fig, axes = plt.subplots(len(protocols), len(metrics), squeeze=False, dpi=100,
+                           figsize=(4.2 * len(metrics), 3.4 * len(protocols) + 0.6))
+  for row, (protocol, result) in enumerate(protocols):
+    entries = result['fractions']
+    for col, (metric, metric_name) in enumerate(metrics):
+      ax = axes[row, col]
+      for offset, (arm, label, color, marker, style) in zip((-1, 0, 1), arms):
+        points = [(e['fraction'], e['arms'][arm][metric]) for e in entries
+                  if arm in e['arms']]
+        if not points:
+          continue
+        x = np.array([p[0] for p in points])
+        mean = np.array([100 * p[1]['mean'] for p in points])
+        std = np.array([100 * (p[1]['std'] or 0.0) for p in points])
+        # A small horizontal shift keeps overlapping error bars apart.
+        ax.errorbar(x * 1.04**offset, mean, yerr=std, color=color, marker=marker,
+                    linestyle=style, markersize=5, capsize=3, label=label)
+      if metric == 'accuracy':
+        ax.axhline(100 * result['majority_share'], color='k', linestyle=':', linewidth=1,
+                   label='majority class')
+      elif metric == 'balanced_accuracy':
+        ax.axhline(100 / num_classes, color='k', linestyle=':', linewidth=1,
+                   label='chance')
+      ax.set_xscale('log')
+      fractions = [e['fraction'] for e in entries]
+      ax.set_xticks(fractions, [f'{f:.0%}\n({e["num_labeled"]:,})'
+                                for f, e in zip(fractions, entries)], fontsize=8)
+      ax.minorticks_off()
+      ax.set_ylim(0, 100)
+      ax.grid(alpha=0.3)
+      ax.set_title(f'{protocol}: {metric_name}', fontsize=10)
+      if col == 0:
+        ax.set_ylabel('test score (%)')
+      if row == len(protocols) - 1:
+        ax.set_xlabel('labeled training images (fraction)')
+  handles, labels = {}, {}
+  for ax in axes.ravel():
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, handle)
+  fig.legend(list(handles.values()), list(handles), loc='upper center', ncol=len(handles),
+             fontsize=9, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+  return save_figure(fig, path)
+
+
+def plot_confusion_grid(grid, class_names, path=None, title=None):
+  """A grid of confusion matrices (e.g. label fractions x arms).
+
+  Args:
+    grid: rows of cells; a cell is (matrix, title) or None (left blank).
+    class_names: names of the classes, indexed by label.
+    path: PNG to write, or None.
+    title: title of the figure.
+
+  Returns:
+    The figure as an RGB uint8 array.
+  """
+  num_rows, num_cols = len(grid), max(len(row) for row in grid)
+  fig, axes = plt.subplots(num_rows, num_cols, squeeze=False, dpi=100,
+                           figsize=(3.4 * num_cols, 3.3 * num_rows + 0.5))
+  for row, cells in enumerate(grid):
+    for col in range(num_cols):
+      cell = cells[col] if col < len(cells) else None
+      if cell is None:
+        axes[row, col].axis('off')
+        continue
+      matrix, cell_title = cell
+      draw_confusion_matrix(axes[row, col], matrix, class_names, cell_title)
+      if col:
+        axes[row, col].set_ylabel('')
+      if row < num_rows - 1:
+        axes[row, col].set_xlabel('')
+  if title:
+    fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  return save_figure(fig, path)

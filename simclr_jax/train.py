@@ -532,8 +532,9 @@ def train_and_evaluate(config, workdir):
       epoch = step // per_epoch
       if config.mode == 'pretrain' and config.temperature_schedule:
         epoch_loss = meta['epoch_loss_sum'] / max(1, meta['epoch_loss_count'])
-        meta['temperature'] = float(losses.temperature_for_loss(
-            epoch_loss, config.temperature, config.temperature_steps))
+        # One-way step-down, as the reference: the temperature never rises again.
+        meta['temperature'] = min(meta['temperature'], float(losses.temperature_for_loss(
+            epoch_loss, config.temperature, config.temperature_steps)))
       meta['epoch_loss_sum'], meta['epoch_loss_count'] = 0.0, 0
       if epoch % config.eval_every_epochs == 0 or step == total_steps:
         with report_progress.timed('eval'):

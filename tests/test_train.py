@@ -50,6 +50,18 @@ def test_finetune_loads_encoder_and_reports_test_metrics(pretrain_workdir, data_
   assert kernel.shape == pretrained['params']['encoder']['conv_init']['kernel'].shape
 
 
+def test_linear_probe_keeps_the_pretrained_encoder(pretrain_workdir, data_dir, tmp_path):
+  config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
+                       linear_probe=True, num_epochs=1)
+  train.train_and_evaluate(config, str(tmp_path))
+  _, _, probed = train.restore_for_inference(str(tmp_path), which='latest')
+  _, _, pretrained = train.restore_for_inference(pretrain_workdir, which='latest')
+  for name in ('params', 'batch_stats'):
+    for a, b in zip(jax.tree.leaves(probed[name]['encoder']),
+                    jax.tree.leaves(pretrained[name]['encoder'])):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_pretrain_and_baseline_start_from_the_same_encoder(data_dir):
   states = []
   for mode in ('pretrain', 'baseline'):

@@ -69,6 +69,14 @@ Non 30-129, Very mild 130-199. Evidence: for 94-97 % of images, the most
 similar other image by raw-pixel correlation is the same inferred subject's
 neighbouring slice, file k +- S. Neighbouring slices are near-identical, so a
 split by slice leaks subjects between train and test; split by subject.
+
+Caveat found by this project's audit (`configs/audit.py`): chains of mutual
+near-duplicate slices form exactly 200 groups of 32, but they agree with the
+file-numbering ids only in part (adjusted Rand index 0.68): the numbering holds
+for the first slice rows of each class and is permuted further on, so one
+person's slices carry two inferred ids. A split by the inferred ids still puts
+about 6 % of test images next to a near-twin in train; the training modes
+therefore split by the recovered groups by default (config `subject_ids`).
 """
 
 HOMEPAGE = ('https://www.kaggle.com/datasets/sachinkumar413/'
