@@ -193,7 +193,11 @@ def init_variables(config, model, rng):
 
 
 def create_train_state(config, model, rng, tx):
-  params, batch_stats = jax.jit(functools.partial(init_variables, config, model))(rng)
+  init = jax.jit(functools.partial(init_variables, config, model))
+  # Initialisation runs once: compiled without LLVM optimisation it takes seconds
+  # on a CPU instead of a minute (the random initialisers compile slowly).
+  compiled = init.lower(rng).compile({'xla_backend_optimization_level': 0})
+  params, batch_stats = compiled(rng)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=batch_stats)
 
@@ -387,7 +391,13 @@ def abstract_state(config, mesh, rng=None):
   model = models.create_model(config, model_kind(config))
   tx = create_optimizer(config, create_learning_rate_fn(config, 2))
   rng = jax.random.key(config.seed) if rng is None else rng
-  state = jax.eval_shape(lambda: create_train_state(config, model, rng, tx))
+
+  def create():
+    params, batch_stats = init_variables(config, model, rng)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             batch_stats=batch_stats)
+
+  state = jax.eval_shape(create)
   repl = sharding.replicated_sharding(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
 

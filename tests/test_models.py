@@ -10,6 +10,13 @@ from configs import default
 from simclr_jax import models
 
 
+def _init(model, x, seed=0):
+  """model.init compiled without LLVM optimisation: seconds instead of a minute."""
+  init = jax.jit(lambda key: model.init(key, x, train=False))
+  key = jax.random.key(seed)
+  return init.lower(key).compile({'xla_backend_optimization_level': 0})(key)
+
+
 def _config(**overrides):
   config = default.get_config()
   config.update(overrides)
@@ -34,8 +41,8 @@ def test_width_multiplier_and_avgpool():
   config = _config(model='resnet18', width=0.25, encoder_output='avgpool')
   model = models.create_model(config, 'classifier')
   x = jnp.zeros((2, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
-  logits = model.apply(variables, x, train=False)
+  variables = _init(model, x)
+  logits = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
   assert logits.shape == (2, 4)
   assert variables['params']['encoder']['conv_init']['kernel'].shape == (7, 7, 3, 16)
   assert variables['params']['head']['dense']['kernel'].shape == (128, 4)
@@ -44,8 +51,10 @@ def test_width_multiplier_and_avgpool():
 def test_same_seed_gives_same_encoder_in_both_arms():
   config = _config(model='resnet18', width=0.125, encoder_output='avgpool')
   x = jnp.zeros((1, 32, 32, 3))
-  simclr = models.create_model(config, 'simclr').init(jax.random.key(3), x, train=False)
-  classifier = models.create_model(config, 'classifier').init(jax.random.key(3), x, train=False)
+  def init(kind):
+    model = models.create_model(config, kind)
+    return _init(model, x, seed=3)
+  simclr, classifier = init('simclr'), init('classifier')
   leaves_a = jax.tree.leaves(simclr['params']['encoder'])
   leaves_b = jax.tree.leaves(classifier['params']['encoder'])
   assert all(np.array_equal(a, b) for a, b in zip(leaves_a, leaves_b))
@@ -55,9 +64,9 @@ def test_stages_are_sown_and_perturbable():
   config = _config(model='resnet18', width=0.125)
   model = models.create_model(config, 'classifier')
   x = jnp.ones((1, 64, 64, 1))
-  variables = model.init(jax.random.key(0), x, train=False)
-  _, state = model.apply({k: variables[k] for k in ('params', 'batch_stats')}, x,
-                         train=False, mutable=['intermediates'])
+  variables = _init(model, x)
+  _, state = jax.jit(lambda v: model.apply(v, x, train=False, mutable=['intermediates']))(
+      {k: variables[k] for k in ('params', 'batch_stats')})
   shapes = {k: v[0].shape for k, v in state['intermediates']['encoder'].items()}
   assert shapes == {'stage1': (1, 16, 16, 8), 'stage2': (1, 8, 8, 16),
                     'stage3': (1, 4, 4, 32), 'stage4': (1, 2, 2, 64)}
@@ -68,9 +77,9 @@ def test_bfloat16_compute_keeps_float32_params():
   config = _config(model='resnet18', width=0.125, dtype='bfloat16')
   model = models.create_model(config, 'classifier')
   x = jnp.ones((2, 32, 32, 1))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = _init(model, x)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(variables['params']))
-  assert model.apply(variables, x, train=False).dtype == jnp.float32
+  assert jax.jit(lambda v: model.apply(v, x, train=False))(variables).dtype == jnp.float32
 
 
 @pytest.mark.parametrize('field,value,needle', [
