@@ -33,12 +33,12 @@ def get_config(arg=None):
   config.mode = 'predict'
 
   # ---------------------------------------------------------------- What to classify.
-  config.checkpoint_workdir = config_dict.placeholder(str)  # --workdir of a finetune or baseline run.
-  config.inputs = config_dict.placeholder(str)  # Image file, folder, glob, or test_split (the run's test split).
+  config.checkpoint_workdir = config_dict.placeholder(str)  # --workdir of a finetune/baseline run.
+  config.inputs = config_dict.placeholder(str)  # Image file, folder, glob, or test_split.
 
   # ---------------------------------------------------------------- Grad-CAM.
   config.cam_method = 'gradcam'  # gradcam | gradcam++ | hirescam.
-  config.cam_layer = 'stage4'  # Explained ResNet stage: stage4 (last convolutional stage) .. stage1.
+  config.cam_layer = 'stage4'  # Explained stage: stage4 (the last convolutional one) .. stage1.
   config.batch_size = 32  # Images per Grad-CAM batch.
 
   # ---------------------------------------------------------------- Heatmap quality.

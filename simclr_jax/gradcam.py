@@ -24,7 +24,11 @@ so 0 keeps meaning "no positive evidence" and the brightest pixel is 1.
 
 Quality measures:
 - `mask_energy`: the share of a heatmap's sum inside a mask (the class-signal
-  mask of `synthetic_mri`); a uniform map scores the mask's area share.
+  mask of `synthetic_mri`); a uniform map scores the mask's area share. Read
+  it against `evaluate_heatmaps`' controls too: the same CAM of the network
+  with random weights (Adebayo et al., 2018) and the mask seen at the map's
+  resolution. On synthetic_mri the mask covers the high-contrast structures,
+  so even an untrained network scores about 1.5 x the uniform map.
 - `deletion_drop`: in the spirit of ROAD (Rong et al., 2022), the drop in the
   predicted class's softmax probability when the top `fraction` of pixels by
   heatmap are removed, against removing as many random pixels. Removed pixels
@@ -180,7 +184,7 @@ def cam(model, variables, images, method='gradcam', layer='stage4', class_index=
       padded so that one compiled shape serves them all.
 
   Returns:
-    (heatmaps float32 [N, H, W] in [0, 1], logits [N, K]); for a SimCLR model the
+    numpy (heatmaps float32 [N, H, W] in [0, 1], logits [N, K]); for a SimCLR model the
     second value is the cosines [N].
 
   Raises:
@@ -294,6 +298,26 @@ def random_heatmaps(num_images, size, layer_size, seed=0):
   return np.asarray(upsample_and_normalise(jnp.asarray(noise, jnp.float32), size))
 
 
+def coarse_masks(masks, size, layer_size):
+  """Masks seen at a layer's resolution: averaged into its cells, upsampled like a CAM.
+
+  Their mask energy is what a map that knew the mask scores at that resolution:
+  a thin rim and small structures cannot be outlined by 4 x 4 cells, so this,
+  not 1, is the scale to read CAM mask energies against (a map piled onto a few
+  cells can still beat it; it is a reference, not a bound).
+
+  Args:
+    masks: [N, Hm, Wm(, 1)], 1 inside.
+    size: (H, W) of the output.
+    layer_size: (h, w) of the explained layer.
+
+  Returns:
+    float32 [N, H, W] in [0, 1].
+  """
+  cells = _resize_masks(masks, tuple(layer_size))
+  return np.asarray(upsample_and_normalise(jnp.asarray(cells), size))
+
+
 def impute_removed(images, removed, sigmas=(1, 2, 4, 8, 16, 32), min_weight=0.1):
   """Fills removed pixels from the kept ones (a cheap stand-in for ROAD's imputation).
 
@@ -387,39 +411,69 @@ def deletion_drop(model, variables, images, heatmaps, fraction=0.1, *, class_ind
           'random_drop': before - confidence(random)}
 
 
-def evaluate_heatmaps(model, variables, images, heatmaps, masks=None, *, layer_size,
-                      fractions=(0.05, 0.1, 0.2), seed=0):
+def randomized_variables(model, variables, images, seed=0):
+  """Freshly initialised variables of `model`: the untrained control of a CAM.
+
+  The model randomisation test of Adebayo et al. (2018): a map that a network
+  with random weights draws as well reflects the image (edges, contrast), not
+  what the trained network learned.
+  """
+  init = jax.jit(functools.partial(model.init, train=False))
+  key, x = jax.random.key(seed), jnp.asarray(images[:1], jnp.float32)
+  # As in train.create_train_state: the random initialisers compile in seconds
+  # without LLVM optimisation instead of a minute on a CPU.
+  fresh = init.lower(key, x).compile({'xla_backend_optimization_level': 0})(key, x)
+  return {k: v for k, v in fresh.items() if k in variables}
+
+
+def evaluate_heatmaps(model, variables, images, heatmaps, masks=None, *, method='gradcam',
+                      layer='stage4', fractions=(0.05, 0.1, 0.2), seed=0, batch_size=None):
   """Summary figures of how well heatmaps point at the evidence.
 
   Args:
     model: the classifier the heatmaps explain.
     variables: its variables.
     images: float32 [N, H, W, C] model inputs.
-    heatmaps: float [N, H, W] in [0, 1], of each image's predicted class.
+    heatmaps: float [N, H, W] in [0, 1] of each image's predicted class, made
+      with `method` at `layer`.
     masks: optional [N, Hm, Wm(, 1)] class-signal masks; mask energy is left out
       without them.
-    layer_size: (h, w) of the explained layer, for the random-map baseline.
+    method: the CAM method of the heatmaps (for the untrained control).
+    layer: their layer (for the random-map baseline and the untrained control).
     fractions: pixel shares removed by the deletion test.
-    seed: seed of the random baselines.
+    seed: seed of the random baselines and of the untrained control.
+    batch_size: batch size of the untrained control's CAMs.
 
   Returns:
-    A JSON-ready dict: 'num_images', 'mask_energy' (mean share inside the mask
-    of the CAMs, of a uniform map = the area share, of smooth random maps, and
-    the CAMs' ratio to uniform; present only with masks) and 'deletion' (one
-    entry per fraction: mean confidence drop for top and random pixels).
+    A JSON-ready dict: 'num_images', 'mask_energy' (present only with masks:
+    the mean share inside the mask of the CAMs ('cam'), of a uniform map = the
+    area share ('uniform'), of smooth random maps ('random'), of the same CAM
+    method on the same model with random weights ('untrained_model'), of the
+    mask itself seen at the layer's resolution ('coarse_mask', see
+    `coarse_masks`), the CAMs' ratio to uniform,
+    and the share of images whose CAM beats uniform) and 'deletion' (one entry
+    per fraction: mean confidence drop for the most relevant and for random
+    pixels).
   """
   heatmaps = np.asarray(heatmaps)
   num_images, height, width = heatmaps.shape
   result = {'num_images': int(num_images)}
   if masks is not None:
+    layer_size = layer_shape(model, variables, images.shape[1:], layer)[:2]
     energy = mask_energy(heatmaps, masks)
     uniform = mask_area_share(masks, (height, width))
     random = mask_energy(random_heatmaps(num_images, (height, width), layer_size, seed),
                          masks)
+    untrained_heatmaps, _ = cam(model, randomized_variables(model, variables, images, seed),
+                                images, method, layer, batch_size=batch_size)
+    untrained = mask_energy(untrained_heatmaps, masks)
+    coarse = mask_energy(coarse_masks(masks, (height, width), layer_size), masks)
     cam_mean, uniform_mean = float(np.nanmean(energy)), float(uniform.mean())
     result['mask_energy'] = {
         'cam': cam_mean, 'cam_std': float(np.nanstd(energy)),
         'uniform': uniform_mean, 'random': float(np.nanmean(random)),
+        'untrained_model': float(np.nanmean(untrained)),
+        'coarse_mask': float(np.nanmean(coarse)),
         'cam_to_uniform': cam_mean / uniform_mean if uniform_mean > 0 else None,
         'share_of_images_above_uniform': float(np.mean(energy > uniform)),
     }

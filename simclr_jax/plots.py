@@ -144,7 +144,7 @@ def plot_label_fraction_curves(summary, path=None):
                    label='chance')
       ax.set_xscale('log')
       fractions = [e['fraction'] for e in entries]
-      ax.set_xticks(fractions, [f'{f:.0%}\n({e["num_labeled"]:,})'
+      ax.set_xticks(fractions, [f'{100 * f:g} %\n({e["num_labeled"]:,})'
                                 for f, e in zip(fractions, entries)], fontsize=8)
       ax.minorticks_off()
       ax.set_ylim(0, 100)
@@ -193,5 +193,180 @@ def plot_confusion_grid(grid, class_names, path=None, title=None):
         axes[row, col].set_xlabel('')
   if title:
     fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+CAM_COLORMAP = 'jet'  # Heatmap colours over the gray image, as in the reference's figure.
+CAM_ALPHA = 0.4  # Heatmap opacity: the anatomy stays visible underneath.
+
+
+def class_label(name):
+  """'Very_Mild_Demented' -> 'Very Mild Demented'."""
+  return str(name).replace('_', ' ')
+
+
+def draw_cam_overlay(ax, image, heatmap, title=None):
+  """Gray image with a heatmap on top, both stretched over the same extent.
+
+  Args:
+    ax: matplotlib axes.
+    image: [h, w] gray image, uint8 or float in [0, 1], at any resolution.
+    heatmap: [H, W] in [0, 1], None for the image alone.
+    title: axes title.
+
+  Returns:
+    The heatmap's AxesImage (for a colour bar), or None.
+  """
+  image = np.asarray(image)
+  extent = (0, 1, 1, 0)  # Image and heatmap may differ in resolution.
+  ax.imshow(image, cmap='gray', vmin=0, vmax=255 if image.dtype == np.uint8 else 1,
+            extent=extent, interpolation='bilinear')
+  shown = None
+  if heatmap is not None:
+    shown = ax.imshow(heatmap, cmap=CAM_COLORMAP, vmin=0, vmax=1, alpha=CAM_ALPHA,
+                      extent=extent, interpolation='bilinear')
+  ax.set_xticks([])
+  ax.set_yticks([])
+  if title:
+    ax.set_title(title, fontsize=9)
+  return shown
+
+
+def _cam_colorbar(fig, **kwargs):
+  """An opaque colour bar of the heatmap scale (the overlay itself is translucent)."""
+  mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), CAM_COLORMAP)
+  colorbar = fig.colorbar(mappable, **kwargs)
+  colorbar.set_label('relevance (1 = most)', fontsize=8)
+  colorbar.ax.tick_params(labelsize=7)
+  return colorbar
+
+
+def plot_cam_overlay(image, heatmap, probabilities, class_names, path, title=None,
+                     cam_name='Grad-CAM'):
+  """Writes one image's figure: the image, its heatmap overlay, the class probabilities.
+
+  Predict mode writes one per input image, so the layout is fixed (no layout
+  engine) and the figure is drawn once, straight to `path`, instead of the
+  three draws of `save_figure` (array, tight box, file).
+
+  Args:
+    image: [h, w] gray image (uint8 or float in [0, 1]).
+    heatmap: [H, W] in [0, 1] of the predicted class.
+    probabilities: [K] softmax probabilities.
+    class_names: K names.
+    path: PNG to write.
+    title: figure title (e.g. the file name).
+    cam_name: name of the heatmap method for the labels.
+  """
+  probabilities = np.asarray(probabilities)
+  predicted = int(np.argmax(probabilities))
+  fig = plt.figure(figsize=(9.5, 3.4), dpi=100)
+  # Rectangles (left, bottom, width, height) in figure fractions; the image
+  # axes are square (0.26 * 9.5 in ~ 0.72 * 3.4 in).
+  draw_cam_overlay(fig.add_axes((0.02, 0.04, 0.26, 0.72)), image, None, 'input')
+  draw_cam_overlay(fig.add_axes((0.31, 0.04, 0.26, 0.72)), image, heatmap,
+                   f'{cam_name} of {class_label(class_names[predicted])}')
+  _cam_colorbar(fig, cax=fig.add_axes((0.58, 0.04, 0.012, 0.72)))
+  ax = fig.add_axes((0.80, 0.16, 0.18, 0.6))
+  names = [class_label(name) for name in class_names]
+  colors = ['tab:red' if k == predicted else 'tab:gray' for k in range(len(names))]
+  ax.barh(range(len(names)), probabilities, color=colors)
+  ax.set_yticks(range(len(names)), names, fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlim(0, 1)
+  ax.set_xlabel('probability', fontsize=8)
+  ax.tick_params(axis='x', labelsize=7)
+  for k, p in enumerate(probabilities):
+    ax.text(min(p + 0.02, 0.8), k, f'{p:.2f}', va='center', fontsize=8)
+  ax.set_title('class probabilities', fontsize=9)
+  for side in ('top', 'right'):
+    ax.spines[side].set_visible(False)
+  headline = (f'predicted {class_label(class_names[predicted])} '
+              f'(p = {probabilities[predicted]:.2f})')
+  fig.suptitle(f'{title}\n{headline}' if title else headline, fontsize=10, y=0.98)
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_cam_grid(images, heatmaps, titles, path=None, title=None, cam_name='Grad-CAM'):
+  """Columns side by side (e.g. one per class): image above, heatmap overlay below.
+
+  Args:
+    images: per column a [h, w] gray image, or None for an empty column.
+    heatmaps: per column a [H, W] heatmap in [0, 1], or None.
+    titles: per column a title (for an empty column, the text shown instead).
+    path: PNG to write, or None.
+    title: figure title.
+    cam_name: name of the heatmap method for the labels.
+  """
+  columns = len(images)
+  fig, axes = plt.subplots(2, columns, figsize=(2.3 * columns + 1.0, 5.6), dpi=100,
+                           squeeze=False, layout='constrained')
+  for j, (image, heatmap, column_title) in enumerate(zip(images, heatmaps, titles)):
+    if image is None:
+      for ax in axes[:, j]:
+        ax.set_facecolor('whitesmoke')
+        ax.set_xticks([])
+        ax.set_yticks([])
+      axes[0, j].text(0.5, 0.5, column_title, ha='center', va='center', fontsize=8,
+                      color='dimgray', transform=axes[0, j].transAxes)
+      continue
+    draw_cam_overlay(axes[0, j], image, None, column_title)
+    draw_cam_overlay(axes[1, j], image, heatmap)
+  axes[0, 0].set_ylabel('input', fontsize=9)
+  axes[1, 0].set_ylabel(cam_name, fontsize=9)
+  _cam_colorbar(fig, ax=axes[1, :], shrink=0.9, aspect=15, pad=0.01)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return save_figure(fig, path)
+
+
+def plot_cam_quality(quality, path=None, title=None):
+  """Mask energy of CAMs against baselines, and deletion drops against random removal.
+
+  Args:
+    quality: the dict of `gradcam.evaluate_heatmaps`.
+    path: PNG to write, or None.
+    title: figure title.
+  """
+  has_masks = 'mask_energy' in quality
+  fig, axes = plt.subplots(1, 2 if has_masks else 1, figsize=(10 if has_masks else 4.5, 3.8),
+                           dpi=100, squeeze=False)
+  axes = axes[0]
+  if has_masks:
+    energy = quality['mask_energy']
+    labels = ('heatmaps', 'uniform map\n(= mask area)', 'random\nsmooth maps',
+              'same CAM,\nuntrained\nmodel', 'the mask seen\nat the map\nresolution')
+    values = (energy['cam'], energy['uniform'], energy['random'], energy['untrained_model'],
+              energy['coarse_mask'])
+    axes[0].bar(labels, values, color=('tab:red', 'tab:gray', 'tab:gray', 'tab:gray',
+                                       'lightsteelblue'))
+    axes[0].errorbar([0], [energy['cam']], yerr=[energy['cam_std']], color='black',
+                     capsize=4)
+    for k, value in enumerate(values):
+      axes[0].text(k, value / 2, f'{value:.2f}', ha='center', va='center', fontsize=8,
+                   color='black' if k == len(values) - 1 else 'white')
+    axes[0].set_ylim(0, 1)
+    axes[0].set_ylabel('share of heatmap inside the mask', fontsize=8)
+    axes[0].set_title(f'mask energy ({quality["num_images"]} images)', fontsize=9)
+    axes[0].tick_params(labelsize=7)
+  ax = axes[-1]
+  deletion = quality['deletion']
+  fractions = [100 * d['fraction'] for d in deletion]
+  ax.plot(fractions, [d['top_drop'] for d in deletion], 'o-', color='tab:red',
+          label='most relevant pixels')
+  ax.plot(fractions, [d['random_drop'] for d in deletion], 's--', color='tab:gray',
+          label='random pixels')
+  ax.axhline(0, color='black', linewidth=0.5)
+  ax.set_xlabel('pixels removed (%)', fontsize=8)
+  ax.set_ylabel('drop in predicted-class probability', fontsize=8)
+  ax.set_title('deletion faithfulness', fontsize=9)
+  ax.legend(fontsize=8)
+  ax.tick_params(labelsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return save_figure(fig, path)

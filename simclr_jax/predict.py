@@ -6,18 +6,20 @@
 PATH is an image file, a folder (searched recursively for image files), a glob,
 or `test_split`, the test split of the run's own data set with its labels and,
 for synthetic_mri, its class-signal masks. Images are read like the training
-data: gray, at the data set's stored size (128 x 128; square after padding with
-black), then `input_pipeline.preprocess` with the run's config. The workdir
-receives:
+data: gray, at the data set's stored size (128 x 128) by the image_folder data
+set's reader, then `input_pipeline.preprocess` with the run's config. The
+workdir receives:
 
 - predictions.csv: file, predicted class, its probability, the probability of
-  every class (and the true class for test_split), and the overlay's name;
+  every class, the true class where known (test_split, or files in folders
+  named after the classes such as the Kaggle Dataset/<class>/), and the
+  overlay's name;
 - overlays/<name>.png: the image, its heatmap and the class probabilities;
 - gradcam_grid.png: the most confident image of each predicted class, side by
   side, image above heatmap (the reference study's figure);
-- predict_summary.json: counts, unreadable files, accuracy (test_split) and,
-  with evaluate_cam, the heatmaps' mask energy and deletion faithfulness
-  (also drawn in cam_quality.png).
+- predict_summary.json: counts, unreadable files, metrics where the true
+  classes are known and, with evaluate_cam, the heatmaps' mask energy and
+  deletion faithfulness (also drawn in cam_quality.png).
 """
 
 import csv
@@ -37,10 +39,9 @@ from simclr_jax import input_pipeline
 from simclr_jax import plots
 from simclr_jax import train
 from simclr_jax.datasets import alzheimer_mri
+from simclr_jax.datasets import image_folder
 
 TEST_SPLIT = 'test_split'
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp',
-                    '.pgm', '.ppm', '.pnm')
 CAM_NAMES = {'gradcam': 'Grad-CAM', 'gradcam++': 'Grad-CAM++', 'hirescam': 'HiResCAM'}
 CLASSIFIER_MODES = ('finetune', 'baseline')
 # Heatmaps coarser than this many cells a side say little about where the model looked.
@@ -65,8 +66,8 @@ def check_run(checkpoint_workdir):
         f'{checkpoint_workdir} holds a {run_config.mode} run, whose model has no '
         'classifier head; fine-tune it first (configs/finetune.py) and point '
         '--config.checkpoint_workdir at the finetune or baseline run.')
-  if not (train.latest_step(checkpoint_workdir, 'best')
-          or train.latest_step(checkpoint_workdir, 'latest')):
+  if (train.latest_step(checkpoint_workdir, 'best') is None
+      and train.latest_step(checkpoint_workdir, 'latest') is None):
     raise ValueError(f'The run in {checkpoint_workdir} has no checkpoint yet; let it '
                      'train until its first evaluation, or point '
                      '--config.checkpoint_workdir at a finished run.')
@@ -76,9 +77,9 @@ def check_run(checkpoint_workdir):
 def find_inputs(inputs):
   """Image paths named by an image file, a folder (recursive) or a glob, sorted.
 
-  Files in a folder count if their extension is in IMAGE_EXTENSIONS; a file
-  named directly or matched by a glob counts whatever its extension (an
-  unreadable one is reported when read).
+  Files in a folder count if a PIL format claims their extension (hidden files
+  and __MACOSX are skipped); a file named directly or matched by a glob counts
+  whatever its extension (an unreadable one is reported when read).
 
   Raises:
     ValueError: if `inputs` is empty or matches no file.
@@ -88,9 +89,12 @@ def find_inputs(inputs):
                      f"glob such as 'scans/*.png', or {TEST_SPLIT}.")
   path = os.path.expanduser(inputs)
   if os.path.isdir(path):
-    files = [os.path.join(root, name)
-             for root, _, names in os.walk(path) for name in names
-             if name.lower().endswith(IMAGE_EXTENSIONS)]
+    extensions = set(PIL.Image.registered_extensions())
+    files = []
+    for root, folders, names in os.walk(path):
+      folders[:] = [f for f in folders if not f.startswith('.') and f != '__MACOSX']
+      files += [os.path.join(root, name) for name in names
+                if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions]
   elif os.path.isfile(path):
     files = [path]
   else:
@@ -128,31 +132,13 @@ def stored_size(run_config):
 
 
 def read_image(path, size):
-  """Reads any image PIL can open as gray uint8 [size, size, 1].
+  """Reads any image PIL can open as gray uint8 [size, size, 1], as image_folder does.
 
-  Colour images become gray by luminance (PIL's 'L'); 16-bit and float images
-  are scaled from their own range to 0..255; non-square images are padded
-  with black to a square (brain MRI background) so the anatomy keeps its
-  proportions; then the image is resized with antialiasing.
+  `image_folder.load_grayscale` is the project's one reader of arbitrary images:
+  gray by luminance, 16-bit and float images stretched from their own range,
+  alpha composited over black, resized to size x size (aspect not kept).
   """
-  with PIL.Image.open(path) as image:
-    image.load()
-    if image.mode in ('I', 'F') or image.mode.startswith('I;'):
-      values = np.asarray(image, np.float64)
-      low, high = values.min(), values.max()
-      values = (values - low) / (high - low) * 255.0 if high > low else values * 0.0
-      gray = PIL.Image.fromarray(np.round(values).astype(np.uint8), 'L')
-    else:
-      gray = image.convert('L')
-  width, height = gray.size
-  side = max(width, height)
-  if width != height:
-    square = PIL.Image.new('L', (side, side), 0)
-    square.paste(gray, ((side - width) // 2, (side - height) // 2))
-    gray = square
-  if side != size:
-    gray = gray.resize((size, size), PIL.Image.Resampling.BILINEAR, reducing_gap=None)
-  return np.asarray(gray, np.uint8)[..., None]
+  return np.asarray(image_folder.load_grayscale(path, size), np.uint8)[..., None]
 
 
 def read_images(files, size):
@@ -162,7 +148,8 @@ def read_images(files, size):
     try:
       images.append(read_image(path, size))
       names.append(path)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+    except Exception as error:  # pylint: disable=broad-except
+      # PIL raises many kinds of errors for malformed files; each means unreadable.
       logging.warning('Skipping %s: not a readable image (%s).', path, error)
       unreadable.append(path)
   stacked = np.stack(images) if images else np.zeros((0, size, size, 1), np.uint8)
@@ -193,6 +180,14 @@ def class_names_of_run(checkpoint_workdir, run_config):
   logging.warning('The run in %s has no metrics.json with class names yet; classes are '
                   'shown by index.', checkpoint_workdir)
   return [f'class_{k}' for k in range(run_config.num_classes)]
+
+
+def folder_labels(files, class_names):
+  """Labels from the files' folder names when every folder is a class (Dataset/<class>/)."""
+  folders = [os.path.basename(os.path.dirname(os.path.abspath(f))) for f in files]
+  if not folders or any(folder not in class_names for folder in folders):
+    return None
+  return np.array([class_names.index(folder) for folder in folders], np.int32)
 
 
 def overlay_names(files):
@@ -297,14 +292,18 @@ def predict(config, workdir):
     if not names:
       raise ValueError(f'None of the {len(files)} files of --config.inputs='
                        f'{config.inputs!r} is a readable image.')
+    labels = folder_labels(names, class_names)
   images = input_pipeline.preprocess(stored, run_config)
   layer_size = gradcam.layer_shape(model, variables, images.shape[1:], config.cam_layer)[:2]
   if min(layer_size) < MIN_USEFUL_LAYER_SIZE:
+    # Each earlier stage doubles the resolution.
+    finer = int(config.cam_layer[-1]) - int(np.ceil(np.log2(
+        MIN_USEFUL_LAYER_SIZE / min(layer_size))))
     logging.warning(
-        'The %s activations of this run are only %d x %d cells, so the heatmaps are '
-        'coarse; an earlier stage (--config.cam_layer=stage%d) gives finer ones.',
-        config.cam_layer, layer_size[0], layer_size[1],
-        max(1, int(config.cam_layer[-1]) - 1))
+        'The %s activations of this run are only %d x %d cells, too coarse to show '
+        'where the model looked; --config.cam_layer=stage%d gives %d x %d.',
+        config.cam_layer, layer_size[0], layer_size[1], max(1, finer),
+        *(np.asarray(layer_size) * 2**(int(config.cam_layer[-1]) - max(1, finer))))
   logging.info('Explaining %d images with %s at %s (%d x %d cells).', len(names),
                config.cam_method, config.cam_layer, *layer_size)
   heatmaps, logits = gradcam.cam(model, variables, images, config.cam_method,
@@ -345,7 +344,8 @@ def predict(config, workdir):
                            for k, name in enumerate(class_names)},
   }
   if labels is not None:
-    summary['test_metrics'] = evaluate.classification_metrics(labels, predicted,
+    summary['labels_from'] = 'test split' if use_test_split else 'class folder names'
+    summary['metrics'] = evaluate.classification_metrics(labels, predicted,
                                                               len(class_names))
   if config.evaluate_cam:
     if masks is None:
@@ -353,8 +353,9 @@ def predict(config, workdir):
                       'inputs=%s of a synthetic_mri run has them): the heatmap quality '
                       'has deletion faithfulness but no mask energy.', TEST_SPLIT)
     quality = gradcam.evaluate_heatmaps(
-        model, variables, images, heatmaps, masks, layer_size=layer_size,
-        fractions=tuple(config.deletion_fractions), seed=config.seed)
+        model, variables, images, heatmaps, masks, method=config.cam_method,
+        layer=config.cam_layer, fractions=tuple(config.deletion_fractions),
+        seed=config.seed, batch_size=config.batch_size)
     summary['cam_quality'] = quality
     plots.plot_cam_quality(quality, os.path.join(workdir, 'cam_quality.png'),
                            title=f'{cam_name} at {config.cam_layer}')
@@ -369,8 +370,10 @@ def predict(config, workdir):
 def _log_quality(quality):
   if 'mask_energy' in quality:
     energy = quality['mask_energy']
-    logging.info('Mask energy: heatmaps %.3f, uniform map %.3f, random maps %.3f.',
-                 energy['cam'], energy['uniform'], energy['random'])
+    logging.info('Mask energy: heatmaps %.3f; uniform map %.3f, random maps %.3f, the '
+                 'untrained model %.3f, the mask at this resolution %.3f.', energy['cam'],
+                 energy['uniform'], energy['random'], energy['untrained_model'],
+                 energy['coarse_mask'])
   for d in quality['deletion']:
     logging.info('Deleting %.0f%% of pixels: confidence drop %.3f (most relevant) vs '
                  '%.3f (random).', 100 * d['fraction'], d['top_drop'], d['random_drop'])

@@ -7,15 +7,18 @@ position, or followed by flattening and a linear layer, where the gradient
 varies over positions.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from simclr_jax import gradcam
 from simclr_jax import models
+from simclr_jax.datasets import synthetic_mri
 
 
 class PooledLinear(nn.Module):
@@ -143,31 +146,49 @@ def test_maps_are_upsampled_to_the_input_and_normalised():
   np.testing.assert_array_equal(zero, 0.0)
 
 
+def _init(model, images, seed=0):
+  """model.init compiled without LLVM optimisation: seconds instead of a minute."""
+  init = jax.jit(functools.partial(model.init, train=False))
+  key, x = jax.random.key(seed), jnp.asarray(images, jnp.float32)
+  return init.lower(key, x).compile({'xla_backend_optimization_level': 0})(key, x)
+
+
 def _tiny_resnet(kind, size=32, channels=1):
-  config = ml_collections.ConfigDict(dict(
-      model='resnet18', width=0.125, encoder_output='avgpool', dtype='float32',
-      num_classes=4, head_dropout=0.0, projection_dims=(8, 4), projection_dropout=0.0))
-  model = models.create_model(config, kind)
+  """The project's classifier or SimCLR model with one basic block per stage."""
+  common = dict(stage_sizes=(1, 1, 1, 1), block_cls=models.ResNetBlock, width=0.125,
+                encoder_output='avgpool')
+  if kind == 'classifier':
+    model = models.Classifier(num_classes=4, head_dropout=0.0, **common)
+  else:
+    model = models.SimCLRModel(projection_dims=(8, 4), projection_dropout=0.0, **common)
   images = np.random.default_rng(0).uniform(size=(3, size, size, channels))
-  variables = model.init(jax.random.key(0), jnp.asarray(images, jnp.float32), train=False)
+  variables = _init(model, images)
   return model, {k: variables[k] for k in ('params', 'batch_stats')}, images
 
 
-def test_project_classifier_every_stage_and_batching():
+def test_project_classifier_is_explained_at_any_stage():
   model, variables, images = _tiny_resnet('classifier', size=64)
   logits_direct = model.apply(variables, jnp.asarray(images, jnp.float32), train=False)
-  sizes = {'stage1': 16, 'stage2': 8, 'stage3': 4, 'stage4': 2}
-  for layer in ('stage2', 'stage4'):
-    assert gradcam.layer_shape(model, variables, images.shape[1:], layer)[:2] == (
-        sizes[layer], sizes[layer])
-    heatmaps, logits = gradcam.cam(model, variables, images, 'gradcam', layer)
-    assert heatmaps.shape == (3, 64, 64)
-    assert heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0 + 1e-6
-    np.testing.assert_allclose(logits, logits_direct, rtol=1e-4, atol=1e-5)
+  for layer, cells in (('stage1', 16), ('stage2', 8), ('stage3', 4), ('stage4', 2)):
+    assert gradcam.layer_shape(model, variables, images.shape[1:], layer) == (
+        cells, cells, 8 * 2**(int(layer[-1]) - 1))
+  heatmaps, logits = gradcam.cam(model, variables, images, 'gradcam', 'stage2')
+  assert heatmaps.shape == (3, 64, 64)
+  assert heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0 + 1e-6
+  np.testing.assert_allclose(logits, logits_direct, rtol=1e-4, atol=1e-5)
+  # With average pooling and a linear head, Grad-CAM at the last stage is the class
+  # activation map of the head's weights (Zhou et al., 2016).
+  heatmaps, logits = gradcam.cam(model, variables, images, 'gradcam', 'stage4')
+  _, state = model.apply(variables, jnp.asarray(images, jnp.float32), train=False,
+                         mutable=['intermediates'])
+  a = np.asarray(state['intermediates']['encoder']['stage4'][0])
+  dense = np.asarray(variables['params']['head']['dense']['kernel'])
+  expected = np.einsum('nhwc,cn->nhw', a, dense[:, np.asarray(logits).argmax(-1)])
+  expected = gradcam.upsample_and_normalise(jnp.asarray(np.maximum(expected, 0)), (64, 64))
+  np.testing.assert_allclose(heatmaps, expected, atol=1e-4)
   # Batches of two (the last one padded) give the same maps as one batch of three.
   batched, _ = gradcam.cam(model, variables, images, 'gradcam', 'stage4', batch_size=2)
-  whole, _ = gradcam.cam(model, variables, images, 'gradcam', 'stage4')
-  np.testing.assert_allclose(batched, whole, atol=1e-6)
+  np.testing.assert_allclose(batched, heatmaps, atol=1e-6)
   with pytest.raises(ValueError, match="named 'stage9'.*stage1"):
     gradcam.cam(model, variables, images, 'gradcam', 'stage9')
   with pytest.raises(ValueError, match='Unknown CAM method'):
@@ -233,18 +254,91 @@ class BrightSpot(nn.Module):
   def __call__(self, x, train=False):
     del train
     corner = x[:, :4, :4, 0].mean(axis=(1, 2))
-    return jnp.stack([jnp.full_like(corner, 2.0), 10.0 * corner], axis=-1)
+    return jnp.stack([jnp.full_like(corner, 5.0), 10.0 * corner], axis=-1)
 
 
 def test_deletion_drop_is_larger_for_the_relevant_pixels():
   images = np.full((4, 16, 16, 1), 0.1, np.float32)
-  images[:, :4, :4] = 0.9  # Class 1 (logit 9 against 2).
+  images[:, :4, :4] = 0.9  # Class 1: logit 9 against 5.
   relevant = np.zeros((4, 16, 16), np.float32)
   relevant[:, :4, :4] = 1.0
   drops = gradcam.deletion_drop(BrightSpot(), {}, images, relevant, fraction=16 / 256)
-  np.testing.assert_allclose(drops['confidence'], 1 / (1 + np.exp(-7.0)), rtol=1e-5)
-  # Removing the corner (imputed from its dark surroundings) flips the class.
-  assert (drops['top_drop'] > 0.9).all()
+  np.testing.assert_allclose(drops['confidence'], 1 / (1 + np.exp(-4.0)), rtol=1e-5)
+  # Removing the corner (imputed from its dark surroundings: logit 1) flips the class.
+  np.testing.assert_allclose(drops['top_drop'], drops['confidence'] - 1 / (1 + np.exp(4.0)),
+                             rtol=1e-4)
   assert (drops['random_drop'] < drops['top_drop'] - 0.5).all()
   with pytest.raises(ValueError, match='fraction'):
     gradcam.deletion_drop(BrightSpot(), {}, images, relevant, fraction=1.5)
+
+
+# ----------------------------------------------------------------------------- trained
+
+
+def _train_small_classifier(images, labels, epochs, seed=0):
+  """The project's ResNet cut to two basic blocks (stage2 is the last stage, 8 x 8
+  cells at 64 px), trained with AdamW and horizontal flips."""
+  model = models.Classifier(stage_sizes=(1, 1), block_cls=models.ResNetBlock,
+                            num_classes=4, width=0.25, encoder_output='avgpool',
+                            head_dropout=0.0)
+  variables = _init(model, images[:2], seed)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  tx = optax.adamw(3e-3, weight_decay=1e-4)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, x, y):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                                    train=True, mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, updates['batch_stats']
+    (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state
+
+  rng = np.random.default_rng(seed)
+  batch_size = 32
+  for _ in range(epochs):
+    order = rng.permutation(len(images))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+      rows = order[start:start + batch_size]
+      flip = rng.uniform(size=batch_size) < 0.5
+      x = np.where(flip[:, None, None, None], images[rows][:, :, ::-1], images[rows])
+      params, batch_stats, opt_state = step(params, batch_stats, opt_state, x, labels[rows])
+  return model, {'params': params, 'batch_stats': batch_stats}
+
+
+def test_trained_classifier_heatmaps_on_synthetic_mri():
+  """Quality of Grad-CAM after a short run on synthetic_mri (small, at 64 px).
+
+  Deletion faithfulness holds: removing the 20 % most relevant pixels lowers the
+  predicted class's probability more than removing random pixels (by 0.05-0.26
+  over the seeds and epochs tried, for 80-100 % of the images).
+
+  Mask energy is printed but NOT asserted above uniform, because here it does
+  not measure learning. Trained small models score 0.7-1.3 x the uniform map
+  across seeds and settings (and, after a CPU-sized run, are near the majority
+  share on held-out subjects), while the same Grad-CAM on the same network with
+  random weights scores 1.5-1.6 x: the class-signal mask covers the image's
+  high-contrast structures (brain outline, sulci, ventricles), to which any
+  convolutional network responds. At 4 x 4 cells even the mask itself,
+  averaged into the cells, scores only about 1.2 x. The test pins that
+  confound instead, so that a change to the data or to the measure shows here.
+  """
+  data = synthetic_mri.generate(num_subjects=24, slices_per_subject=8, image_size=64)
+  images = data['image'].astype(np.float32) / 255.0
+  test = data['subject_id'] % 4 == 0  # Six held-out subjects.
+  model, variables = _train_small_classifier(images[~test], data['label'][~test], 20)
+  images, masks = images[test], data['mask'][test]
+  heatmaps, logits = gradcam.cam(model, variables, images, 'gradcam', 'stage2')
+  quality = gradcam.evaluate_heatmaps(model, variables, images, heatmaps, masks,
+                                      method='gradcam', layer='stage2', fractions=(0.2,))
+  accuracy = np.mean(logits.argmax(-1) == data['label'][test])
+  print(f'held-out accuracy {accuracy:.3f}; {quality}')
+  deletion = quality['deletion'][0]
+  assert deletion['top_drop'] > deletion['random_drop'] + 0.03
+  assert deletion['share_of_images_top_above_random'] > 0.6
+  energy = quality['mask_energy']
+  assert energy['random'] == pytest.approx(energy['uniform'], abs=0.02)
+  assert energy['untrained_model'] > 1.3 * energy['uniform']
