@@ -169,11 +169,11 @@ def run_benchmark(args):
   """Builds, compiles and times the step of `args`; returns the result dictionary."""
   load_start = os.getloadavg()
   config = benchmark_config(args)
-  devices = jax.devices()[:args.num_devices or None]
   if args.num_devices > len(jax.devices()):
     raise ValueError(
         f'--num_devices={args.num_devices} but only {len(jax.devices())} devices exist; on '
         'CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N.')
+  devices = jax.devices()[:args.num_devices or None]
   if config.batch_size % len(devices):
     raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
                      f'{len(devices)} devices; pick a multiple.')
@@ -243,6 +243,8 @@ def run_benchmark(args):
       'step_s_iqr': quartiles[2] - quartiles[0],
       'step_s_windows': step_seconds,
       'step_cpu_s_median': statistics.median(step_cpu_seconds),
+      # Work per CPU-second (all threads): comparable across different loads.
+      'flops_per_cpu_s': flops_per_step / statistics.median(step_cpu_seconds),
       'compile_s': compile_seconds,
       'compile_cpu_s': compile_cpu_seconds,
       'backend_compile_s': compiles.seconds,

@@ -140,7 +140,7 @@ def plot_label_fraction_curves(summary, path=None):
         ax.axhline(100 * result['majority_share'], color='k', linestyle=':', linewidth=1,
                    label='majority class')
       elif metric == 'balanced_accuracy':
-        ax.axhline(100 / num_classes, color='k', linestyle=':', linewidth=1,
+        ax.axhline(100 / num_classes, color='k', linestyle='-.', linewidth=1,
                    label='chance')
       ax.set_xscale('log')
       fractions = [e['fraction'] for e in entries]
@@ -154,12 +154,14 @@ def plot_label_fraction_curves(summary, path=None):
         ax.set_ylabel('test score (%)')
       if row == len(protocols) - 1:
         ax.set_xlabel('labeled training images (fraction)')
-  handles, labels = {}, {}
+  handles = {}
   for ax in axes.ravel():
     for handle, label in zip(*ax.get_legend_handles_labels()):
       handles.setdefault(label, handle)
-  fig.legend(list(handles.values()), list(handles), loc='upper center', ncol=len(handles),
-             fontsize=9, frameon=False)
+  order = [label for _, label, *_ in arms] + ['majority class', 'chance']
+  labels = [label for label in order if label in handles]
+  fig.legend([handles[label] for label in labels], labels, loc='upper center',
+             ncol=len(labels), fontsize=9, frameon=False)
   fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
   return save_figure(fig, path)
 
@@ -193,7 +195,8 @@ def plot_confusion_grid(grid, class_names, path=None, title=None):
         axes[row, col].set_xlabel('')
   if title:
     fig.suptitle(title, fontsize=11)
-  fig.tight_layout()
+  # Room at the top for the title above the first row's titles.
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
   return save_figure(fig, path)
 
 

@@ -19,7 +19,7 @@ at that seed both arms start from the same random encoder. At other seeds the
 baseline starts from the initialisation of seed s, a fresh draw from the same
 distribution, and the fine-tuned arm's head too (`train.py` ties init and data
 order to one seed). Fractions above `multi_seed_max_fraction` run with the first
-seed only, to bound the cost; the spread is largest where labels are fewest.
+seed only, to bound the cost: the spread matters most where labels are few.
 
 Layout of the workdir:
   <protocol>/pretrain/                       the SimCLR pretraining run
@@ -52,7 +52,7 @@ from simclr_jax import train
 # Fields of a sweep config that its runs do not have.
 SWEEP_FIELDS = ('protocols', 'fractions', 'seeds', 'multi_seed_max_fraction',
                 'reference_seeds', 'pretrain_num_epochs', 'max_steps_per_run',
-                'evals_per_run', 'floor_image_size', 'gradcam_method', 'gradcam_layer')
+                'evals_per_run', 'floor_image_size', 'cam_method', 'cam_layer')
 PROTOCOLS = {
     'honest': dict(split_scheme='subject', include_test_in_pretrain=False,
                    selection_split='val'),
@@ -69,11 +69,11 @@ PROTOCOL_DESCRIPTIONS = {
 ARMS = ('floor', 'baseline', 'finetune')
 ARM_NAMES = {'floor': 'raw-pixel 1-NN', 'baseline': 'baseline', 'finetune': 'SimCLR'}
 METRICS = ('accuracy', 'balanced_accuracy', 'macro_f1')
-METRIC_NAMES = {'accuracy': 'accuracy', 'balanced_accuracy': 'balanced accuracy',
-                'macro_f1': 'macro-F1'}
-# Cost of one run beyond its steps (compilation, data loading, evaluation), in
-# supervised steps; only used to weigh the ETA.
-RUN_OVERHEAD_STEPS = 20
+METRIC_TITLES = {'accuracy': 'Accuracy', 'balanced_accuracy': 'Balanced accuracy',
+                 'macro_f1': 'Macro-F1'}
+# Cost of one run beyond its steps (compilation, data loading, evaluation,
+# checkpoints), in supervised steps; only used to weigh the ETA.
+RUN_OVERHEAD_STEPS = 100
 CSV_COLUMNS = ('protocol', 'arm', 'fraction', 'seed', 'num_labeled', 'accuracy',
                'balanced_accuracy', 'macro_f1', 'chosen_step', 'wall_seconds')
 
@@ -94,7 +94,7 @@ class Run:
   def name(self):
     if self.arm == 'pretrain':
       return f'{self.protocol} pretrain'
-    return f'{self.protocol} {self.arm} {self.fraction:.0%} seed {self.seed}'
+    return f'{self.protocol} {self.arm} {percent_label(self.fraction)} seed {self.seed}'
 
   @property
   def finished(self):
@@ -140,13 +140,14 @@ def fraction_seeds(config, protocol, fraction):
 def supervised_schedule(config, num_labeled):
   """(num_epochs, eval_every_epochs) of a finetune or baseline run.
 
-  The number of steps is capped at about `max_steps_per_run` (so large
-  fractions get fewer epochs), and validation runs about `evals_per_run` times.
+  The whole number of epochs nearest to `max_steps_per_run` steps (at least one)
+  if that is fewer than `num_epochs`, so large fractions get fewer epochs;
+  validation runs about `evals_per_run` times.
   """
   per_epoch = input_pipeline.steps_per_epoch(num_labeled, config.batch_size)
   num_epochs = config.num_epochs
   if config.max_steps_per_run is not None:
-    num_epochs = min(num_epochs, math.ceil(config.max_steps_per_run / per_epoch))
+    num_epochs = max(1, min(num_epochs, round(config.max_steps_per_run / per_epoch)))
   return num_epochs, _eval_every(config, num_epochs)
 
 
@@ -497,8 +498,13 @@ def _percent(stats):
   return f'{100 * stats["mean"]:.1f} ± {100 * stats["std"]:.1f}'
 
 
+def percent_label(fraction):
+  """'1 %', '10 %', '0.5 %': a label fraction as the reference wrote it."""
+  return f'{100 * fraction:g} %'
+
+
 def _fraction_label(entry):
-  return f'{entry["fraction"]:.0%} ({entry["num_labeled"]:,})'
+  return f'{percent_label(entry["fraction"])} ({entry["num_labeled"]:,})'
 
 
 def _table(header, rows):
@@ -528,7 +534,7 @@ def verdict_sentence(entry):
   return text
 
 
-def results_markdown(summary, config, elapsed=None):
+def results_markdown(summary, config):
   """results.md: per protocol, a table per metric, the verdicts, then the inflation."""
   lines = ['# Label-fraction study: SimCLR fine-tuning vs supervised baseline', '',
            f'Data: `{config.dataset}`; model {config.model} (width {config.width:g}, '
@@ -538,13 +544,16 @@ def results_markdown(summary, config, elapsed=None):
            f'{config.num_epochs} epochs'
            + (f', capped at about {config.max_steps_per_run} steps per run'
               if config.max_steps_per_run else '') + '.',
-           'Cells: mean ± sample standard deviation over seeds, in % of the test '
-           'images (no ± where one seed ran). Raw-pixel 1-NN: 1-nearest-neighbour by '
+           'Cells: test scores in %, mean ± sample standard deviation over seeds '
+           '(no ± where one seed ran). Raw-pixel 1-NN: 1-nearest-neighbour by '
            'correlation of the pixels (area-downsampled to '
            f'{config.floor_image_size or "the stored"} px), from the same labeled '
            'images, no training.', '']
-  if elapsed is not None:
-    lines += [f'Wall time of the last invocation: {_duration(elapsed)}.', '']
+  wall = summary.get('wall_seconds')
+  if wall:
+    lines += [f'Wall time: {_duration(wall["runs_total"])} summed over the runs '
+              f'({_duration(wall["pretraining"])} of it pretraining); the last invocation '
+              f'of the sweep took {_duration(wall["last_invocation"] or 0.0)}.', '']
   for protocol, result in summary['protocols'].items():
     lines += [f'## Protocol `{protocol}`', '', f'{result["description"][0].upper()}'
               f'{result["description"][1:]}. Test split: {result["num_test_images"]:,} '
@@ -552,7 +561,7 @@ def results_markdown(summary, config, elapsed=None):
               f'{100 * result["majority_share"]:.1f} % accuracy and '
               f'{100 / len(summary["class_names"]):.1f} % balanced accuracy.', '']
     for metric in METRICS:
-      lines += [f'### {METRIC_NAMES[metric].capitalize()} (%)', '']
+      lines += [f'### {METRIC_TITLES[metric]} (%)', '']
       rows = []
       for entry in result['fractions']:
         seeds = max(len(entry['arms'][a]['seeds']) for a in entry['arms'])
@@ -585,7 +594,7 @@ def results_markdown(summary, config, elapsed=None):
               'selection.', '']
     rows = []
     for row in summary['inflation']:
-      cells = [f'{row["fraction"]:.0%}', ARM_NAMES[row['arm']]]
+      cells = [percent_label(row['fraction']), ARM_NAMES[row['arm']]]
       for metric in ('accuracy', 'balanced_accuracy'):
         m = row[metric]
         cells += [f'{100 * m["honest"]:.1f}', f'{100 * m["reference"]:.1f}',
@@ -628,7 +637,7 @@ def write_reports(config, workdir, runs, arrays, elapsed=None, figures=True):
     return summary
   write_results_csv(rows, os.path.join(workdir, 'results.csv'))
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(results_markdown(summary, config, elapsed))
+    f.write(results_markdown(summary, config))
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   if figures and rows:
@@ -646,7 +655,7 @@ def write_confusion_matrices(config, rows, path):
   cells = {}
   for r in rows:
     if r['protocol'] == protocol and r['seed'] == seed:
-      title = (f'{ARM_NAMES[r["arm"]]}, {r["fraction"]:.0%} ({r["num_labeled"]:,})\n'
+      title = (f'{ARM_NAMES[r["arm"]]}, {percent_label(r["fraction"])} ({r["num_labeled"]:,})\n'
                f'acc {100 * r["accuracy"]:.1f} %, bal. acc '
                f'{100 * r["balanced_accuracy"]:.1f} %')
       cells[r['fraction'], r['arm']] = (r['confusion_matrix'], title)
@@ -667,6 +676,7 @@ def write_gradcam_grid(config, rows, arrays, path):
   Each class's image is drawn at random (seeded) from its test images.
   """
   from simclr_jax import gradcam  # pylint: disable=g-import-not-at-top
+  from simclr_jax import predict  # pylint: disable=g-import-not-at-top
   protocol = config.protocols[0]
   candidates = [r for r in rows if r['protocol'] == protocol and r['arm'] == 'finetune']
   if not candidates:
@@ -683,17 +693,19 @@ def write_gradcam_grid(config, rows, arrays, path):
     if len(members):
       chosen.append(int(rng.choice(members)))
   chosen = np.asarray(chosen)
-  images = input_pipeline.preprocess(arrays.images[chosen], run_config_)
-  heatmaps, logits = gradcam.cam(model, variables, images, config.gradcam_method,
-                                 config.gradcam_layer)
+  heatmaps, logits = gradcam.cam(
+      model, variables, input_pipeline.preprocess(arrays.images[chosen], run_config_),
+      config.cam_method, config.cam_layer)
   probabilities = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), -1))
   predicted = probabilities.argmax(-1)
   titles = [f'true {plots.class_label(arrays.class_names[arrays.labels[i]])}\n'
-            f'predicted {plots.class_label(arrays.class_names[k])}, '
+            f'predicted {plots.class_label(arrays.class_names[k])}\n'
             f'p = {probabilities[n, k]:.2f}'
             for n, (i, k) in enumerate(zip(chosen, predicted))]
+  # The stored images (not the downsized model inputs) under the upsampled heatmaps.
   return plots.plot_cam_grid(
-      list(images[..., 0]), list(np.asarray(heatmaps)), titles, path,
-      title=f'SimCLR fine-tuned on {largest:.0%} of the labels (protocol {protocol}, '
-            f'seed {best["seed"]}): one random test image per class',
-      cam_name=config.gradcam_method)
+      list(arrays.images[chosen][..., 0]), list(np.asarray(heatmaps)), titles, path,
+      title=f'SimCLR fine-tuned on {percent_label(largest)} of the labels, protocol '
+            f'{protocol}, seed {best["seed"]}\n(one random test image per class; '
+            f'heatmap of the predicted class)',
+      cam_name=f'{predict.CAM_NAMES[config.cam_method]} ({config.cam_layer})')

@@ -1,0 +1,101 @@
+"""benchmarks/throughput.py at a tiny size, and the convolution it made fast."""
+
+import importlib.util
+import json
+import os
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simclr_jax import models
+from tests.conftest import REPO
+
+
+def _load_throughput():
+  path = os.path.join(REPO, 'benchmarks', 'throughput.py')
+  spec = importlib.util.spec_from_file_location('throughput', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+TINY = ['--mode=baseline', '--model=resnet18', '--width=0.125', '--image_size=16',
+        '--channels=1', '--batch_size=4', '--encoder_output=avgpool', '--warmup_steps=1',
+        '--steps=2', '--window=2', '--num_devices=1']
+
+
+def test_throughput_prints_json_with_every_figure(capsys):
+  throughput = _load_throughput()
+  result = throughput.main(TINY)
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed == json.loads(json.dumps(result))
+  for key in ('images_per_s', 'step_s_median', 'step_s_min', 'step_s_max', 'step_s_iqr',
+              'compile_s', 'peak_memory_bytes', 'flops_per_step', 'achieved_flops',
+              'peak_fraction', 'loadavg_start', 'loadavg_end', 'compiles_while_stepping',
+              'xla_flags', 'num_devices'):
+    assert key in printed, key
+  assert printed['mode'] == 'baseline' and printed['sam'] == 'none'
+  assert printed['num_devices'] == 1 and len(printed['step_s_windows']) == 1
+  assert printed['images_per_s'] == pytest.approx(4 / printed['step_s_median'])
+  assert printed['step_s_min'] <= printed['step_s_median'] <= printed['step_s_max']
+  assert printed['flops_per_step'] > 0 and printed['peak_memory_bytes'] > 0
+  assert printed['peak_fraction'] == pytest.approx(
+      printed['achieved_flops'] / throughput.CPU_PEAK_FLOPS)
+  assert printed['compiles_while_stepping'] == 0  # The step never recompiles.
+
+
+def test_throughput_rejects_a_window_that_does_not_divide_the_steps():
+  throughput = _load_throughput()
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--steps=5', '--window=2'])
+
+
+class _Convolutions(nn.Module):
+  """Every convolution shape the ResNets use: stem, strided, 1x1 up and down, padded."""
+  fast: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    extra = {'conv_general_dilated': models.conv_general_dilated} if self.fast else {}
+    conv = lambda *a, **k: nn.Conv(*a, use_bias=False, dtype=self.dtype, **extra, **k)
+    x = nn.relu(conv(16, (7, 7), (2, 2), padding=[(3, 3), (3, 3)])(x))
+    x = nn.relu(conv(24, (3, 3), (2, 2))(x))
+    x = nn.relu(conv(16, (1, 1), (2, 2))(x))
+    x = nn.relu(conv(160, (1, 1))(x))
+    x = nn.relu(conv(16, (1, 1))(x))
+    return conv(8, (3, 3), padding='VALID')(x)
+
+
+@pytest.mark.parametrize('dtype,rtol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_fast_convolution_has_lax_values_and_gradients(dtype, rtol):
+  """models.conv_general_dilated changes the order of sums, not the mathematics."""
+  x = jax.random.normal(jax.random.key(0), (2, 29, 27, 3))
+  variables = _Convolutions(False).init(jax.random.key(1), x)
+
+  def loss_and_grads(fast):
+    def loss(params, x):
+      y = _Convolutions(fast, dtype).apply(params, x).astype(jnp.float32)
+      return jnp.sum(y * jnp.cos(y))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+
+  (lax_loss, lax_grads), (fast_loss, fast_grads) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(fast_loss, lax_loss, rtol=rtol)
+  for lax_grad, fast_grad in zip(jax.tree.leaves(lax_grads), jax.tree.leaves(fast_grads)):
+    scale = np.abs(np.asarray(lax_grad, np.float32)).max()
+    np.testing.assert_allclose(np.asarray(fast_grad, np.float32) / scale,
+                               np.asarray(lax_grad, np.float32) / scale, atol=rtol)
+
+
+def test_fast_convolution_leaves_other_convolutions_to_lax():
+  x = jnp.ones((1, 8, 8, 32))
+  kernel = jnp.ones((3, 3, 32, 4))
+  dilated = models.conv_general_dilated(x, kernel, (1, 1), 'SAME', rhs_dilation=(2, 2),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  expected = lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', rhs_dilation=(2, 2),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_array_equal(dilated, expected)
