@@ -19,7 +19,8 @@ Defaults are the reference's settings (SimCLR + ASAM, ResNet-50, batch 32,
   python benchmarks/throughput.py --dtype=bfloat16
   XLA_FLAGS=--xla_force_host_platform_device_count=2 \
       python benchmarks/throughput.py --num_devices=2               # data parallel on 2 CPU devices
-  python benchmarks/throughput.py --peak_flops=989e12 --steps=20    # on an H100 (dense bf16 peak)
+  python benchmarks/throughput.py --dtype=bfloat16 --peak_flops=989e12 \
+      --warmup_steps=3 --steps=20 --window=5                        # on an H100 (dense bf16 peak)
 
 XLA options are read from the XLA_FLAGS environment variable, as everywhere in
 JAX; the JSON records them. See docs/performance.md for measured numbers.
@@ -198,7 +199,8 @@ def run_benchmark(args):
     compile_cpu_seconds = time.process_time() - start_cpu
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # The compiled module is the per-device program of the SPMD partitioning.
+  # The compiled module is one device's program; the devices together execute k
+  # times its FLOPs (replicated work, such as the optimizer update, counted k times).
   flops_per_step = float(cost.get('flops', float('nan'))) * len(devices)
   memory_analysis = compiled.memory_analysis()
 

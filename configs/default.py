@@ -123,6 +123,7 @@ def get_config(arg=None):
   config.selection_split = 'val'  # Split that picks the best checkpoint: val (honest) | test (the reference's protocol only).
   config.eval_every_epochs = 1  # Validation (and kNN monitor) period in epochs.
   config.eval_batch_size = 128  # Global batch size of evaluation.
+  config.precise_bn_batches = config_dict.placeholder(int)  # Before each evaluation, recompute BatchNorm statistics over this many batches of unaugmented train images (None: running averages, as the reference).
   config.knn_k = (1, 10, 50, 100)  # k of the pretraining kNN monitor.
   config.log_every_steps = 10  # Training metrics period in steps.
   config.checkpoint_every_steps = 200  # Checkpoint period in steps (also saved at every evaluation).

@@ -26,6 +26,8 @@ def runlocal(config):
   config.log_every_steps = 10
   config.checkpoint_every_steps = 50
   config.knn_k = (1, 10, 50)
+  # Short runs: recompute BatchNorm statistics before each evaluation (train.py).
+  config.precise_bn_batches = 8
   return config
 
 

@@ -28,6 +28,8 @@ STAGE_SIZES = {
     'resnet50': (3, 4, 6, 3),
 }
 ENCODER_OUTPUTS = ('flatten', 'avgpool')
+# Running averages: stat <- BN_MOMENTUM * stat + (1 - BN_MOMENTUM) * batch stat (PyTorch's 0.1).
+BN_MOMENTUM = 0.9
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _MIN_CHANNELS = 16
 
@@ -176,7 +178,7 @@ class ResNet(nn.Module):
     # BatchNorm statistics over the global batch: under jit with a sharded batch XLA
     # reduces across devices, so no axis_name is needed.
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
         epsilon=1e-5, dtype=self.dtype)
     num_filters = max(1, int(round(64 * self.width)))
     x = x.astype(self.dtype)

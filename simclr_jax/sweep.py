@@ -57,14 +57,15 @@ PROTOCOLS = {
     'honest': dict(split_scheme='subject', include_test_in_pretrain=False,
                    selection_split='val'),
     'reference': dict(split_scheme='slice', include_test_in_pretrain=True,
-                      selection_split='test'),
+                      selection_split='test', selection_metric='accuracy'),
 }
 PROTOCOL_DESCRIPTIONS = {
     'honest': 'subject split (no person on both sides), checkpoint chosen on the '
               'validation subjects, test images unseen by pretraining',
     'reference': 'the reference\'s protocol: slice split (neighbouring slices of a '
                  'person on both sides), pretraining on all images including test, '
-                 'checkpoint with the best TEST accuracy kept',
+                 'checkpoint with the best TEST accuracy kept (the pretraining\'s kNN '
+                 'monitor too)',
 }
 ARMS = ('floor', 'baseline', 'finetune')
 ARM_NAMES = {'floor': 'raw-pixel 1-NN', 'baseline': 'baseline', 'finetune': 'SimCLR'}
@@ -73,7 +74,7 @@ METRIC_TITLES = {'accuracy': 'Accuracy', 'balanced_accuracy': 'Balanced accuracy
                  'macro_f1': 'Macro-F1'}
 # Cost of one run beyond its steps (compilation, data loading, evaluation,
 # checkpoints), in supervised steps; only used to weigh the ETA.
-RUN_OVERHEAD_STEPS = 100
+RUN_OVERHEAD_STEPS = 150
 CSV_COLUMNS = ('protocol', 'arm', 'fraction', 'seed', 'num_labeled', 'accuracy',
                'balanced_accuracy', 'macro_f1', 'chosen_step', 'wall_seconds')
 

@@ -86,6 +86,9 @@ def check_config(config):
                      '(or test only to reproduce the reference protocol).')
   if config.num_epochs < 1:
     raise ValueError('num_epochs must be at least 1; set --config.num_epochs.')
+  if config.precise_bn_batches is not None and config.precise_bn_batches < 1:
+    raise ValueError(f'precise_bn_batches={config.precise_bn_batches} must be positive; '
+                     'set it to e.g. 8, or to None for running averages.')
   sharding.check_batch_size(config.batch_size, 'batch_size')
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   if config.mode == 'finetune':
@@ -328,6 +331,46 @@ def predict_arrays(p_eval_step, state, data, idx, config, mesh):
   return np.concatenate(outputs), np.concatenate(labels)
 
 
+def make_batch_stats_step(mesh):
+  """Jitted: (state, images) -> the BatchNorm statistics of that batch, in training mode."""
+
+  def batch_stats_step(state, images):
+    # From zero running averages, one update leaves (1 - momentum) * the batch's own.
+    zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+    _, updates = state.apply_fn({'params': state.params, 'batch_stats': zeros}, images,
+                                train=True, mutable=['batch_stats'],
+                                rngs={'dropout': jax.random.key(0)})
+    return jax.tree.map(lambda s: s / (1.0 - models.BN_MOMENTUM), updates['batch_stats'])
+
+  return jax.jit(batch_stats_step, in_shardings=(sharding.replicated_sharding(mesh),
+                                                 sharding.data_sharding(mesh)),
+                 out_shardings=sharding.replicated_sharding(mesh))
+
+
+def precise_batch_stats(p_stats_step, state, data, config, mesh):
+  """BatchNorm statistics recomputed with the current weights ("precise BN").
+
+  The mean over `config.precise_bn_batches` batches (of `config.batch_size`
+  unaugmented training images, a fixed seeded draw) of each batch's statistics,
+  as detectron2's PreciseBN. Running averages lag behind fast-moving weights and
+  describe augmented crops; on short runs they can make the evaluated network
+  answer one class while the same weights with fresh statistics do not.
+  """
+  num = config.precise_bn_batches * config.batch_size
+  order = np.random.default_rng(config.seed).permutation(data.train_idx)
+  usable = max(config.batch_size, min(num, len(order)) // config.batch_size * config.batch_size)
+  idx = np.resize(order, usable)  # Repeats the images when fewer than one batch.
+  batches = input_pipeline.eval_batches(
+      data.arrays, idx, config, batch_size=config.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  total, count = None, 0
+  for batch in sharding.prefetch(batches, sharding.data_sharding(mesh)):
+    stats = p_stats_step(state, batch['image'])
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    count += 1
+  return jax.tree.map(lambda s: s / count, total)
+
+
 def evaluate_classifier(p_eval_step, state, data, idx, config, mesh):
   logits, labels = predict_arrays(p_eval_step, state, data, idx, config, mesh)
   return evaluate.classification_metrics(labels, logits.argmax(-1), config.num_classes)
@@ -498,6 +541,9 @@ def train_and_evaluate(config, workdir):
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
 
   p_train_step, p_eval_step = make_steps(config, state, mesh)
+  # A linear probe's encoder keeps its pretrained statistics.
+  p_stats_step = (make_batch_stats_step(mesh) if config.precise_bn_batches
+                  and not (config.mode == 'finetune' and config.linear_probe) else None)
   batch_fn = (input_pipeline.pretrain_batches if config.mode == 'pretrain'
               else input_pipeline.supervised_batches)
   batches = sharding.prefetch(
@@ -538,6 +584,7 @@ def train_and_evaluate(config, workdir):
         summary['train/temperature'] = meta['temperature']
       writer.write_scalars(step, summary)
       train_metrics = None
+    evaluated = False
     if end_of_epoch:
       epoch = step // per_epoch
       if config.mode == 'pretrain' and config.temperature_schedule:
@@ -548,15 +595,21 @@ def train_and_evaluate(config, workdir):
       meta['epoch_loss_sum'], meta['epoch_loss_count'] = 0.0, 0
       if epoch % config.eval_every_epochs == 0 or step == total_steps:
         with report_progress.timed('eval'):
+          if p_stats_step is not None:
+            state = state.replace(batch_stats=precise_batch_stats(
+                p_stats_step, state, data, config, mesh))
           selection = _evaluate(config, p_eval_step, state, data, data.select_idx, mesh)
         split = config.selection_split
         writer.write_scalars(step, {f'{split}/{k}': v for k, v in selection.items()
                                     if isinstance(v, (int, float))})
+        evaluated = True
         value = selection[selection_key(config)]
         if meta['best_metric'] is None or value > meta['best_metric']:
           meta['best_metric'], meta['best_step'] = float(value), step
           save_checkpoint(best, state, meta)
-    if end_of_epoch or step % config.checkpoint_every_steps == 0 or step == total_steps:
+    # Batches are a function of (seed, step), so a run resumes exactly from any step;
+    # saving every epoch would cost more than the steps when epochs are a few steps.
+    if evaluated or step % config.checkpoint_every_steps == 0 or step == total_steps:
       save_checkpoint(latest, state, meta)
       last_good_step = step
   latest.wait_until_finished()

@@ -25,6 +25,7 @@ class PooledLinear(nn.Module):
   """A = ReLU(x @ conv); logits = mean_ij(A) @ dense (the CAM paper's setting)."""
   num_classes: int = 3
   features: int = 4
+  flatten: bool = False  # FlattenLinear: logits = flatten(A) @ dense instead.
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -32,22 +33,12 @@ class PooledLinear(nn.Module):
     a = nn.relu(nn.Conv(self.features, (1, 1), use_bias=False, name='conv')(x))
     a = self.perturb('stage4', a)
     self.sow('intermediates', 'stage4', a)
-    return nn.Dense(self.num_classes, use_bias=False, name='dense')(a.mean(axis=(1, 2)))
+    pooled = a.reshape((a.shape[0], -1)) if self.flatten else a.mean(axis=(1, 2))
+    return nn.Dense(self.num_classes, use_bias=False, name='dense')(pooled)
 
 
-class FlattenLinear(nn.Module):
-  """A = ReLU(x @ conv); logits = flatten(A) @ dense (the reference's flatten head)."""
-  num_classes: int = 3
-  features: int = 4
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    del train
-    a = nn.relu(nn.Conv(self.features, (1, 1), use_bias=False, name='conv')(x))
-    a = self.perturb('stage4', a)
-    self.sow('intermediates', 'stage4', a)
-    return nn.Dense(self.num_classes, use_bias=False, name='dense')(
-        a.reshape((a.shape[0], -1)))
+# A = ReLU(x @ conv); logits = flatten(A) @ dense (the reference's flatten head).
+FlattenLinear = functools.partial(PooledLinear, flatten=True)
 
 
 def _hand_model(module, size=6, channels=2, seed=0, batch=3):

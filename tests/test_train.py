@@ -1,5 +1,6 @@
 """End-to-end tests of pretrain -> finetune and baseline on tiny models."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,8 +10,10 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
+from simclr_jax import input_pipeline
 from simclr_jax import run
 from simclr_jax import train
 from tests.conftest import REPO, tiny_config
@@ -51,8 +54,9 @@ def test_finetune_loads_encoder_and_reports_test_metrics(pretrain_workdir, data_
 
 
 def test_linear_probe_keeps_the_pretrained_encoder(pretrain_workdir, data_dir, tmp_path):
+  # Precise BN is on: a probe's frozen encoder must keep its statistics all the same.
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
-                       linear_probe=True, num_epochs=1)
+                       linear_probe=True, num_epochs=1, precise_bn_batches=2)
   train.train_and_evaluate(config, str(tmp_path))
   _, _, probed = train.restore_for_inference(str(tmp_path), which='latest')
   _, _, pretrained = train.restore_for_inference(pretrain_workdir, which='latest')
@@ -73,6 +77,48 @@ def test_pretrain_and_baseline_start_from_the_same_encoder(data_dir):
     np.testing.assert_array_equal(a, b)
 
 
+def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(data_dir):
+  """With one batch, recomputed statistics are that batch's: inference == training mode."""
+  config = tiny_config(data_dir, 'baseline', precise_bn_batches=1, batch_size=16,
+                       head_dropout=0.0)  # Training mode without dropout noise.
+  config.num_classes = 4
+  data = train.load_data(config)
+  data = dataclasses.replace(data, train_idx=data.train_idx[:16])
+  model = train.models.create_model(config, 'classifier')
+  mesh = train.sharding.create_mesh()
+  state = train.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1))
+  # Running averages far from the data's, as after fast-moving training.
+  state = state.replace(batch_stats=jax.tree.map(lambda s: s + 3.0, state.batch_stats))
+  images = input_pipeline.preprocess(data.arrays.images[data.train_idx], config)
+  training_mode, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                                 images, train=True,
+                                 mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
+  stale = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                      train=False)
+  stats = train.precise_batch_stats(train.make_batch_stats_step(mesh), state, data, config,
+                                    mesh)
+  fresh = model.apply({'params': state.params, 'batch_stats': stats}, images, train=False)
+  np.testing.assert_allclose(fresh, training_mode, rtol=1e-4, atol=1e-4)
+  assert np.max(np.abs(stale - training_mode)) > 1e-2  # The stale statistics did differ.
+
+
+def test_precise_batch_stats_average_the_batches(data_dir):
+  config = tiny_config(data_dir, 'baseline', precise_bn_batches=2, batch_size=16)
+  config.num_classes = 4
+  data = train.load_data(config)
+  model = train.models.create_model(config, 'classifier')
+  mesh = train.sharding.create_mesh()
+  state = train.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1))
+  step = train.make_batch_stats_step(mesh)
+  stats = train.precise_batch_stats(step, state, data, config, mesh)
+  order = np.random.default_rng(config.seed).permutation(data.train_idx)
+  per_batch = [step(state, input_pipeline.preprocess(data.arrays.images[order[i:i + 16]],
+                                                     config)) for i in (0, 16)]
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, *per_batch)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('overrides,needle', [
     (dict(mode='finetun'), '--config.mode'),
     (dict(model='resnet101'), '--config.model'),
@@ -81,6 +127,7 @@ def test_pretrain_and_baseline_start_from_the_same_encoder(data_dir):
     (dict(batch_size=15), None),  # Divisible by one CPU device: accepted by the check.
     (dict(mode='finetune'), '--config.pretrained_workdir'),
     (dict(mode='finetune', pretrained_workdir='/nonexistent'), 'No pretrain checkpoint'),
+    (dict(precise_bn_batches=0), 'precise_bn_batches'),
 ])
 def test_bad_config_is_one_clear_error_before_work(data_dir, overrides, needle):
   config = tiny_config(data_dir, overrides.pop('mode', 'pretrain'), **overrides)
