@@ -45,16 +45,15 @@ def runlocal(config):
   """Embedded synthetic data, a tiny ResNet-18 at 32 px: minutes on a CPU.
 
   A run's fixed cost (tracing, data loading, checkpoints) outweighs its steps here,
-  so the demo runs two seeds rather than three, and lets each run take a few hundred
-  steps.
+  so the demo runs two seeds rather than three, and about 200 steps per run.
   """
   config = _small(config)
   config.image_size = 32
   config.seeds = (0, 1)
-  config.pretrain_num_epochs = 4
+  config.pretrain_num_epochs = 3
   config.num_epochs = 15
-  config.max_steps_per_run = 300
-  config.evals_per_run = 4
+  config.max_steps_per_run = 200
+  config.evals_per_run = 3
   config.log_every_steps = 20
   config.cam_layer = 'stage2'  # 4 x 4 at 32 px (stage4 is 1 x 1).
   return config
