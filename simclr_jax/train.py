@@ -163,6 +163,11 @@ def create_learning_rate_fn(config, total_steps):
   return optax.constant_schedule(config.finetune_optimizer.learning_rate)
 
 
+def is_linear_probe(config):
+  """A finetune run that trains only the head on a frozen encoder."""
+  return config.mode == 'finetune' and config.linear_probe
+
+
 def create_optimizer(config, learning_rate_fn):
   """SGD + momentum (pretrain) or AdamW (finetune, baseline); SAM is applied in the step."""
   if config.mode == 'pretrain':
@@ -172,7 +177,7 @@ def create_optimizer(config, learning_rate_fn):
   else:
     opt = config.finetune_optimizer
     tx = optax.adamw(learning_rate_fn, weight_decay=opt.weight_decay)
-  if config.mode == 'finetune' and config.linear_probe:
+  if is_linear_probe(config):
     # A linear probe trains only the head; the encoder's updates are zero.
     tx = optax.multi_transform(
         {'train': tx, 'frozen': optax.set_to_zero()},
@@ -542,8 +547,8 @@ def train_and_evaluate(config, workdir):
 
   p_train_step, p_eval_step = make_steps(config, state, mesh)
   # A linear probe's encoder keeps its pretrained statistics.
-  p_stats_step = (make_batch_stats_step(mesh) if config.precise_bn_batches
-                  and not (config.mode == 'finetune' and config.linear_probe) else None)
+  p_stats_step = (make_batch_stats_step(mesh)
+                  if config.precise_bn_batches and not is_linear_probe(config) else None)
   batch_fn = (input_pipeline.pretrain_batches if config.mode == 'pretrain'
               else input_pipeline.supervised_batches)
   batches = sharding.prefetch(

@@ -77,16 +77,20 @@ def test_pretrain_and_baseline_start_from_the_same_encoder(data_dir):
     np.testing.assert_array_equal(a, b)
 
 
+def _classifier_state(config):
+  """(data, model, mesh, state) of a freshly initialised classifier for `config`."""
+  config.num_classes = 4
+  model = train.models.create_model(config, 'classifier')
+  state = train.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1))
+  return train.load_data(config), model, train.sharding.create_mesh(), state
+
+
 def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(data_dir):
   """With one batch, recomputed statistics are that batch's: inference == training mode."""
   config = tiny_config(data_dir, 'baseline', precise_bn_batches=1, batch_size=16,
                        head_dropout=0.0)  # Training mode without dropout noise.
-  config.num_classes = 4
-  data = train.load_data(config)
+  data, model, mesh, state = _classifier_state(config)
   data = dataclasses.replace(data, train_idx=data.train_idx[:16])
-  model = train.models.create_model(config, 'classifier')
-  mesh = train.sharding.create_mesh()
-  state = train.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1))
   # Running averages far from the data's, as after fast-moving training.
   state = state.replace(batch_stats=jax.tree.map(lambda s: s + 3.0, state.batch_stats))
   images = input_pipeline.preprocess(data.arrays.images[data.train_idx], config)
@@ -104,11 +108,7 @@ def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(d
 
 def test_precise_batch_stats_average_the_batches(data_dir):
   config = tiny_config(data_dir, 'baseline', precise_bn_batches=2, batch_size=16)
-  config.num_classes = 4
-  data = train.load_data(config)
-  model = train.models.create_model(config, 'classifier')
-  mesh = train.sharding.create_mesh()
-  state = train.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1))
+  data, _, mesh, state = _classifier_state(config)
   step = train.make_batch_stats_step(mesh)
   stats = train.precise_batch_stats(step, state, data, config, mesh)
   order = np.random.default_rng(config.seed).permutation(data.train_idx)
