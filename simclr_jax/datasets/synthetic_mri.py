@@ -17,11 +17,17 @@ hippocampi with their temporal horns. Grad-CAM quality is measured against it.
 
 Build with `tfds.builder('synthetic_mri')` (100 subjects x 24 slices) or
 `tfds.builder('synthetic_mri/small')` (24 x 8, for tests) once this module is
-imported; no download is needed.
+imported; no download is needed. `write_nifti_volumes` writes the same
+subjects as 3D NIfTI volumes, one per subject, for the nifti_folder data set:
+
+  python -m simclr_jax.datasets.synthetic_mri --nifti_dir=runs/volumes
 """
 
+import argparse
 import dataclasses
+import os
 
+import nibabel
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
@@ -365,7 +371,9 @@ class SyntheticMriConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class SyntheticMri(tfds.core.GeneratorBasedBuilder):
+# Run as a script, this module is imported twice: register the builder once.
+class SyntheticMri(tfds.core.GeneratorBasedBuilder,
+                   skip_registration=__name__ == '__main__'):
   """Procedurally generated brain slices in the Alzheimer MRI classes."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -410,3 +418,76 @@ class SyntheticMri(tfds.core.GeneratorBasedBuilder):
       example['image'] = PIL.Image.fromarray(example['image'][..., 0])
       example['mask'] = PIL.Image.fromarray(example['mask'][..., 0])
       yield file_name, example
+
+
+def write_volume(path, slices):
+  """Writes display-convention axial slices as one 1 mm isotropic volume.
+
+  The inverse of nifti_folder's display rotation: slice k of the volume is
+  slices[k] with rows anterior to posterior and columns patient right to
+  left, and k runs inferior to superior.
+
+  Args:
+    path: ends in .nii or .nii.gz (NIfTI-1, RAS affine), or .hdr (an Analyze
+      .hdr/.img pair, stored LAS as nibabel reads Analyze).
+    slices: uint8 [S, H, W] (or [S, H, W, 1]).
+  """
+  slices = np.asarray(slices)
+  slices = slices[..., 0] if slices.ndim == 4 else slices
+  volume = np.ascontiguousarray(slices[:, ::-1, ::-1].transpose(2, 1, 0))
+  affine = np.eye(4)
+  affine[:3, 3] = -(np.array(volume.shape) - 1) / 2.0  # Origin at the centre.
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if str(path).lower().endswith('.hdr'):
+    # Analyze cannot store an orientation; nibabel reads it as x-flipped LAS.
+    affine[0] *= -1
+    nibabel.save(nibabel.AnalyzeImage(volume[::-1], affine), path)
+  else:
+    nibabel.save(nibabel.Nifti1Image(volume, affine), path)
+
+
+def write_nifti_volumes(folder, num_subjects=24, slices_per_subject=32,
+                        image_size=128, seed=0, extension='.nii.gz'):
+  """Writes `generate`'s subjects as volumes in folder/<class>/, one each.
+
+  Args:
+    folder: root folder, created if needed.
+    num_subjects, slices_per_subject, image_size, seed: as `generate`.
+    extension: '.nii.gz', '.nii' or '.hdr' (Analyze pairs).
+
+  Returns:
+    The written paths relative to folder, '<class>/subject<id>' + extension,
+    in subject order.
+  """
+  data = generate(num_subjects, slices_per_subject, image_size, seed)
+  images = data['image'].reshape(
+      num_subjects, slices_per_subject, image_size, image_size)
+  labels = data['label'][::slices_per_subject]
+  paths = []
+  for subject, (label, slices) in enumerate(zip(labels, images)):
+    paths.append(f'{CLASS_NAMES[label]}/subject{subject:04d}{extension}')
+    write_volume(os.path.join(folder, paths[-1]), slices)
+  return paths
+
+
+def main(argv=None):
+  """Writes the synthetic volumes; argv: the command-line arguments."""
+  parser = argparse.ArgumentParser(description=(
+      'Writes the synthetic subjects as 3D volumes for '
+      '--config.dataset=nifti_folder --config.dataset_path=NIFTI_DIR.'))
+  parser.add_argument('--nifti_dir', required=True, help='output folder')
+  parser.add_argument('--num_subjects', type=int, default=24)
+  parser.add_argument('--slices_per_subject', type=int, default=32)
+  parser.add_argument('--image_size', type=int, default=128)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--extension', default='.nii.gz',
+                      choices=('.nii.gz', '.nii', '.hdr'))
+  args = parser.parse_args(argv)
+  paths = write_nifti_volumes(
+      args.nifti_dir, args.num_subjects, args.slices_per_subject,
+      args.image_size, args.seed, args.extension)
+  print(f'Wrote {len(paths)} volumes to {args.nifti_dir}.')
+
+
+if __name__ == '__main__':
+  main()
