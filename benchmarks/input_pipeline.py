@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=g-import-not-at-top
+from simclr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from simclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
 _DATASET_PATH = flags.DEFINE_string(
@@ -45,7 +46,7 @@ _NUM_WINDOWS = flags.DEFINE_integer('num_windows', 5, 'Timed windows.')
 def random_arrays(num_images, image_size):
   """Returns random uint8 images; augmentation cost does not depend on pixels."""
   rng = np.random.default_rng(0)
-  return input_pipeline.DatasetArrays(
+  return data_lib.DatasetArrays(
       images=rng.integers(0, 256, (num_images, image_size, image_size, 1),
                           dtype=np.uint8),
       labels=np.zeros(num_images, np.int32),
@@ -68,7 +69,7 @@ def main(argv):
     config.dataset = 'alzheimer_mri'
     config.dataset_path = _DATASET_PATH.value
     config.data_dir = _DATA_DIR.value
-    arrays = input_pipeline.load_arrays(config)
+    arrays = data_lib.load_arrays(config)
     source = 'alzheimer_mri'
   else:
     arrays = random_arrays(_NUM_IMAGES.value, _IMAGE_SIZE.value)

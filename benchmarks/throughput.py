@@ -1,6 +1,6 @@
 r"""Throughput of the jitted train step: images/s, step time, compile time, memory, FLOP/s.
 
-Builds the real TrainState and step with `train.make_steps` (the function
+Builds the real TrainState and step with `train.make_train_step` (the function
 training runs), puts one random batch on the devices, compiles the step, runs
 warm-up steps, then times windows of `--window` steps each with one
 `block_until_ready` at the end of every window (no other host synchronisation).
@@ -37,7 +37,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -45,6 +44,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # This 2-core machine's measured float32 matrix-multiply peak (see docs/performance.md).
@@ -55,7 +56,7 @@ _BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--mode', default='pretrain', choices=train.TRAIN_MODES,
+  parser.add_argument('--mode', default='pretrain', choices=state_lib.TRAIN_MODES,
                       help='pretrain: SimCLR (two views); finetune/baseline: supervised.')
   parser.add_argument('--model', default='resnet50', choices=sorted(models.STAGE_SIZES))
   parser.add_argument('--width', type=float, default=1.0, help='ResNet width multiplier.')
@@ -149,7 +150,7 @@ class _CompileCounter:
     jax.monitoring.unregister_event_duration_listener(self)
 
 
-def time_windows(p_train_step, state, batch, rng, temperature, num_windows, window):
+def time_windows(p_train_step, state, batch, rng, num_windows, window):
   """Wall and process-CPU seconds per step of each window.
 
   The host waits once, at each window's end. CPU seconds (all threads) tell how
@@ -159,7 +160,7 @@ def time_windows(p_train_step, state, batch, rng, temperature, num_windows, wind
   for _ in range(num_windows):
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(window):
-      state, metrics = p_train_step(state, batch, rng, temperature)
+      state, metrics = p_train_step(state, batch, rng)
     jax.block_until_ready((state, metrics))
     seconds.append((time.perf_counter() - start) / window)
     cpu_seconds.append((time.process_time() - start_cpu) / window)
@@ -180,20 +181,18 @@ def run_benchmark(args):
                      f'{len(devices)} devices; pick a multiple.')
   mesh = Mesh(np.asarray(devices), ('data',))
 
-  model = models.create_model(config, train.model_kind(config))
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1000))
-  state = train.create_train_state(config, model, jax.random.key(config.seed), tx)
-  state = jax.device_put(state, sharding.replicated_sharding(mesh))
+  model = state_lib.create_model(config)
+  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config, 1000))
+  state = state_lib.create_train_state(config, model, jax.random.key(config.seed), tx, mesh)
   batch = random_batch(config, mesh)
   rng = jax.device_put(jax.random.key(1), sharding.replicated_sharding(mesh))
-  temperature = jax.device_put(jnp.float32(config.temperature),
-                               sharding.replicated_sharding(mesh))
-  p_train_step, _ = train.make_steps(config, state, mesh)
+  loss_fn, epoch_end = tasks.objective(config, model)
+  p_train_step = train.make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch=1000)
 
   # Trace, lower and compile once; the jitted step then reuses this executable.
   with _CompileCounter() as compiles:
     start, start_cpu = time.perf_counter(), time.process_time()
-    compiled = p_train_step.lower(state, batch, rng, temperature).compile()
+    compiled = p_train_step.lower(state, batch, rng).compile()
     compile_seconds = time.perf_counter() - start
     # CPU seconds of this process: less sensitive than wall time to other work.
     compile_cpu_seconds = time.process_time() - start_cpu
@@ -205,11 +204,9 @@ def run_benchmark(args):
   memory_analysis = compiled.memory_analysis()
 
   with _CompileCounter() as recompiles:
-    state, _, _ = time_windows(p_train_step, state, batch, rng, temperature,
-                               args.warmup_steps, 1)
+    state, _, _ = time_windows(p_train_step, state, batch, rng, args.warmup_steps, 1)
     state, step_seconds, step_cpu_seconds = time_windows(
-        p_train_step, state, batch, rng, temperature, args.steps // args.window,
-        args.window)
+        p_train_step, state, batch, rng, args.steps // args.window, args.window)
   memory_bytes, memory_source = peak_memory_bytes(devices)
 
   median = statistics.median(step_seconds)

@@ -17,10 +17,11 @@ from configs import default
 
 
 def get_config(arg=None):
-  """Audit config; arg: 'runlocal' and/or 'key=value' pairs of default fields."""
+  """Audit config; arg: 'runlocal' (the small synthetic data set)."""
   args = default.parse_arg(arg, runlocal=False)
-  config = default.get_config()
-  config.mode = 'audit'
+  config = default.base_config('audit')
+  default.add_input_fields(config)
+  default.add_split_fields(config)
   # The audit checks the data set's own subject ids (for alzheimer_mri: inferred from
   # the file numbering) against recovered near-duplicate groups, so it reads them as
   # stored; training splits use the recovered groups (config.subject_ids='auto').

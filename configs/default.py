@@ -1,10 +1,12 @@
-"""Default configuration shared by every mode: the reference study's settings.
+"""Default configuration of the training modes: the reference study's settings.
 
-Each mode file (pretrain.py, finetune.py, baseline.py, predict.py, sweep.py,
-audit.py) imports `get_config` from here and overrides a few fields. Config
-arguments follow big_vision: `configs/pretrain.py:runlocal` shrinks everything
-for a CPU demo, `configs/finetune.py:label_fraction=0.1` sets a field, and any
-field can be overridden with `--config.field=value`.
+The training mode files (pretrain.py, finetune.py, baseline.py) and sweep.py
+start from `get_config()` and override a few fields; audit.py takes only the
+input and split sections (`add_input_fields`, `add_split_fields`), predict.py
+only `base_config()`, so that each config holds the fields its mode reads.
+Config arguments follow big_vision: `configs/pretrain.py:runlocal` shrinks
+everything for a CPU demo, `configs/finetune.py:label_fraction=0.1` sets a
+field, and any field can be overridden with `--config.field=value`.
 """
 
 import ml_collections
@@ -44,33 +46,53 @@ def parse_arg(arg, **defaults):
   return result
 
 
-def get_config(arg=None):
-  """Returns the default (reference-study) configuration."""
-  del arg
+def base_config(mode):
+  """The fields every mode has."""
   config = ml_collections.ConfigDict()
-
-  config.mode = 'pretrain'  # One of: pretrain, finetune, baseline, predict, sweep, audit.
+  config.mode = mode  # One of: pretrain, finetune, baseline, predict, sweep, audit.
   config.seed = 0  # Seed of initialisation, augmentation and data order.
+  return config
 
-  # ---------------------------------------------------------------- Input.
-  config.dataset = 'alzheimer_mri'  # alzheimer_mri | synthetic_mri | image_folder.
+
+def add_input_fields(config):
+  """The data set a mode reads, and how its subjects are known."""
+  config.dataset = 'alzheimer_mri'  # alzheimer_mri | synthetic_mri | image_folder | nifti_folder.
   config.data_dir = config_dict.placeholder(str)  # TFDS data dir (None: ~/tensorflow_datasets).
-  config.dataset_path = config_dict.placeholder(str)  # Kaggle zip, its Dataset/ folder, or an image_folder root.
+  config.dataset_path = config_dict.placeholder(str)  # Kaggle zip, its Dataset/ folder, or an image_folder / nifti_folder root.
   config.image_size = 128  # Images are resized to image_size x image_size.
-  config.channels = 3  # 1, or 3 by repeating the gray channel (the reference used 3).
-  config.skip_unreadable = False  # image_folder: skip unreadable files with a warning instead of failing.
-  config.subject_ids = 'auto'  # auto | dataset (the builder's ids) | recovered (near-duplicate chains); auto: dataset for synthetic_mri.
+  config.skip_unreadable = False  # image_folder / nifti_folder: skip unreadable files with a warning instead of failing.
+  config.nifti_slice_selection = 'central'  # nifti_folder: central (num_slices around the middle) | every (slice_step) | mask (brain area).
+  config.nifti_num_slices = 32  # nifti_folder central: axial slices per volume (the Kaggle set has 32).
+  config.nifti_slice_step = 1  # nifti_folder every: step between kept slices.
+  config.nifti_min_mask_fraction = 0.5  # nifti_folder mask: smallest brain area kept, as a share of the largest slice's.
+  config.subject_ids = 'auto'  # auto | dataset (the builder's ids) | recovered (near-duplicate chains); auto: dataset for synthetic_mri and nifti_folder.
   config.subject_grouping_threshold = 0.98  # recovered: correlation of 64 px pixels that links two slices.
   config.subject_grouping_k = 10  # recovered: a link needs each slice among the other's k nearest.
   config.subject_grouping_size = 64  # recovered: side of the downsampled images compared.
+  return config
+
+
+def add_split_fields(config):
+  """How the data set is split into train, val and test."""
   config.split_scheme = 'subject'  # subject (honest, default) | slice (the reference's leaky split).
   config.split_seed = 0  # Seed of the train/val/test split.
   config.test_fraction = 0.2  # Share of each class's subjects (or slices) in test.
   config.val_fraction = 0.1  # Share of each class's train subjects (or slices) held out for model selection.
+  return config
+
+
+def get_config(arg=None):
+  """Returns the default (reference-study) configuration of the training modes."""
+  del arg
+  config = base_config('pretrain')
+
+  # ---------------------------------------------------------------- Input.
+  add_input_fields(config)
+  config.channels = 3  # 1, or 3 by repeating the gray channel (the reference used 3).
+  add_split_fields(config)
   config.label_fraction = 1.0  # Share of the labeled train split used by finetune/baseline, in (0, 1].
   config.label_seed = 0  # Seed of the nested, stratified label subsets.
   config.include_test_in_pretrain = False  # The reference's transductive setting: pretrain on test images too.
-  config.shuffle_buffer = 0  # Unused: order is a function of (seed, step) so that resumed runs match.
   config.prefetch = 2  # Batches prefetched to the devices.
 
   # SimCLR view augmentation (pretraining) and training augmentation (finetune/baseline).

@@ -18,7 +18,7 @@ stage3 (4 x 4) instead:
   python main.py --config=configs/predict.py:runlocal \
     --config.checkpoint_workdir=runs/ft10 --config.inputs=PATH --workdir=out
 Model and data fields (model, image_size, channels, dataset, ...) are read from
-the run's config.json; those of this config are not used.
+the run's config.json, so this config holds only what predict itself reads.
 """
 
 from ml_collections import config_dict
@@ -29,8 +29,7 @@ from configs import default
 def get_config(arg=None):
   """Predict config; arg: 'runlocal' (explain stage3, for 64 px runlocal runs)."""
   args = default.parse_arg(arg, runlocal=False)
-  config = default.get_config()
-  config.mode = 'predict'
+  config = default.base_config('predict')
 
   # ---------------------------------------------------------------- What to classify.
   config.checkpoint_workdir = config_dict.placeholder(str)  # --workdir of a finetune/baseline run.

@@ -32,7 +32,7 @@ def runlocal(config):
 
 
 def get_config(arg=None):
-  """Pretraining config; arg: 'runlocal' and/or 'key=value' pairs of default fields."""
+  """Pretraining config; arg: 'runlocal' (a one-minute CPU demo)."""
   args = default.parse_arg(arg, runlocal=False)
   config = default.get_config()
   config.mode = 'pretrain'

@@ -24,7 +24,6 @@ the workdir.
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -33,9 +32,11 @@ from clu import periodic_actions
 import numpy as np
 
 from simclr_jax import evaluate
-from simclr_jax import input_pipeline
+from simclr_jax import data as data_lib
 from simclr_jax import neighbours
 from simclr_jax import plots
+from simclr_jax import runs
+from simclr_jax import splits as splits_lib
 
 REFERENCE_SPLITS = ('train', 'val')  # What a model sees: trained or selected on.
 # Larger feature matrices are spilled to a memory-mapped file in the workdir.
@@ -306,7 +307,7 @@ def run_audit(config, workdir):
   """
   check_config(config)
   start = time.time()
-  arrays = input_pipeline.load_arrays(config)
+  arrays = data_lib.load_arrays(config)
   if len(arrays) < 2:
     raise ValueError(f'The audit needs at least 2 images to compare; '
                      f'{config.dataset} has {len(arrays)}.')
@@ -376,10 +377,8 @@ def run_audit(config, workdir):
   report['schemes'] = {}
   shown = {}
   for scheme_name, scheme_arrays in schemes.items():
-    splits = input_pipeline.make_splits(
-        scheme_arrays, 'slice' if scheme_name == 'slice' else 'subject',
-        seed=config.split_seed, test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction)
+    splits = splits_lib.load_splits(config, scheme_arrays,
+                                    scheme='slice' if scheme_name == 'slice' else 'subject')
     report['schemes'][scheme_name], shown[scheme_name] = _scheme_report(
         scheme_name, arrays, features, splits, threshold['value'], config,
         all_indices, all_similarities, has_ids)
@@ -388,11 +387,10 @@ def run_audit(config, workdir):
     del features
     os.remove(features_path)
 
-  with open(os.path.join(workdir, 'audit.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  runs.write_json(runs.output_path(workdir, 'audit.json'), report)
   plots.plot_audit_pairs(
       {name: pairs for name, pairs in shown.items() if pairs},
-      os.path.join(workdir, 'audit_pairs.png'),
+      runs.output_path(workdir, 'audit_pairs.png'),
       title=(f'{config.dataset}: closest test images to train+val by '
              f'{config.audit_metric} of {report["image_size"]} px pixels'))
   logging.info('Wrote %s/audit.json and audit_pairs.png in %.0f s.', workdir,

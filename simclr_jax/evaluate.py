@@ -1,13 +1,25 @@
-"""Classification metrics, the kNN monitor and the confusion matrix.
+"""Evaluation: metrics, the evaluators a training run calls, precise BatchNorm.
 
 clu.metrics averages per-batch values; balanced accuracy and macro-F1 need the
 whole confusion matrix, so evaluation collects predictions on the host and computes
 these here from the confusion matrix (a few lines of numpy).
+
+An evaluator has one method, `run(state) -> {name: value}`: `ClassifierEvaluator`
+(classification metrics of a split) and `KnnEvaluator` (the pretraining's kNN
+monitor). `PreciseBatchStats` is a hook a run may apply before evaluating.
 """
 
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from simclr_jax import input_pipeline
+from simclr_jax import models
 from simclr_jax import neighbours
+from simclr_jax import sharding
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -74,3 +86,96 @@ def knn_monitor(train_embeddings, train_labels, query_embeddings, query_labels,
     result[f'knn{k}_accuracy'] = m['accuracy']
     result[f'knn{k}_balanced_accuracy'] = m['balanced_accuracy']
   return result
+
+
+# ----------------------------------------------------------------------------- evaluators
+
+
+def predict(infer_step, state, arrays, idx, config, mesh):
+  """`infer_step(state, images)` over the rows `idx`, in padded global batches.
+
+  Returns:
+    numpy outputs of the rows of `idx`, in order (the padding dropped).
+  """
+  outputs = []
+  batches = input_pipeline.eval_batches(
+      arrays, idx, config, batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for batch in sharding.prefetch(batches, sharding.data_sharding(mesh)):
+    out, valid = sharding.to_host((infer_step(state, batch['image']), batch['valid']))
+    outputs.append(out[valid])
+  return np.concatenate(outputs)
+
+
+@dataclasses.dataclass
+class ClassifierEvaluator:
+  """Classification metrics of a classifier on the rows `idx` of the data set."""
+  infer: Callable[[Any, np.ndarray], np.ndarray]  # (state, idx) -> logits [len(idx), K].
+  idx: np.ndarray
+  labels: np.ndarray  # Labels of the whole data set.
+  num_classes: int
+
+  def run(self, state):
+    logits = self.infer(state, self.idx)
+    return classification_metrics(self.labels[self.idx], logits.argmax(-1),
+                                  self.num_classes)
+
+
+@dataclasses.dataclass
+class KnnEvaluator:
+  """kNN accuracy of the embeddings of `idx` against those of `memory_idx` (labeled)."""
+  infer: Callable[[Any, np.ndarray], np.ndarray]  # (state, idx) -> embeddings.
+  idx: np.ndarray
+  memory_idx: np.ndarray
+  labels: np.ndarray  # Labels of the whole data set.
+  ks: tuple[int, ...]
+  num_classes: int
+
+  def run(self, state):
+    return knn_monitor(self.infer(state, self.memory_idx), self.labels[self.memory_idx],
+                       self.infer(state, self.idx), self.labels[self.idx], self.ks,
+                       self.num_classes)
+
+
+class PreciseBatchStats:
+  """Before an evaluation: BatchNorm statistics recomputed with the current weights.
+
+  The mean over `num_batches` batches (of `config.batch_size` unaugmented
+  training images, a fixed seeded draw) of each batch's statistics, as
+  detectron2's PreciseBN. Running averages lag behind fast-moving weights and
+  describe augmented crops; on short runs they can make the evaluated network
+  answer one class while the same weights with fresh statistics do not.
+  """
+
+  def __init__(self, arrays, train_idx, config, mesh):
+    self.arrays, self.config, self.mesh = arrays, config, mesh
+    num = config.precise_bn_batches * config.batch_size
+    order = np.random.default_rng(config.seed).permutation(train_idx)
+    usable = max(config.batch_size,
+                 min(num, len(order)) // config.batch_size * config.batch_size)
+    self.idx = np.resize(order, usable)  # Repeats the images when fewer than one batch.
+    self.step = jax.jit(_batch_stats_step,
+                        in_shardings=(sharding.replicated_sharding(mesh),
+                                      sharding.data_sharding(mesh)),
+                        out_shardings=sharding.replicated_sharding(mesh))
+
+  def __call__(self, state):
+    batches = input_pipeline.eval_batches(
+        self.arrays, self.idx, self.config, batch_size=self.config.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    total, count = None, 0
+    for batch in sharding.prefetch(batches, sharding.data_sharding(self.mesh)):
+      stats = self.step(state, batch['image'])
+      total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+      count += 1
+    return state.replace(batch_stats=jax.tree.map(lambda s: s / count, total))
+
+
+def _batch_stats_step(state, images):
+  """The BatchNorm statistics of one batch in training mode."""
+  # From zero running averages, one update leaves (1 - momentum) * the batch's own.
+  zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+  _, updates = state.apply_fn({'params': state.params, 'batch_stats': zeros}, images,
+                              train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(0)})
+  return jax.tree.map(lambda s: s / (1.0 - models.BN_MOMENTUM), updates['batch_stats'])

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
+from simclr_jax import sharding
+
 CAM_METHODS = ('gradcam', 'gradcam++', 'hirescam')
 
 
@@ -157,11 +159,6 @@ def _cam(model, variables, images, class_index, reference_embeddings, *, method,
   return upsample_and_normalise(maps, images.shape[1:3]), returned
 
 
-def _pad_rows(array, size):
-  """Pads a batch to `size` rows with copies of its first row."""
-  return np.concatenate([array, np.repeat(array[:1], size - len(array), axis=0)])
-
-
 def cam(model, variables, images, method='gradcam', layer='stage4', class_index=None,
         *, reference_embeddings=None, batch_size=None):
   """Class-activation heatmaps of a batch, jit-compiled per (model, method, layer).
@@ -204,19 +201,12 @@ def cam(model, variables, images, method='gradcam', layer='stage4', class_index=
       reference_embeddings = np.broadcast_to(
           reference_embeddings, (num_images, reference_embeddings.shape[-1]))
   batch_size = min(batch_size or num_images, num_images)
-  heatmaps, returned = [], []
-  for start in range(0, num_images, batch_size):
-    rows = slice(start, start + batch_size)
-    reference = reference_embeddings
-    if reference is not None and reference.ndim == 2:
-      reference = _pad_rows(reference[rows], batch_size)
-    maps, out = _cam(model, variables, _pad_rows(images[rows], batch_size),
-                     _pad_rows(class_index[rows], batch_size), reference,
-                     method=method, layer=layer)
-    count = len(images[rows])
-    heatmaps.append(np.asarray(maps)[:count])
-    returned.append(np.asarray(out)[:count])
-  return np.concatenate(heatmaps), np.concatenate(returned)
+  run = functools.partial(_cam, model, variables, method=method, layer=layer)
+  if reference_embeddings is not None and reference_embeddings.ndim == 2:
+    return sharding.map_batches(run, (images, class_index, reference_embeddings),
+                                batch_size)
+  return sharding.map_batches(
+      lambda x, c: run(x, c, reference_embeddings), (images, class_index), batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -234,13 +224,8 @@ def probabilities(model, variables, images, batch_size=64):
   Batches are padded to `batch_size` so that one compiled shape serves them all.
   """
   images = np.asarray(images, np.float32)
-  batch_size = min(batch_size, len(images))
-  outputs = []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    padded = _pad_rows(batch, batch_size)
-    outputs.append(np.asarray(_probabilities(model, variables, padded))[:len(batch)])
-  return np.concatenate(outputs)
+  return sharding.map_batches(functools.partial(_probabilities, model, variables), (images,),
+                              min(batch_size, len(images)))
 
 
 # ----------------------------------------------------------------------------- quality

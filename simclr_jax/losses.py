@@ -5,8 +5,6 @@ inputs XLA inserts the cross-device gathers itself, so no collectives appear
 here. Every function computes in float32 whatever the model's compute dtype.
 """
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -112,28 +110,28 @@ def cross_entropy_loss(logits, labels, weights=None):
       total_weight, jnp.finfo(jnp.float32).tiny)
 
 
-def temperature_for_loss(epoch_loss: float, base_temperature: float,
-                         steps: Sequence[tuple[float, float]]) -> float:
-  """The reference's NT-Xent temperature step-down, run on the host per epoch.
+def temperature_for_loss(epoch_loss, base_temperature, steps):
+  """The reference's NT-Xent temperature step-down, from an epoch's mean loss.
 
   With `steps = ((3.0, 0.3), (2.0, 0.1), (1.0, 0.05))` and base 0.5: a loss of
   3.5 keeps 0.5, 2.5 gives 0.3, 1.5 gives 0.1 and 0.5 gives 0.05.
 
   The result depends on the current loss only, so a loss that rises back above
   a threshold raises the temperature again; a caller that wants a one-way
-  step-down takes the min with the current temperature.
+  step-down takes the min with the current temperature. Written with
+  `jnp.where`, so it runs inside the jitted train step at each epoch's end.
 
   Args:
-    epoch_loss: mean NT-Xent loss of the epoch just finished.
+    epoch_loss: mean NT-Xent loss of the epoch just finished (float or scalar array).
     base_temperature: temperature while no threshold has been passed.
     steps: (threshold, temperature) pairs (config.temperature_steps).
 
   Returns:
-    The temperature of the last pair, in order, whose threshold `epoch_loss`
-    is strictly below, else `base_temperature`.
+    float32 scalar: the temperature of the last pair, in order, whose threshold
+    `epoch_loss` is strictly below, else `base_temperature`.
   """
-  temperature = base_temperature
+  temperature = jnp.float32(base_temperature)
   for threshold, step_temperature in steps:
-    if epoch_loss < threshold:
-      temperature = step_temperature
-  return float(temperature)
+    temperature = jnp.where(epoch_loss < threshold, jnp.float32(step_temperature),
+                            temperature)
+  return temperature

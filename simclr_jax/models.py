@@ -294,8 +294,11 @@ def _dtype(name):
   return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
 
 
-def create_model(config, kind):
-  """Builds the SimCLR model (kind='simclr') or the classifier (kind='classifier')."""
+def create_model(config, kind, freeze_encoder=False):
+  """Builds the SimCLR model (kind='simclr') or the classifier (kind='classifier').
+
+  `freeze_encoder` (a linear probe) runs the classifier's encoder in inference mode.
+  """
   stage_sizes, block_cls = _architecture(config.model)
   if config.encoder_output not in ENCODER_OUTPUTS:
     raise ValueError(
@@ -308,5 +311,5 @@ def create_model(config, kind):
                        projection_dropout=config.projection_dropout, **common)
   if kind == 'classifier':
     return Classifier(num_classes=config.num_classes, head_dropout=config.head_dropout,
-                      freeze_encoder=bool(config.get('linear_probe', False)), **common)
+                      freeze_encoder=freeze_encoder, **common)
   raise ValueError(f'Unknown model kind {kind!r}; use simclr or classifier.')

@@ -21,6 +21,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from simclr_jax import sharding
+
 METRICS = ('correlation', 'cosine')
 
 
@@ -106,14 +108,6 @@ def _group_codes(query_groups, key_groups):
           np.where(key_groups < 0, -2, key_codes))
 
 
-def _pad_rows(x, rows):
-  """Pads a block with zero rows up to `rows` so every block has one shape."""
-  if x.shape[0] == rows:
-    return x
-  padding = np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)
-  return np.concatenate([x, padding])
-
-
 def nearest_neighbours(
     queries,
     keys,
@@ -186,9 +180,9 @@ def nearest_neighbours(
     q_stop = min(q_start + query_block, num_queries)
     rows = q_stop - q_start
     block_queries = _normalise(
-        _pad_rows(np.asarray(queries[q_start:q_stop]), query_block), metric)
-    block_query_self = _pad_rows(query_self[q_start:q_stop], query_block)
-    block_query_groups = _pad_rows(query_groups[q_start:q_stop], query_block)
+        sharding.pad_rows(np.asarray(queries[q_start:q_stop]), query_block), metric)
+    block_query_self = sharding.pad_rows(query_self[q_start:q_stop], query_block)
+    block_query_groups = sharding.pad_rows(query_groups[q_start:q_stop], query_block)
     best_similarities = jnp.full((query_block, k), -jnp.inf, jnp.float32)
     best_indices = jnp.full((query_block, k), -1, jnp.int32)
     for k_start in range(0, num_keys, key_block):
@@ -198,12 +192,12 @@ def nearest_neighbours(
       best_similarities, best_indices = _merge_top_k(
           best_similarities, best_indices,
           block_queries,
-          _pad_rows(np.asarray(keys[k_start:k_stop]), key_block),
+          sharding.pad_rows(np.asarray(keys[k_start:k_stop]), key_block),
           key_indices,
           block_query_self,
-          _pad_rows(key_self[k_start:k_stop], key_block),
+          sharding.pad_rows(key_self[k_start:k_stop], key_block),
           block_query_groups,
-          _pad_rows(key_groups[k_start:k_stop], key_block),
+          sharding.pad_rows(key_groups[k_start:k_stop], key_block),
           k=k, metric=metric)
     indices[q_start:q_stop] = np.asarray(best_indices)[:rows]
     similarities[q_start:q_stop] = np.asarray(best_similarities)[:rows]

@@ -4,6 +4,7 @@ Figures are drawn with the Agg backend (no display needed) and saved as PNG; eac
 function also returns the figure as an RGB uint8 array so it can go to TensorBoard.
 """
 
+from etils import epath
 import matplotlib
 
 matplotlib.use('Agg')
@@ -18,10 +19,11 @@ def figure_to_array(fig):
 
 
 def save_figure(fig, path):
-  """Saves `fig` to `path` (if given), closes it and returns it as an array."""
+  """Saves `fig` to `path` (if given; a local path or a URL), closes it, returns its pixels."""
   image = figure_to_array(fig)
   if path:
-    fig.savefig(path, dpi=fig.dpi, bbox_inches='tight')
+    with epath.Path(path).open('wb') as f:
+      fig.savefig(f, format='png', dpi=fig.dpi, bbox_inches='tight')
   plt.close(fig)
   return image
 

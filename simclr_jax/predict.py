@@ -24,25 +24,25 @@ workdir receives:
 
 import csv
 import glob
-import json
+import io
 import os
 import re
 
 from absl import logging
 import numpy as np
 import PIL.Image
-import scipy.special
 
+from simclr_jax import data as data_lib
 from simclr_jax import evaluate
+from simclr_jax import explain
 from simclr_jax import gradcam
-from simclr_jax import input_pipeline
 from simclr_jax import plots
-from simclr_jax import train
+from simclr_jax import runs
+from simclr_jax import splits as splits_lib
 from simclr_jax.datasets import alzheimer_mri
 from simclr_jax.datasets import image_folder
 
 TEST_SPLIT = 'test_split'
-CAM_NAMES = {'gradcam': 'Grad-CAM', 'gradcam++': 'Grad-CAM++', 'hirescam': 'HiResCAM'}
 CLASSIFIER_MODES = ('finetune', 'baseline')
 # Heatmaps coarser than this many cells a side say little about where the model looked.
 MIN_USEFUL_LAYER_SIZE = 4
@@ -56,18 +56,18 @@ def check_run(checkpoint_workdir):
   if not checkpoint_workdir:
     raise ValueError('predict needs a trained classifier; set --config.checkpoint_workdir '
                      'to the --workdir of a finetune or baseline run.')
-  if not os.path.exists(os.path.join(checkpoint_workdir, 'config.json')):
+  if not runs.has_config(checkpoint_workdir):
     raise ValueError(f'No run found in {checkpoint_workdir} (it has no config.json); set '
                      '--config.checkpoint_workdir to the --workdir of a finetune or '
                      'baseline run.')
-  run_config = train.load_workdir_config(checkpoint_workdir)
+  run_config = runs.load_config(checkpoint_workdir)
   if run_config.mode not in CLASSIFIER_MODES:
     raise ValueError(
         f'{checkpoint_workdir} holds a {run_config.mode} run, whose model has no '
         'classifier head; fine-tune it first (configs/finetune.py) and point '
         '--config.checkpoint_workdir at the finetune or baseline run.')
-  if (train.latest_step(checkpoint_workdir, 'best') is None
-      and train.latest_step(checkpoint_workdir, 'latest') is None):
+  if (runs.latest_step(checkpoint_workdir, 'best') is None
+      and runs.latest_step(checkpoint_workdir, 'latest') is None):
     raise ValueError(f'The run in {checkpoint_workdir} has no checkpoint yet; let it '
                      'train until its first evaluation, or point '
                      '--config.checkpoint_workdir at a finished run.')
@@ -158,21 +158,16 @@ def read_images(files, size):
 
 def test_split_inputs(run_config):
   """The test split of the run's data set: (names, uint8 images, labels, masks or None)."""
-  arrays = input_pipeline.load_arrays(run_config)
-  splits = input_pipeline.make_splits(arrays, run_config.split_scheme,
-                                      run_config.split_seed, run_config.test_fraction,
-                                      run_config.val_fraction)
-  idx = splits['test']
+  arrays = data_lib.load_arrays(run_config)
+  idx = splits_lib.load_splits(run_config, arrays)['test']
   masks = arrays.masks[idx] if arrays.masks is not None else None
   return list(arrays.file_names[idx]), arrays.images[idx], arrays.labels[idx], masks
 
 
 def class_names_of_run(checkpoint_workdir, run_config):
   """Class names saved by the run (metrics.json), else those of its data set."""
-  path = os.path.join(checkpoint_workdir, 'metrics.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      names = json.load(f).get('class_names')
+  if runs.is_finished(checkpoint_workdir):
+    names = runs.read_metrics(checkpoint_workdir).get('class_names')
     if names:
       return list(names)
   if run_config.dataset.startswith(('alzheimer_mri', 'synthetic_mri')):
@@ -211,9 +206,9 @@ def overlay_names(files):
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_predictions(path, files, probabilities, class_names, overlays, labels=None):
+def predictions_csv(files, probabilities, class_names, overlays, labels=None):
   """predictions.csv: one row per image."""
-  with open(path, 'w', newline='') as f:
+  with io.StringIO() as f:
     writer = csv.writer(f)
     header = ['file', 'predicted_class', 'probability']
     header += [f'p_{name}' for name in class_names]
@@ -226,34 +221,7 @@ def write_predictions(path, files, probabilities, class_names, overlays, labels=
       row += ([class_names[labels[i]]] if labels is not None else [])
       row += [os.path.join('overlays', overlays[i])]
       writer.writerow(row)
-
-
-def write_grid(path, images, heatmaps, probabilities, files, class_names, cam_name,
-               title, labels=None):
-  """gradcam_grid.png: the most confident image of each predicted class."""
-  predicted = probabilities.argmax(-1)
-  column_images, column_maps, titles = [], [], []
-  for k, name in enumerate(class_names):
-    members = np.flatnonzero(predicted == k)
-    if not len(members):
-      column_images.append(None)
-      column_maps.append(None)
-      titles.append(f'{plots.class_label(name)}:\nno image predicted')
-      continue
-    i = members[np.argmax(probabilities[members, k])]
-    truth = f', true {plots.class_label(class_names[labels[i]])}' if labels is not None \
-        else ''
-    column_images.append(images[i, ..., 0])
-    column_maps.append(heatmaps[i])
-    titles.append(f'{plots.class_label(name)}\np = {probabilities[i, k]:.2f}{truth}\n'
-                  f'{_short(files[i])}')
-  plots.plot_cam_grid(column_images, column_maps, titles, path, title=title,
-                      cam_name=cam_name)
-
-
-def _short(name, length=28):
-  name = os.path.basename(str(name))
-  return name if len(name) <= length else name[:length - 3] + '...'
+    return f.getvalue()
 
 
 # ----------------------------------------------------------------------------- mode
@@ -281,7 +249,7 @@ def predict(config, workdir):
   use_test_split = config.inputs == TEST_SPLIT
   files = None if use_test_split else find_inputs(config.inputs)
 
-  run_config, model, variables = train.restore_for_inference(run_dir)
+  run_config, model, variables = runs.restore_for_inference(run_dir)
   class_names = class_names_of_run(run_dir, run_config)
   labels = masks = None
   unreadable = []
@@ -293,8 +261,8 @@ def predict(config, workdir):
       raise ValueError(f'None of the {len(files)} files of --config.inputs='
                        f'{config.inputs!r} is a readable image.')
     labels = folder_labels(names, class_names)
-  images = input_pipeline.preprocess(stored, run_config)
-  layer_size = gradcam.layer_shape(model, variables, images.shape[1:], config.cam_layer)[:2]
+  input_shape = (run_config.image_size, run_config.image_size, run_config.channels)
+  layer_size = gradcam.layer_shape(model, variables, input_shape, config.cam_layer)[:2]
   if min(layer_size) < MIN_USEFUL_LAYER_SIZE:
     # Each earlier stage doubles the resolution.
     finer = int(config.cam_layer[-1]) - int(np.ceil(np.log2(
@@ -306,30 +274,29 @@ def predict(config, workdir):
         *(np.asarray(layer_size) * 2**(int(config.cam_layer[-1]) - max(1, finer))))
   logging.info('Explaining %d images with %s at %s (%d x %d cells).', len(names),
                config.cam_method, config.cam_layer, *layer_size)
-  heatmaps, logits = gradcam.cam(model, variables, images, config.cam_method,
-                                 config.cam_layer, batch_size=config.batch_size)
-  probabilities = scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
+  explanation = explain.explain(model, variables, stored, run_config, config.cam_method,
+                                config.cam_layer, batch_size=config.batch_size)
+  probabilities = explanation.probabilities
   predicted = probabilities.argmax(-1)
 
-  os.makedirs(os.path.join(workdir, 'overlays'), exist_ok=True)
   overlays = overlay_names(names)
-  write_predictions(os.path.join(workdir, 'predictions.csv'), names, probabilities,
-                    class_names, overlays, labels)
-  cam_name = CAM_NAMES[config.cam_method]
+  runs.write_text(runs.output_path(workdir, 'predictions.csv'),
+                  predictions_csv(names, probabilities, class_names, overlays, labels))
+  cam_name = f'{explain.CAM_NAMES[config.cam_method]} ({config.cam_layer})'
   for i, name in enumerate(names):
     truth = f'  (true class: {plots.class_label(class_names[labels[i]])})' \
         if labels is not None else ''
-    plots.plot_cam_overlay(stored[i, ..., 0], heatmaps[i], probabilities[i], class_names,
-                           os.path.join(workdir, 'overlays', overlays[i]),
-                           title=f'{name}{truth}', cam_name=f'{cam_name} ({config.cam_layer})')
-  write_grid(os.path.join(workdir, 'gradcam_grid.png'), stored, heatmaps, probabilities,
-             names, class_names, cam_name,
-             f'{cam_name} at {config.cam_layer} of {os.path.basename(os.path.normpath(run_dir))} '
-             f'({run_config.mode}): the most confident image of each predicted class',
-             labels)
+    plots.plot_cam_overlay(stored[i, ..., 0], explanation.heatmaps[i], probabilities[i],
+                           class_names, runs.output_path(workdir, f'overlays/{overlays[i]}'),
+                           title=f'{name}{truth}', cam_name=cam_name)
+  explain.write_gradcam_grid(
+      runs.output_path(workdir, 'gradcam_grid.png'), stored, explanation, names,
+      class_names, cam_name,
+      f'{cam_name} of {os.path.basename(os.path.normpath(run_dir))} ({run_config.mode}): '
+      'the most confident image of each predicted class', labels)
 
   summary = {
-      'checkpoint_workdir': os.path.abspath(run_dir),
+      'checkpoint_workdir': runs.workdir_path(run_dir),
       'run_mode': run_config.mode,
       'inputs': config.inputs,
       'class_names': class_names,
@@ -353,15 +320,14 @@ def predict(config, workdir):
                       'inputs=%s of a synthetic_mri run has them): the heatmap quality '
                       'has deletion faithfulness but no mask energy.', TEST_SPLIT)
     quality = gradcam.evaluate_heatmaps(
-        model, variables, images, heatmaps, masks, method=config.cam_method,
+        model, variables, explanation.inputs, explanation.heatmaps, masks, method=config.cam_method,
         layer=config.cam_layer, fractions=tuple(config.deletion_fractions),
         seed=config.seed, batch_size=config.batch_size)
     summary['cam_quality'] = quality
-    plots.plot_cam_quality(quality, os.path.join(workdir, 'cam_quality.png'),
-                           title=f'{cam_name} at {config.cam_layer}')
+    plots.plot_cam_quality(quality, runs.output_path(workdir, 'cam_quality.png'),
+                           title=cam_name)
     _log_quality(quality)
-  with open(os.path.join(workdir, 'predict_summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  runs.write_json(runs.output_path(workdir, 'predict_summary.json'), summary)
   logging.info('Predicted %d images (%d unreadable) into %s: %s.', len(names),
                len(unreadable), workdir, summary['predicted_counts'])
   return summary

@@ -12,31 +12,23 @@ at zero perturbable. Unlike that code, which scales only tensors named
 `weight`, T here scales every parameter (biases and BatchNorm scales too);
 eta=0 gives the popular davda54/sam `adaptive=True` form.
 
-Two entry points share `sam_perturbation`:
-
-* `sam_step_gradients` (what train.py uses): the two passes inside a train
-  step; the TrainState keeps the plain base optimizer, so `apply_gradients`
-  and checkpoints stay as they are. BatchNorm statistics, the loss and the
-  metrics all come from the clean pass; the perturbed pass's are discarded.
-
-    def loss_fn(params):  # -> (loss, (new_batch_stats, metrics))
-      ...                 # one dropout rng for both passes
-    loss, (batch_stats, metrics), grads, grad_norm = sam.sam_step_gradients(
-        loss_fn, state.params, config.sam, config.sam_rho)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-
-* `sam(base_optimizer, rho)` / `asam(...)`: one optax transformation, built on
-  `optax.contrib.sam` in opaque mode, for code that calls `tx.update` itself:
+`sam(base_optimizer, rho)` / `asam(...)` build one optax transformation on
+`optax.contrib.sam` in opaque mode; `wrap(tx, mode, rho)` is what the optimizer
+factory (state.py) calls with `config.sam`. A train step computes the clean
+gradient itself and hands SAM a `grad_fn` for the perturbed pass:
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grad_fn = lambda p, _: jax.grad(loss_fn, has_aux=True)(p)[0]
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
 
+Opaque mode is what BatchNorm needs: the perturbed pass happens inside
+`update`, so the step keeps the BatchNorm statistics, the loss and the metrics
+of the clean pass and discards those of the perturbed one (`loss_fn` must fix
+its own randomness, e.g. one dropout rng, so that both passes see the same
+function). Plain optimizers ignore `grad_fn` (`optax.with_extra_args_support`).
+
 Both work on the global batch under `jax.jit`: no collectives are needed.
 """
-
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -126,39 +118,19 @@ def check_mode(mode):
         f'Unknown SAM mode {mode!r}; set config.sam to one of {MODES}.')
 
 
-def sam_step_gradients(
-    loss_fn: Callable[[Any], tuple[jax.Array, Any]],
-    params,
-    mode: str,
-    rho: float,
-    *,
-    eta: float = ASAM_ETA,
-):
-  """Loss, aux and the gradient to apply of one (A)SAM or plain step.
-
-  Mode 'none' runs one forward/backward pass; 'sam' and 'asam' run two, the
-  second at w + e, whose loss and aux are discarded.
+def wrap(base_optimizer, mode, rho, *, eta=ASAM_ETA):
+  """`base_optimizer` inside SAM or ASAM, or unchanged for mode 'none'.
 
   Args:
-    loss_fn: `params -> (loss, aux)`; aux carries e.g. new BatchNorm statistics
-      and metrics. It must fix its own randomness (dropout rng) so that both
-      passes see the same function.
-    params: parameter pytree.
-    mode: 'none', 'sam' or 'asam' (config.sam); a Python string.
+    base_optimizer: the optimizer that applies the (perturbed) gradient.
+    mode: 'none', 'sam' or 'asam' (config.sam).
     rho: neighbourhood radius (config.sam_rho).
-    eta: ASAM's offset.
+    eta: ASAM's offset (config.sam_eta).
 
   Returns:
-    (loss, aux, grads, grad_norm): loss and aux of the clean pass, the gradient
-    for the base optimizer (at w + e, or at w for 'none'), and the global norm
-    of the clean gradient.
+    An optax transformation; with SAM, `update` needs `params` and `grad_fn`.
   """
   check_mode(mode)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  grad_norm = optax.tree.norm(grads)
-  if mode != 'none':
-    perturbation = sam_perturbation(grads, params, rho,
-                                    adaptive=mode == 'asam', eta=eta)
-    grads, _ = jax.grad(loss_fn, has_aux=True)(
-        optax.apply_updates(params, perturbation))
-  return loss, aux, grads, grad_norm
+  if mode == 'none':
+    return base_optimizer
+  return sam(base_optimizer, rho, adaptive=mode == 'asam', eta=eta)

@@ -53,6 +53,13 @@ def replicated_sharding(mesh):
   return NamedSharding(mesh, P())
 
 
+def replicate(value, mesh):
+  """A host value (the same on every process) as an array replicated over `mesh`."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, replicated_sharding(mesh),
+                                      lambda index: value[index])
+
+
 def check_batch_size(batch_size, what='batch_size'):
   """Raises a one-sentence error when a global batch cannot be split evenly."""
   devices = jax.device_count()
@@ -78,6 +85,41 @@ def prefetch(iterator, sharding, size=2):
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def pad_rows(x, rows):
+  """`x` with its leading axis padded to `rows` by copies of its first row.
+
+  Padded rows are valid inputs (no zero images or NaN); callers drop their outputs.
+  """
+  x = np.asarray(x)
+  if len(x) == rows:
+    return x
+  return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
+
+
+def map_batches(fn, arrays, batch_size):
+  """`fn(*batch)` over fixed-size batches of the arrays' rows, outputs unpadded.
+
+  The last batch is padded (`pad_rows`) so that one compiled shape serves every
+  batch, in the spirit of big_vision's `pad_shard_unpad`.
+
+  Args:
+    fn: function of one batch of each array, returning a pytree of arrays whose
+      leading axis is the batch.
+    arrays: sequence of arrays with the same number of rows.
+    batch_size: rows per call.
+
+  Returns:
+    The outputs of every row, concatenated, as numpy.
+  """
+  num_rows = len(arrays[0])
+  outputs = []
+  for start in range(0, num_rows, batch_size):
+    count = min(batch_size, num_rows - start)
+    out = fn(*(pad_rows(a[start:start + batch_size], batch_size) for a in arrays))
+    outputs.append(jax.tree.map(lambda o, count=count: np.asarray(o)[:count], out))
+  return jax.tree.map(lambda *o: np.concatenate(o), *outputs)
 
 
 def to_host(tree):

@@ -14,7 +14,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from jax.sharding import Mesh  # pylint: disable=wrong-import-position
 
@@ -24,15 +23,16 @@ def main():
   if len(sys.argv) > 3:
     process_id, num_processes, port = map(int, sys.argv[3:6])
     jax.distributed.initialize(f'localhost:{port}', num_processes, process_id)
-  from simclr_jax import models, sharding, train  # pylint: disable=g-import-not-at-top
+  from simclr_jax import sharding, tasks, train  # pylint: disable=g-import-not-at-top
+  from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config('/unused', mode, batch_size=16, sam='asam')
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ('data',))
-  model = models.create_model(config, train.model_kind(config))
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
-  state = train.create_train_state(config, model, jax.random.key(0), tx)
-  state = jax.device_put(state, sharding.replicated_sharding(mesh))
-  p_train_step, _ = train.make_steps(config, state, mesh)
+  model = state_lib.create_model(config)
+  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config, 10))
+  state = state_lib.create_train_state(config, model, jax.random.key(0), tx, mesh)
+  loss_fn, epoch_end = tasks.objective(config, model)
+  p_train_step = train.make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch=10)
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.image_size, config.image_size, config.channels)
   global_batch = {'image1': rng.random(shape, np.float32),
@@ -47,7 +47,7 @@ def main():
   start = jax.process_index() * rows
   local = {k: v[start:start + rows] for k, v in global_batch.items()}
   batch = sharding.to_global(local, sharding.data_sharding(mesh))
-  state, metrics = p_train_step(state, batch, jax.random.key(1), jnp.float32(0.5))
+  state, metrics = p_train_step(state, batch, jax.random.key(1))
   params = sharding.to_host(state.params)
   leaves = jax.tree.leaves(params)
   print(json.dumps({

@@ -123,8 +123,11 @@ def test_cross_entropy_loss_of_an_all_padding_batch_is_zero():
     (3.5, 0.5), (3.0, 0.5), (2.5, 0.3), (1.5, 0.1), (0.5, 0.05)])
 def test_temperature_for_loss_steps_down(epoch_loss, expected):
   steps = ((3.0, 0.3), (2.0, 0.1), (1.0, 0.05))
-  assert losses.temperature_for_loss(epoch_loss, 0.5, steps) == expected
+  assert losses.temperature_for_loss(epoch_loss, 0.5, steps) == np.float32(expected)
+  # Inside jit too (the train step runs it at each epoch's end).
+  assert jax.jit(losses.temperature_for_loss, static_argnums=(1, 2))(
+      epoch_loss, 0.5, steps) == np.float32(expected)
 
 
 def test_temperature_for_loss_without_steps_is_base():
-  assert losses.temperature_for_loss(0.0, 0.5, ()) == 0.5
+  assert losses.temperature_for_loss(0.0, 0.5, ()) == np.float32(0.5)

@@ -1,6 +1,6 @@
 """End-to-end tests of pretrain -> finetune and baseline on tiny models."""
 
-import dataclasses
+import functools
 import json
 import os
 import signal
@@ -8,13 +8,23 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from simclr_jax import data as data_lib
+from simclr_jax import evaluate
 from simclr_jax import input_pipeline
 from simclr_jax import run
+from simclr_jax import runs
+from simclr_jax import sam
+from simclr_jax import sharding
+from simclr_jax import splits as splits_lib
+from simclr_jax import state as state_lib
+from simclr_jax import tasks
 from simclr_jax import train
 from tests.conftest import REPO, tiny_config
 
@@ -32,8 +42,8 @@ def test_pretrain_writes_outputs_and_knn_metrics(pretrain_workdir):
   assert 0.0 <= metrics['knn1_accuracy'] <= 1.0
   assert 'knn5_balanced_accuracy' in metrics
   assert metrics['chosen_step'] is not None
-  assert train.latest_step(pretrain_workdir) == metrics['total_steps']
-  assert train.latest_step(pretrain_workdir, 'best') == metrics['chosen_step']
+  assert runs.latest_step(pretrain_workdir) == metrics['total_steps']
+  assert runs.latest_step(pretrain_workdir, 'best') == metrics['chosen_step']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(pretrain_workdir))
 
 
@@ -46,11 +56,34 @@ def test_finetune_loads_encoder_and_reports_test_metrics(pretrain_workdir, data_
   assert len(result['per_class_recall']) == 4
   assert np.sum(result['confusion_matrix']) == result['num_examples']
   assert os.path.exists(tmp_path / 'confusion_matrix.png')
-  # Finetuning starts from the pretrained encoder, not from the random init.
-  _, _, variables = train.restore_for_inference(str(tmp_path), which='latest')
-  _, _, pretrained = train.restore_for_inference(pretrain_workdir, which='latest')
+  _, _, variables = runs.restore_for_inference(str(tmp_path), which='latest')
+  _, _, pretrained = runs.restore_for_inference(pretrain_workdir, which='latest')
   kernel = variables['params']['encoder']['conv_init']['kernel']
   assert kernel.shape == pretrained['params']['encoder']['conv_init']['kernel'].shape
+
+
+def test_finetune_starts_from_the_pretrained_encoder_exactly(pretrain_workdir, data_dir):
+  """Before the first step, the encoder's params and statistics are the pretrained ones."""
+  config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
+                       label_fraction=0.5)
+  mesh = sharding.create_mesh()
+  task = tasks.create_task(config, mesh)
+  fresh = state_lib.create_train_state(
+      task.config, task.model, jax.random.key(config.seed),
+      state_lib.create_optimizer(task.config, state_lib.create_learning_rate_fn(
+          task.config, 10)), mesh)
+  started = task.start(fresh)
+  _, _, pretrained = runs.restore_for_inference(pretrain_workdir, which='latest')
+  for name, tree in (('params', started.params), ('batch_stats', started.batch_stats)):
+    leaves = jax.tree.leaves(tree['encoder'])
+    expected = jax.tree.leaves(pretrained[name]['encoder'])
+    assert len(leaves) == len(expected) > 0
+    for a, b in zip(leaves, expected):
+      np.testing.assert_array_equal(a, b)
+  # ... and not the random initialisation it started from.
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(fresh.params['encoder']), jax.tree.leaves(started.params['encoder'])))
+  assert int(started.step) == 0
 
 
 def test_linear_probe_keeps_the_pretrained_encoder(pretrain_workdir, data_dir, tmp_path):
@@ -58,8 +91,8 @@ def test_linear_probe_keeps_the_pretrained_encoder(pretrain_workdir, data_dir, t
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
                        linear_probe=True, num_epochs=1, precise_bn_batches=2)
   train.train_and_evaluate(config, str(tmp_path))
-  _, _, probed = train.restore_for_inference(str(tmp_path), which='latest')
-  _, _, pretrained = train.restore_for_inference(pretrain_workdir, which='latest')
+  _, _, probed = runs.restore_for_inference(str(tmp_path), which='latest')
+  _, _, pretrained = runs.restore_for_inference(pretrain_workdir, which='latest')
   for name in ('params', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(probed[name]['encoder']),
                     jax.tree.leaves(pretrained[name]['encoder'])):
@@ -70,37 +103,39 @@ def test_pretrain_and_baseline_start_from_the_same_encoder(data_dir):
   states = []
   for mode in ('pretrain', 'baseline'):
     config = tiny_config(data_dir, mode)
-    model = train.models.create_model(config, train.model_kind(config))
-    params, _ = train.init_variables(config, model, jax.random.key(config.seed))
+    model = state_lib.create_model(config)
+    params, _ = state_lib.init_variables(config, model, jax.random.key(config.seed))
     states.append(params['encoder'])
   for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
     np.testing.assert_array_equal(a, b)
 
 
 def _classifier_state(config):
-  """(data, model, mesh, state) of a freshly initialised classifier for `config`."""
+  """(arrays, train_idx, model, mesh, state) of a freshly initialised classifier."""
   config.num_classes = 4
-  model = train.models.create_model(config, 'classifier')
-  state = train.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1))
-  return train.load_data(config), model, train.sharding.create_mesh(), state
+  mesh = sharding.create_mesh()
+  model = state_lib.create_model(config)
+  state = state_lib.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1), mesh)
+  arrays = data_lib.load_arrays(config)
+  train_idx = splits_lib.load_splits(config, arrays)['train']
+  return arrays, train_idx, model, mesh, state
 
 
 def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(data_dir):
   """With one batch, recomputed statistics are that batch's: inference == training mode."""
   config = tiny_config(data_dir, 'baseline', precise_bn_batches=1, batch_size=16,
                        head_dropout=0.0)  # Training mode without dropout noise.
-  data, model, mesh, state = _classifier_state(config)
-  data = dataclasses.replace(data, train_idx=data.train_idx[:16])
+  arrays, train_idx, model, mesh, state = _classifier_state(config)
+  train_idx = train_idx[:16]
   # Running averages far from the data's, as after fast-moving training.
   state = state.replace(batch_stats=jax.tree.map(lambda s: s + 3.0, state.batch_stats))
-  images = input_pipeline.preprocess(data.arrays.images[data.train_idx], config)
+  images = input_pipeline.preprocess(arrays.images[train_idx], config)
   training_mode, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                                  images, train=True,
                                  mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
   stale = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
                       train=False)
-  stats = train.precise_batch_stats(train.make_batch_stats_step(mesh), state, data, config,
-                                    mesh)
+  stats = evaluate.PreciseBatchStats(arrays, train_idx, config, mesh)(state).batch_stats
   fresh = model.apply({'params': state.params, 'batch_stats': stats}, images, train=False)
   np.testing.assert_allclose(fresh, training_mode, rtol=1e-4, atol=1e-4)
   assert np.max(np.abs(stale - training_mode)) > 1e-2  # The stale statistics did differ.
@@ -108,12 +143,12 @@ def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(d
 
 def test_precise_batch_stats_average_the_batches(data_dir):
   config = tiny_config(data_dir, 'baseline', precise_bn_batches=2, batch_size=16)
-  data, _, mesh, state = _classifier_state(config)
-  step = train.make_batch_stats_step(mesh)
-  stats = train.precise_batch_stats(step, state, data, config, mesh)
-  order = np.random.default_rng(config.seed).permutation(data.train_idx)
-  per_batch = [step(state, input_pipeline.preprocess(data.arrays.images[order[i:i + 16]],
-                                                     config)) for i in (0, 16)]
+  arrays, train_idx, _, mesh, state = _classifier_state(config)
+  precise = evaluate.PreciseBatchStats(arrays, train_idx, config, mesh)
+  stats = precise(state).batch_stats
+  order = np.random.default_rng(config.seed).permutation(train_idx)
+  per_batch = [precise.step(state, input_pipeline.preprocess(arrays.images[order[i:i + 16]],
+                                                             config)) for i in (0, 16)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *per_batch)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -132,10 +167,10 @@ def test_precise_batch_stats_average_the_batches(data_dir):
 def test_bad_config_is_one_clear_error_before_work(data_dir, overrides, needle):
   config = tiny_config(data_dir, overrides.pop('mode', 'pretrain'), **overrides)
   if needle is None:
-    train.check_config(config)
+    tasks.check_config(config)
     return
   with pytest.raises(ValueError, match=needle.replace('.', r'\.')):
-    train.check_config(config)
+    tasks.check_config(config)
 
 
 def test_unknown_mode_in_dispatch(data_dir):
@@ -146,7 +181,7 @@ def test_unknown_mode_in_dispatch(data_dir):
 def test_finetune_from_another_architecture_is_rejected(pretrain_workdir, data_dir):
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir, width=0.25)
   with pytest.raises(ValueError, match='another architecture.*--config.width=0.125'):
-    train.check_config(config)
+    tasks.check_config(config)
 
 
 def test_workdir_with_a_different_config_is_rejected(pretrain_workdir, data_dir):
@@ -161,9 +196,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(data_dir,
   config.finetune_optimizer.learning_rate = 1e30  # Diverges within a few steps.
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
     train.train_and_evaluate(config, str(tmp_path))
-  step = train.latest_step(str(tmp_path))
+  step = runs.latest_step(str(tmp_path))
   if step is not None:
-    _, _, variables = train.restore_for_inference(str(tmp_path), which='latest')
+    _, _, variables = runs.restore_for_inference(str(tmp_path), which='latest')
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
 
 
@@ -190,7 +225,7 @@ def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
-    if (train.latest_step(str(killed)) or 0) >= 2:
+    if (runs.latest_step(str(killed)) or 0) >= 2:
       break
     time.sleep(0.2)
   assert process.poll() is None, 'the run ended before it could be killed'
@@ -206,3 +241,76 @@ def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
   for key in ('accuracy', 'balanced_accuracy', 'macro_f1', 'chosen_step'):
     assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
   assert resumed['confusion_matrix'] == expected['confusion_matrix']
+
+
+class _TinyBatchNormModel(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Dense(4)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+    return nn.Dense(1)(nn.relu(x))[:, 0]
+
+
+def test_sam_train_step_keeps_the_clean_pass_loss_statistics_and_grad_norm():
+  """train_step with ASAM: BatchNorm statistics, loss and grad norm of the clean pass."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=8), jnp.float32)
+  model = _TinyBatchNormModel()
+  variables = model.init(jax.random.key(0), x, train=False)
+  tx = optax.with_extra_args_support(sam.wrap(optax.sgd(0.1, momentum=0.9), 'asam', 2.0))
+  state = state_lib.TrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=tx,
+      batch_stats=variables['batch_stats'], temperature=jnp.float32(0.5),
+      epoch_loss=jnp.zeros(2), best_metric=jnp.float32(-jnp.inf), best_step=jnp.int32(-1))
+
+  def loss_fn(params, batch_stats, batch, rng, temperature):
+    del rng, temperature
+    predictions, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                                       batch['x'], train=True, mutable=['batch_stats'])
+    loss = jnp.mean((predictions - batch['y'])**2)
+    return loss, (updates['batch_stats'], jnp.float32(0.0))
+
+  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, steps_per_epoch=100,
+                                   epoch_end=lambda s: s))
+  new_state, step_metrics = step(state, {'x': x, 'y': y}, jax.random.key(1))
+  (clean_loss, (clean_stats, _)), clean_grads = jax.value_and_grad(
+      lambda p: loss_fn(p, state.batch_stats, {'x': x, 'y': y}, None, None),
+      has_aux=True)(state.params)
+  summary = step_metrics.compute()
+  np.testing.assert_allclose(summary['loss'], clean_loss, rtol=1e-6)
+  np.testing.assert_allclose(summary['grad_norm'], optax.tree.norm(clean_grads), rtol=1e-5)
+  for actual, expected in zip(jax.tree.leaves(new_state.batch_stats),
+                              jax.tree.leaves(clean_stats)):
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
+  assert new_state.step == 1
+  # The update is SGD on the gradient at the perturbed weights, not the clean one.
+  plain = optax.apply_updates(state.params, jax.tree.map(lambda g: -0.1 * g, clean_grads))
+  assert not np.allclose(new_state.params['Dense_0']['kernel'], plain['Dense_0']['kernel'])
+  assert not np.allclose(new_state.params['Dense_0']['kernel'],
+                         state.params['Dense_0']['kernel'])
+
+
+def test_linear_probe_step_neither_trains_nor_perturbs_the_encoder(data_dir):
+  """With SAM on, a linear probe's encoder gets a zero gradient: no update, no perturbation."""
+  config = tiny_config(data_dir, 'finetune', linear_probe=True, finetune_sam='asam',
+                       sam_rho=0.5, batch_size=8)
+  config.num_classes = 4
+  mesh = sharding.create_mesh()
+  model = state_lib.create_model(config)
+  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config, 10))
+  state = state_lib.create_train_state(config, model, jax.random.key(0), tx, mesh)
+  before = jax.tree.map(np.asarray, state.params)
+  loss_fn, epoch_end = tasks.objective(config, model)
+  step = train.make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((8, 32, 32, 1), np.float32),
+           'label': rng.integers(0, 4, 8).astype(np.int32)}
+  batch = sharding.to_global(batch, sharding.data_sharding(mesh))
+  new_state, _ = step(state, batch, jax.random.key(1))
+  for a, b in zip(jax.tree.leaves(new_state.params['encoder']),
+                  jax.tree.leaves(before['encoder'])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(new_state.params['head']['dense']['kernel'],
+                         before['head']['dense']['kernel'])

@@ -1,0 +1,33 @@
+"""Tests of loading a TFDS data set into arrays."""
+
+import numpy as np
+import pytest
+
+from simclr_jax import data as data_lib
+from simclr_jax import splits as splits_lib
+from tests import fake_data
+
+
+def test_load_arrays_of_synthetic_mri(tmp_path):
+  config = fake_data.config(dataset='synthetic_mri/small', data_dir=str(tmp_path),
+                   image_size=32)
+  arrays = data_lib.load_arrays(config)
+  num_images = len(arrays)
+  assert num_images > 0
+  assert arrays.images.dtype == np.uint8 and arrays.images.ndim == 4
+  assert arrays.images.shape[-1] == 1
+  assert arrays.labels.shape == (num_images,)
+  assert arrays.labels.max() < len(arrays.class_names)
+  assert arrays.subject_ids.shape == (num_images,)
+  assert np.all(arrays.subject_ids >= 0)
+  assert arrays.file_names.shape == (num_images,)
+  assert isinstance(arrays.file_names[0], str)
+  assert arrays.masks is not None and arrays.masks.shape == arrays.images.shape
+  splits = splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1)
+  assert sum(len(rows) for rows in splits.values()) == num_images
+
+
+def test_load_arrays_rejects_an_unknown_dataset(tmp_path):
+  with pytest.raises(ValueError, match='no_such_dataset'):
+    data_lib.load_arrays(
+        fake_data.config(dataset='no_such_dataset', data_dir=str(tmp_path)))
