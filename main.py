@@ -4,16 +4,30 @@ The config's `mode` picks what runs: pretrain, finetune, baseline (training),
 predict (classification + Grad-CAM of new images), sweep (the label-fraction study)
 or audit (near-duplicate leakage audit). Any config field can be overridden with
 `--config.field=value`.
+
+A mistake of the user's (a flag, a config value, a path, a data set, a run
+directory, a full disk) is one line on stderr, `error: <what and how to fix
+it>`, and exit status 2; `--verbose` adds its traceback. Any other exception is
+a bug and shows its traceback.
 """
 
 import os
+import sys
+import traceback
 
+# Before TensorFlow or XLA loads (jax, below): no INFO or WARNING notices of their C++
+# logging at start-up. Set the variable yourself to see them.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
 from clu import platform
 import jax
 from ml_collections import config_flags
+
+from simclr_jax import errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and outputs.')
@@ -22,6 +36,8 @@ flags.DEFINE_string('coordinator_address', None,
                     'Cloud TPU pods or SLURM).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process launch.')
 flags.DEFINE_integer('process_id', None, 'This process of a multi-process launch.')
+flags.DEFINE_bool('verbose', False, 'Show the Python traceback of a user error too (it is '
+                  'otherwise one line, "error: ...", with exit status 2).')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/pretrain.py:runlocal.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -29,11 +45,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments {argv[1:]}; pass settings as --config.field=value.')
-  # Imported here so that `--help` is fast and TensorFlow never grabs an accelerator.
+    raise errors.UserError(f'Unexpected arguments {argv[1:]}; pass settings as '
+                           '--config.field=value (quote values with spaces or brackets).')
+  # Imported here so that `--help` is fast; TensorFlow loads only after the checks
+  # (run.setup_runtime) and never grabs an accelerator.
   from simclr_jax import run  # pylint: disable=g-import-not-at-top
-  run.setup_runtime()
+  from simclr_jax import runs  # pylint: disable=g-import-not-at-top
   from simclr_jax import sharding  # pylint: disable=g-import-not-at-top
+  run.quiet_logs()
+  # Before anything starts JAX's backend.
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
@@ -41,9 +61,48 @@ def main(argv):
   platform.work_unit().set_task_status(
       f'process_index: {jax.process_index()}, process_count: {jax.process_count()}')
   platform.work_unit().create_artifact(platform.ArtifactType.DIRECTORY, FLAGS.workdir, 'workdir')
-  run.run(FLAGS.config, os.path.abspath(FLAGS.workdir))
+  run.run(FLAGS.config, runs.workdir_path(FLAGS.workdir), setup=run.setup_runtime)
+
+
+def _fail(message, error, verbose):
+  """Prints a user's mistake as one line (after its traceback if verbose) and exits 2."""
+  if verbose:
+    traceback.print_exception(error)
+  sys.stderr.flush()
+  sys.stderr.write(f'error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(errors.EXIT_STATUS)
+
+
+def _verbose_in(argv):
+  return any(arg in ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1')
+             for arg in argv)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a mistake on the command line told in one line."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.get('mode')  # A config file that could not be loaded raises here.
+  except Exception as error:  # pylint: disable=broad-except
+    message = errors.flag_error_message(error, argv)
+    if message is None:
+      raise
+    _fail(message, error, _verbose_in(argv))
+  return remaining
+
+
+def main_reporting_errors(argv):
+  """`main`, with a user's mistake told in one line and exit status 2."""
+  try:
+    main(argv)
+  except Exception as error:  # pylint: disable=broad-except
+    message = errors.user_message(error, FLAGS.workdir)
+    if message is None:
+      raise
+    _fail(message, error, FLAGS.verbose)
 
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main_reporting_errors, flags_parser=parse_flags)

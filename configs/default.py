@@ -12,6 +12,8 @@ field, and any field can be overridden with `--config.field=value`.
 import ml_collections
 from ml_collections import config_dict
 
+from simclr_jax import errors
+
 
 def parse_arg(arg, **defaults):
   """Parses 'runlocal,key=value,...' into a ConfigDict with typed defaults.
@@ -31,7 +33,7 @@ def parse_arg(arg, **defaults):
       continue
     key, sep, value = token.partition('=')
     if key not in defaults:
-      raise ValueError(
+      raise errors.UserError(
           f'Unknown config argument {key!r}; known arguments are '
           f'{sorted(defaults)}.')
     default = defaults[key]
@@ -78,6 +80,8 @@ def add_split_fields(config):
   config.split_seed = 0  # Seed of the train/val/test split.
   config.test_fraction = 0.2  # Share of each class's subjects (or slices) in test.
   config.val_fraction = 0.1  # Share of each class's train subjects (or slices) held out for model selection.
+  config.num_folds = config_dict.placeholder(int)  # K-fold cross-validation over subjects (stratified, grouped): None for one split by test_fraction.
+  config.fold = 0  # With num_folds: the fold whose subjects are the test split, 0 .. num_folds - 1.
   return config
 
 
@@ -90,10 +94,12 @@ def get_config(arg=None):
   add_input_fields(config)
   config.channels = 3  # 1, or 3 by repeating the gray channel (the reference used 3).
   add_split_fields(config)
+  config.task = 'four_class'  # Label task: four_class (the four stages) | binary (binary_negative_class vs every other class: CDR 0 vs CDR > 0).
+  config.binary_negative_class = 'Non_Demented'  # binary: the class that is label 0; the others become 'Demented'.
   config.label_fraction = 1.0  # Share of the labeled train split used by finetune/baseline, in (0, 1].
   config.label_seed = 0  # Seed of the nested, stratified label subsets.
   config.include_test_in_pretrain = False  # The reference's transductive setting: pretrain on test images too.
-  config.prefetch = 2  # Batches prefetched to the devices.
+  config.data_on_device = 'auto'  # Keep the uint8 data set on the devices and gather batches there: auto (if under 2 GiB) | True | False (gather on the host).
 
   # SimCLR view augmentation (pretraining) and training augmentation (finetune/baseline).
   config.augment = ml_collections.ConfigDict()
@@ -118,7 +124,8 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------- Optimisation.
   config.num_epochs = 100  # Passes over the (labeled) train split.
-  config.batch_size = 32  # Global batch size (images, not views), divisible by the device count.
+  config.batch_size = 32  # Global batch size (images, not views), divisible by the device count; fewer images than this: one batch of all of them.
+  config.steps_per_dispatch = 0  # Train steps per dispatch to the devices (lax.scan); 0: the platform's default (1 on CPU, 16 on GPU/TPU).
   # Pretraining: SGD + momentum inside SAM/ASAM with a one-cycle cosine schedule.
   config.pretrain_optimizer = ml_collections.ConfigDict()
   config.pretrain_optimizer.learning_rate = 1e-2  # Peak learning rate of the one-cycle schedule.
@@ -139,6 +146,7 @@ def get_config(arg=None):
   config.pretrained_workdir = config_dict.placeholder(str)  # finetune: workdir of a pretrain run.
   config.linear_probe = False  # finetune: freeze the encoder and train only the head.
   config.finetune_sam = 'none'  # finetune/baseline: none | sam | asam (the reference: none).
+  config.class_weights = 'none'  # finetune/baseline cross entropy: none | balanced (each class weighs n / (K * n_class) of the labeled images).
 
   # ---------------------------------------------------------------- Evaluation, logging, checkpoints.
   config.selection_metric = 'balanced_accuracy'  # Validation metric that picks the best checkpoint.

@@ -26,6 +26,8 @@ from ml_collections import config_dict
 from configs import default
 from configs import pretrain
 
+from simclr_jax import errors
+
 PRESETS = ('runlocal', 'cpu', 'full')
 
 
@@ -44,13 +46,16 @@ def _small(config):
 def runlocal(config):
   """Embedded synthetic data, a tiny ResNet-18 at 32 px: minutes on a CPU.
 
-  A run's fixed cost (tracing, data loading, evaluation, checkpoints) is about half
-  its time here, so the demo runs one seed (two took 11 min 50 s on a quiet 2-core
-  CPU), about 200 steps per run; add seeds with `--config.seeds='(0,1,2)'`.
+  Every code path of the study on a small scale: both protocols, both label tasks,
+  2 cross-validation folds, 10 and 100 % of the labels, one seed, about 200 steps
+  per run; add folds, fractions or seeds with e.g. `--config.num_folds=5`.
   """
   config = _small(config)
   config.image_size = 32
   config.seeds = (0,)
+  config.num_folds = 2
+  config.fractions = (0.1, 1.0)
+  config.bootstrap_samples = 500
   config.pretrain_num_epochs = 3
   config.num_epochs = 15
   config.max_steps_per_run = 200
@@ -96,15 +101,17 @@ def get_config(arg=None):
   """Sweep config; arg: 'preset=runlocal|cpu|full' (default runlocal)."""
   args = default.parse_arg(arg, preset='runlocal')
   if args.preset not in PRESETS:
-    raise ValueError(f'Unknown preset {args.preset!r}; use configs/sweep.py:preset=NAME '
-                     f'with NAME one of {PRESETS}.')
+    raise errors.UserError(f'Unknown preset {args.preset!r}; use configs/sweep.py:preset=NAME '
+                           f'with NAME one of {PRESETS}.')
   config = default.get_config()
   config.mode = 'sweep'
 
   # ---------------------------------------------------------------- Sweep.
-  config.protocols = ('honest', 'reference')  # honest (subject split, val selection) | reference (the reference's choices).
+  config.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
+  config.tasks = ('four_class', 'binary')  # Label tasks of the fine-tuning and baseline runs (a pretraining serves both).
+  config.num_folds = 5  # honest: folds of the subject-grouped, stratified cross-validation.
   config.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions, nested subsets of the train split.
-  config.seeds = (0, 1, 2)  # Seeds of the honest protocol (label subset, init and data order together).
+  config.seeds = (0,)  # Seeds of the honest protocol (label subset, init and data order together), in every fold.
   config.multi_seed_max_fraction = 0.2  # Larger fractions run with the first seed only.
   config.reference_seeds = (0,)  # Seeds of the reference protocol.
   config.pretrain_num_epochs = 100  # SimCLR pretraining epochs (num_epochs is for finetune/baseline).
@@ -113,6 +120,7 @@ def get_config(arg=None):
   config.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
   config.cam_method = 'gradcam'  # gradcam_grid.png: gradcam | gradcam++ | hirescam.
   config.cam_layer = 'stage4'  # gradcam_grid.png: the explained stage, stage4 (the last) .. stage1.
+  config.bootstrap_samples = 2000  # Resamples of subjects behind each 95 % confidence interval.
 
   config = {'runlocal': runlocal, 'cpu': cpu, 'full': full}[args.preset](config)
   return config

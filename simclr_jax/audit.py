@@ -25,12 +25,15 @@ the workdir.
 
 import dataclasses
 import os
+import tempfile
 import time
 
 from absl import logging
 from clu import periodic_actions
 import numpy as np
 
+from simclr_jax import checks
+from simclr_jax import errors
 from simclr_jax import evaluate
 from simclr_jax import data as data_lib
 from simclr_jax import neighbours
@@ -39,7 +42,8 @@ from simclr_jax import runs
 from simclr_jax import splits as splits_lib
 
 REFERENCE_SPLITS = ('train', 'val')  # What a model sees: trained or selected on.
-# Larger feature matrices are spilled to a memory-mapped file in the workdir.
+# Larger feature matrices are spilled to a memory-mapped file in the workdir (a
+# local temporary directory when the workdir is a URL: a memmap needs a local file).
 FEATURES_IN_MEMORY_BYTES = 2 << 30
 
 
@@ -57,27 +61,8 @@ class RowSubset:
 
 
 def check_config(config):
-  """Raises a one-sentence ValueError for audit settings out of range."""
-  neighbours_metrics = neighbours.METRICS
-  if config.audit_metric not in neighbours_metrics:
-    raise ValueError(f'config.audit_metric={config.audit_metric!r} is unknown; '
-                     f'use one of {neighbours_metrics}.')
-  for name in ('audit_threshold', 'audit_default_threshold',
-               'grouping_threshold'):
-    value = config.get(name)
-    if value is not None and not -1.0 < value <= 1.0:
-      raise ValueError(
-          f'config.{name}={value} is outside (-1, 1], the range of a '
-          f'{config.audit_metric} similarity; set a value such as 0.98.')
-  for name in ('audit_image_size', 'audit_chunk_size', 'grouping_k'):
-    if config.get(name) is not None and config[name] < 1:
-      raise ValueError(f'config.{name}={config[name]} must be at least 1.')
-  if config.audit_num_pairs_shown < 0:
-    raise ValueError(f'config.audit_num_pairs_shown='
-                     f'{config.audit_num_pairs_shown} must not be negative.')
-  if config.grouping_max_size is not None and config.grouping_max_size < 2:
-    raise ValueError(f'config.grouping_max_size={config.grouping_max_size} '
-                     'must be at least 2 (or None for no cap).')
+  """Raises a one-sentence errors.UserError for audit settings out of range."""
+  checks.check_audit_config(config)
 
 
 def progress_logger(name, total):
@@ -309,15 +294,19 @@ def run_audit(config, workdir):
   start = time.time()
   arrays = data_lib.load_arrays(config)
   if len(arrays) < 2:
-    raise ValueError(f'The audit needs at least 2 images to compare; '
+    raise errors.UserError(f'The audit needs at least 2 images to compare; '
                      f'{config.dataset} has {len(arrays)}.')
-  os.makedirs(workdir, exist_ok=True)
   has_ids = bool(np.all(arrays.subject_ids >= 0))
 
   size = config.audit_image_size or arrays.images.shape[1]
   shape = (len(arrays), size * size * arrays.images.shape[-1])
-  features_path = os.path.join(workdir, 'features.tmp')
   spill = np.prod(shape) * 4 > FEATURES_IN_MEMORY_BYTES
+  spill_dir = None
+  if spill:
+    spill_dir = (tempfile.mkdtemp(prefix='simclr_jax_audit_') if runs.is_url(workdir)
+                 else runs.workdir_path(workdir))
+    os.makedirs(spill_dir, exist_ok=True)
+  features_path = os.path.join(spill_dir or '', f'features.{os.getpid()}.tmp')
   if spill:
     logging.info('Features of %s bytes go to %s.', np.prod(shape) * 4,
                  features_path)
@@ -386,6 +375,8 @@ def run_audit(config, workdir):
   if spill:
     del features
     os.remove(features_path)
+    if runs.is_url(workdir):
+      os.rmdir(spill_dir)
 
   runs.write_json(runs.output_path(workdir, 'audit.json'), report)
   plots.plot_audit_pairs(

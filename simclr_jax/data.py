@@ -8,13 +8,24 @@ project's own train/val/test splits are computed from its metadata by
 """
 
 import dataclasses
+import json
 
 from absl import logging
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
 from simclr_jax import datasets
+from simclr_jax import errors
+from simclr_jax import sharding
 from simclr_jax import subjects
+
+# The config fields that decide which arrays `load_arrays` returns.
+_LOAD_FIELDS = ('dataset', 'data_dir', 'dataset_path', 'image_size', 'skip_unreadable',
+                'nifti_slice_selection', 'nifti_num_slices', 'nifti_slice_step',
+                'nifti_min_mask_fraction', 'subject_ids', 'subject_grouping_threshold',
+                'subject_grouping_k', 'subject_grouping_size')
+_LOADED = {}
 
 
 @dataclasses.dataclass
@@ -52,6 +63,9 @@ def class_counts(labels, class_names):
 def load_arrays(config):
   """Builds the TFDS data set on first use and loads all of it into memory.
 
+  Loaded once per process for a given data set (a sweep's runs share it); treat
+  the arrays as read-only.
+
   Args:
     config: reads `dataset` (e.g. 'alzheimer_mri', 'synthetic_mri/small'),
       `data_dir`, `dataset_path`, `image_size`, `skip_unreadable`, the
@@ -60,7 +74,15 @@ def load_arrays(config):
   Returns:
     A `DatasetArrays` of the builder's single `train` split, in its stored order.
   """
-  builder = datasets.get_builder(
+  key = json.dumps({k: config.get(k) for k in _LOAD_FIELDS}, sort_keys=True)
+  if key not in _LOADED:
+    _LOADED.clear()  # One data set in memory at a time.
+    _LOADED[key] = _load_arrays(config)
+  return _LOADED[key]
+
+
+def _builder(config):
+  return datasets.get_builder(
       config.dataset,
       data_dir=config.data_dir,
       dataset_path=config.dataset_path,
@@ -70,7 +92,26 @@ def load_arrays(config):
       nifti_num_slices=config.get('nifti_num_slices', 32),
       nifti_slice_step=config.get('nifti_slice_step', 1),
       nifti_min_mask_fraction=config.get('nifti_min_mask_fraction', 0.5))
-  builder.download_and_prepare()
+
+
+def prepared_builder(config):
+  """The data set's TFDS builder, its files built on first use.
+
+  With several processes, process 0 builds the data set while the others wait
+  (`sharding.prepare_once`: no two processes write the same TFDS directory),
+  then every process reads it; a host whose data dir is on its own disk builds
+  its copy with one process.
+  """
+  builder = _builder(config)
+  sharding.prepare_once(builder.download_and_prepare, builder.is_prepared,
+                        f'prepare the data set {config.dataset}')
+  if jax.process_count() > 1:
+    builder = _builder(config)  # Its dataset_info read anew from the prepared files.
+  return builder
+
+
+def _load_arrays(config):
+  builder = prepared_builder(config)
   records = tfds.as_numpy(builder.as_dataset(split='train', batch_size=-1))
   class_names = list(builder.info.features['label'].names)
   arrays = DatasetArrays(
@@ -90,3 +131,31 @@ def load_arrays(config):
   return arrays
 
 
+
+
+TASKS = ('four_class', 'binary')
+
+
+def task_labels(arrays, config):
+  """The labels and class names of `config.task` (four_class | binary).
+
+  binary: `config.binary_negative_class` (Non_Demented: CDR 0) is 0, every other
+  class (CDR 0.5, 1, 2) is 1, 'Demented'. Splits and label subsets are drawn on
+  the data set's own classes whatever the task, so both tasks see the same folds
+  and the same labeled images.
+
+  Returns:
+    (int32 [N] labels, class names).
+  """
+  task = config.get('task', 'four_class')
+  if task == 'four_class':
+    return arrays.labels, list(arrays.class_names)
+  if task != 'binary':
+    raise errors.UserError(f'Unknown task {task!r}; set --config.task to one of {TASKS}.')
+  negative = config.get('binary_negative_class', 'Non_Demented')
+  if negative not in arrays.class_names:
+    raise errors.UserError(
+        f'The binary task needs the class {negative!r}, which {config.dataset} does not '
+        f'have; set --config.binary_negative_class to one of {list(arrays.class_names)}.')
+  labels = (arrays.labels != arrays.class_names.index(negative)).astype(np.int32)
+  return labels, [negative, 'Demented']

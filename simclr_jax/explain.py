@@ -10,8 +10,8 @@ import dataclasses
 import os
 
 import numpy as np
-import scipy.special
 
+from simclr_jax import evaluate
 from simclr_jax import gradcam
 from simclr_jax import input_pipeline
 from simclr_jax import plots
@@ -26,11 +26,6 @@ class Explanation:
   probabilities: np.ndarray  # float64 [N, K].
 
 
-def softmax(logits):
-  """Class probabilities of logits [..., K], computed in float64 on the host."""
-  return scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
-
-
 def explain(model, variables, images_uint8, run_config, method, layer, batch_size=None):
   """Heatmaps and probabilities of a classifier on stored uint8 images [N, H, W, 1].
 
@@ -39,7 +34,7 @@ def explain(model, variables, images_uint8, run_config, method, layer, batch_siz
   inputs = input_pipeline.preprocess(images_uint8, run_config)
   heatmaps, logits = gradcam.cam(model, variables, inputs, method, layer,
                                  batch_size=batch_size)
-  return Explanation(inputs, np.asarray(heatmaps), softmax(logits))
+  return Explanation(inputs, np.asarray(heatmaps), evaluate.softmax(logits))
 
 
 def _short(name, length=28):

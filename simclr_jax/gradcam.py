@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
+from simclr_jax import errors
+from simclr_jax import evaluate
 from simclr_jax import sharding
 
 CAM_METHODS = ('gradcam', 'gradcam++', 'hirescam')
@@ -55,7 +57,7 @@ def _find(tree, layer, what):
   matches = [path for path in flat if path[-1] == layer]
   if len(matches) != 1:
     names = sorted({path[-1] for path in flat})
-    raise ValueError(
+    raise errors.UserError(
         f'The model has {len(matches)} {what} named {layer!r}; set the layer '
         f'(--config.cam_layer) to one of {names}.')
   return matches[0], flat[matches[0]]
@@ -123,8 +125,8 @@ def _layer_map(activations, gradients, method):
     alpha = jnp.where((g != 0.0) & (denominator != 0.0), g2 / safe, 0.0)
     weights = jnp.sum(alpha * jax.nn.relu(g), axis=(1, 2), keepdims=True)
     return jax.nn.relu(jnp.sum(weights * a, -1))
-  raise ValueError(f'Unknown CAM method {method!r}; set --config.cam_method to one '
-                   f'of {CAM_METHODS}.')
+  raise errors.UserError(f'Unknown CAM method {method!r}; set --config.cam_method to one '
+                         f'of {CAM_METHODS}.')
 
 
 def upsample_and_normalise(maps, size):
@@ -189,8 +191,8 @@ def cam(model, variables, images, method='gradcam', layer='stage4', class_index=
       head and no reference embedding.
   """
   if method not in CAM_METHODS:
-    raise ValueError(f'Unknown CAM method {method!r}; set --config.cam_method to one '
-                     f'of {CAM_METHODS}.')
+    raise errors.UserError(f'Unknown CAM method {method!r}; set --config.cam_method to one '
+                           f'of {CAM_METHODS}.')
   images = np.asarray(images, np.float32)
   num_images = images.shape[0]
   class_index = np.broadcast_to(
@@ -210,12 +212,12 @@ def cam(model, variables, images, method='gradcam', layer='stage4', class_index=
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _probabilities(model, variables, images):
+def _logits(model, variables, images):
   logits = model.apply(_inference_variables(variables), images, train=False)
   if isinstance(logits, tuple):
     raise ValueError('Deletion faithfulness needs a classifier; this model returns '
                      'embeddings.')
-  return jax.nn.softmax(logits.astype(jnp.float32), -1)
+  return logits.astype(jnp.float32)
 
 
 def probabilities(model, variables, images, batch_size=64):
@@ -224,8 +226,8 @@ def probabilities(model, variables, images, batch_size=64):
   Batches are padded to `batch_size` so that one compiled shape serves them all.
   """
   images = np.asarray(images, np.float32)
-  return sharding.map_batches(functools.partial(_probabilities, model, variables), (images,),
-                              min(batch_size, len(images)))
+  return evaluate.softmax(sharding.map_batches(functools.partial(_logits, model, variables),
+                                               (images,), min(batch_size, len(images))))
 
 
 # ----------------------------------------------------------------------------- quality

@@ -1,19 +1,43 @@
-"""Batches of a run: endless training streams and one pass of evaluation.
+"""Batches of a run: which rows each step reads, and the model inputs made on the devices.
 
-Training batches are a pure function of (seed, step): an endless stream of
-per-epoch permutations of the examples, step s taking stream positions
-[s * B, (s + 1) * B), and each example's augmentation seeded by its stream
-position. A run resumed at step s therefore sees exactly the batches it would
-have seen, and P processes each take their rows [p * B / P, (p + 1) * B / P) of
-the same global batch.
+The host only decides which rows of the data set each step reads; the images
+travel as uint8 with one channel and become model inputs inside the jitted step
+(`augment.py`: crops, flips, jitter, resizing, gray to 3 channels):
+
+- Rows. Epoch e of a run is a permutation of its rows, seeded by (seed, e); step
+  j of the epoch reads the batch [j B, (j + 1) B) of it. The epoch's last batch,
+  when partial, is completed with rows drawn (seeded, without replacement) from
+  the epoch's other rows, so no batch holds an image twice. The batches are a
+  pure function of (seed, step), so a run resumed at step s sees exactly the
+  batches it would have seen.
+- Views. Each example's augmentation key is folded from the run's key and the
+  example's stream position (step * B + i), so views are a pure function of
+  (seed, step, example) as well.
+- Images. When the data set fits (`config.data_on_device`), it is put on the
+  devices once and every step gathers its rows there; otherwise each process
+  gathers its rows on the host and sends them (uint8) with the step's inputs.
+  The step sees the same uint8 batch either way.
+
+P processes each feed their rows [p B / P, (p + 1) B / P) of the same global batch.
 """
 
+import dataclasses
+import functools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from simclr_jax import augment
+from simclr_jax import errors
+from simclr_jax import sharding
+
+# Stream of the augmentation keys: the run's key folded with this constant, apart
+# from the dropout keys (jax.random.split of the same seed).
+_AUGMENT_STREAM = 0x5EED
+# Data sets up to this size live on the devices (the Kaggle set is 105 MB as uint8).
+_DEVICE_DATA_MAX_BYTES = 2 * 2**30
 
 
 def steps_per_epoch(num_examples, batch_size):
@@ -21,248 +45,148 @@ def steps_per_epoch(num_examples, batch_size):
   return math.ceil(num_examples / batch_size)
 
 
-def _local_batch_size(batch_size, process_count):
-  if batch_size % process_count:
-    raise ValueError(
-        f'The batch size {batch_size} is not divisible by the process count '
-        f'{process_count}; set config.batch_size to a multiple of it.')
-  return batch_size // process_count
+def train_batch_size(num_examples, batch_size, num_devices=1):
+  """The batch size a run trains with: `batch_size`, or fewer if there are fewer images.
 
-
-def _check_channels(config):
-  if config.channels not in (1, 3):
-    raise ValueError(
-        f'config.channels must be 1 or 3, got {config.channels}.')
-
-
-def _model_input(images, config):
-  """Resizes to config.image_size and repeats gray to config.channels.
-
-  Args:
-    images: uint8 (or float in [0, 1]) [..., H, W, 1] tf.Tensor.
-    config: reads `image_size` and `channels`.
-
-  Returns:
-    float32 [..., image_size, image_size, channels] in [0, 1].
+  A batch never holds an image twice, so with fewer images than `batch_size`
+  (a small label fraction) the batch is every image, rounded down to a
+  multiple of the device count.
   """
-  images = tf.image.convert_image_dtype(images, tf.float32)
-  size = config.image_size
-  if tuple(images.shape[-3:-1]) != (size, size):
-    images = tf.image.resize(
-        images, [size, size], method='bilinear', antialias=True)
-  if images.shape[-1] == 1 and config.channels != 1:
-    images = tf.repeat(images, config.channels, axis=-1)
-  return tf.clip_by_value(images, 0.0, 1.0)
+  if num_examples >= batch_size:
+    return batch_size
+  return max(num_devices, num_examples // num_devices * num_devices)
 
 
-def preprocess(images_uint8, config):
-  """Returns model inputs without augmentation (evaluation, predict mode).
+def batch_positions(num_examples, batch_size, seed, step):
+  """Positions (into the run's rows) of global batch `step`: distinct, in [0, num_examples).
+
+  See the module docstring: epoch permutations seeded by (seed, epoch), the last
+  partial batch of an epoch completed from the epoch's other rows.
 
   Args:
-    images_uint8: uint8 [n, H, W, 1].
-    config: reads `image_size` and `channels` (1, or 3 by repeating gray).
-
-  Returns:
-    float32 numpy [n, image_size, image_size, channels] in [0, 1].
-  """
-  _check_channels(config)
-  return _model_input(tf.convert_to_tensor(images_uint8), config).numpy()
-
-
-def stream_positions(num_examples, batch_size, seed, step):
-  """Returns the example positions (into idx) of global batch `step`.
-
-  The stream is the concatenation of per-epoch permutations of
-  range(num_examples), epoch e's seeded by (seed, e); step s takes stream
-  positions [s * batch_size, (s + 1) * batch_size), crossing epochs as needed.
-
-  Args:
-    num_examples: number of examples the stream permutes.
+    num_examples: number of rows the run draws from, at least `batch_size`.
     batch_size: global batch size.
     seed: seed of the order.
-    step: global step.
+    step: global step (0-based).
 
   Returns:
-    int64 [batch_size] positions in [0, num_examples).
+    int64 [batch_size] positions.
   """
-  stream = np.arange(step * batch_size, (step + 1) * batch_size)
-  epochs, offsets = np.divmod(stream, num_examples)
-  positions = np.empty(batch_size, np.int64)
-  for epoch in np.unique(epochs):
-    in_epoch = epochs == epoch
-    permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    positions[in_epoch] = permutation[offsets[in_epoch]]
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  epoch, j = divmod(step, per_epoch)
+  permutation = _epoch_permutation(num_examples, seed, epoch)
+  positions = permutation[j * batch_size:(j + 1) * batch_size]
+  missing = batch_size - len(positions)
+  if missing:
+    others = permutation[:j * batch_size]
+    fill = np.random.default_rng([seed, epoch, 1]).choice(len(others), missing,
+                                                          replace=False)
+    positions = np.concatenate([positions, others[fill]])
   return positions
 
 
-def _training_batches(arrays, idx, config, make_example, *, seed, start_step,
-                      process_index, process_count):
-  """Endless per-process batches of make_example(image, label, example_seed).
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples, seed, epoch):
+  # Every step of an epoch reads the same permutation: computed once per epoch.
+  permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  permutation.flags.writeable = False
+  return permutation
 
-  Args:
-    arrays: the `DatasetArrays`.
-    idx: rows of `arrays` to draw from.
-    config: reads `batch_size`.
-    make_example: tf function of (uint8 image [H, W, 1], int32 label,
-      int64 [2] example seed) returning a dict of tensors.
-    seed: seed of the order and of the augmentations.
-    start_step: global step of the first batch.
-    process_index: this process, in [0, process_count).
-    process_count: number of processes sharing each global batch.
 
-  Returns:
-    An iterator of numpy dicts, one per step from `start_step`.
+@dataclasses.dataclass
+class TrainingRows:
+  """Which rows of the data set a run trains on, and how its batches walk them."""
+  rows: np.ndarray  # int64 row indices into the data set (the train split or a subset).
+  batch_size: int  # Global batch size (`train_batch_size`).
+  seed: int
+
+  @property
+  def steps_per_epoch(self):
+    return steps_per_epoch(len(self.rows), self.batch_size)
+
+  def step_inputs(self, step):
+    """The data-set rows and stream positions of global batch `step` (0-based)."""
+    positions = batch_positions(len(self.rows), self.batch_size, self.seed, step)
+    stream = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+    return {'row': self.rows[positions].astype(np.int32), 'position': stream.astype(np.int32)}
+
+
+class DeviceData:
+  """The data set's uint8 images and labels for the jitted steps, on the devices if they fit.
+
+  `inputs(...)` turns per-step host inputs (rows, positions) into what the steps
+  take; `images(data, inputs)` inside a step returns the uint8 batch and its labels.
   """
+
+  def __init__(self, arrays, mesh, on_device='auto', labels=None):
+    self.mesh = mesh
+    fits = arrays.images.nbytes + arrays.labels.nbytes <= _DEVICE_DATA_MAX_BYTES
+    self.on_device = fits if on_device == 'auto' else bool(on_device)
+    labels = arrays.labels if labels is None else labels  # The run's task's labels.
+    self._images, self._labels = arrays.images, np.asarray(labels, np.int32)
+    self.arrays = ({'images': sharding.replicate(self._images, mesh),
+                    'labels': sharding.replicate(self._labels, mesh)}
+                   if self.on_device else None)
+
+  def inputs(self, host_inputs, batch_axis=0):
+    """Per-process host inputs {'row', 'position', ...} -> global arrays for a step.
+
+    `host_inputs` hold the GLOBAL batch (every process computes the same); each
+    process contributes its rows along `batch_axis`, and the host gathers the
+    images of those rows when the data set is not on the devices.
+    """
+    local = sharding.local_rows(host_inputs, batch_axis)
+    if not self.on_device:
+      local = dict(local, image=self._images[local['row']], label=self._labels[local['row']])
+    return sharding.to_global(local, sharding.data_sharding(self.mesh, batch_axis))
+
+  @staticmethod
+  def images(data, inputs):
+    """Inside a step: (uint8 [..., H, W, 1] images, int32 labels) of the inputs' rows."""
+    if data is None:
+      return inputs['image'], inputs['label']
+    return data['images'][inputs['row']], data['labels'][inputs['row']]
+
+
+def augment_key(seed):
+  """The run's augmentation key (each example's views fold in its stream position)."""
+  return jax.random.fold_in(jax.random.key(seed), _AUGMENT_STREAM)
+
+
+def pretrain_batch(images, positions, key, config):
+  """Two SimCLR views of each image: {'image1', 'image2'} [B, S, S, C]; jittable."""
+  views = {}
+  for view in (1, 2):
+    keys = augment.view_keys(key, positions, view)
+    views[f'image{view}'] = augment.augment_batch(keys, images, config.augment,
+                                                  config.image_size, config.channels)
+  return views
+
+
+def supervised_image(images, positions, key, config):
+  """Labeled images as model inputs, crop-augmented if `config.train_augment`; jittable."""
+  if config.train_augment:
+    return augment.augment_batch(augment.view_keys(key, positions, 0), images,
+                                 config.augment, config.image_size, config.channels)
+  return augment.model_input(images, config.image_size, config.channels)
+
+
+def eval_rows(idx, batch_size):
+  """`idx` padded to whole batches of `batch_size` (copies of its first row) and its size."""
   idx = np.asarray(idx, np.int64)
-  if not len(idx):
-    raise ValueError('Cannot make training batches from zero examples.')
-  batch_size = config.batch_size
-  local_batch_size = _local_batch_size(batch_size, process_count)
-  local_rows = slice(process_index * local_batch_size,
-                     (process_index + 1) * local_batch_size)
-
-  def local_batches():
-    """Yields (global stream position, position in idx) of this process' rows."""
-    step = start_step
-    while True:
-      stream = np.arange(step * batch_size, (step + 1) * batch_size)
-      positions = stream_positions(len(idx), batch_size, seed, step)
-      yield stream[local_rows], positions[local_rows]
-      step += 1
-
-  images = tf.constant(arrays.images[idx])
-  labels = tf.constant(arrays.labels[idx].astype(np.int32))
-  base_seed = tf.constant([seed, 0], tf.int64)
-
-  def example(stream_position, position):
-    # Seeding by stream position makes each example's views a function of (seed, step).
-    example_seed = tf.random.experimental.stateless_fold_in(
-        base_seed, stream_position)
-    return make_example(images[position], labels[position], example_seed)
-
-  index_spec = tf.TensorSpec([local_batch_size], tf.int64)
-  dataset = tf.data.Dataset.from_generator(
-      local_batches, output_signature=(index_spec, index_spec))
-  dataset = dataset.unbatch()
-  dataset = dataset.map(
-      example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  dataset = dataset.batch(local_batch_size, drop_remainder=True)
-  dataset = dataset.prefetch(tf.data.AUTOTUNE)
-  return dataset.as_numpy_iterator()
+  padded = steps_per_epoch(len(idx), batch_size) * batch_size
+  return sharding.pad_rows(idx, padded).astype(np.int32), len(idx)
 
 
-def _view(image, example_seed, view, config):
-  """Returns augmented view number `view` of an image as model input."""
-  view_seed = tf.random.experimental.stateless_fold_in(example_seed, view)
-  image = augment.simclr_view(
-      image, view_seed, config.augment, config.image_size)
-  return _model_input(image, config)
+def preprocess(images_uint8, config):
+  """Model inputs without augmentation (evaluation, predict): numpy [n, S, S, C] in [0, 1].
 
-
-def pretrain_batches(arrays, idx, config, *, seed, start_step,
-                     process_index=0, process_count=1):
-  """Endless per-process batches of two SimCLR views of each image.
-
-  Args:
-    arrays: the `DatasetArrays`.
-    idx: rows to pretrain on (see `pretrain_indices`).
-    config: reads `batch_size` (global), `image_size`, `channels`, `augment`.
-    seed: seed of the order and of the views.
-    start_step: global step of the first batch (the step a run resumes at).
-    process_index: this process, in [0, process_count).
-    process_count: number of processes sharing each global batch.
-
-  Returns:
-    An iterator of {'image1', 'image2'}: float32 [b, S, S, C] numpy arrays,
-    b = batch_size // process_count.
+  The same `augment.model_input` the evaluation steps apply on the devices.
   """
-  _check_channels(config)
-
-  def make_example(image, label, example_seed):
-    del label  # Unused: pretraining is self-supervised.
-    return {'image1': _view(image, example_seed, 1, config),
-            'image2': _view(image, example_seed, 2, config)}
-
-  return _training_batches(
-      arrays, idx, config, make_example, seed=seed, start_step=start_step,
-      process_index=process_index, process_count=process_count)
+  if config.channels not in (1, 3):
+    raise errors.UserError(f'config.channels must be 1 or 3, got {config.channels}.')
+  return np.asarray(_model_input(jnp.asarray(images_uint8), config.image_size,
+                                 config.channels))
 
 
-def supervised_batches(arrays, idx, config, *, seed, start_step,
-                       process_index=0, process_count=1):
-  """Endless per-process batches of labeled images (finetune, baseline).
-
-  Images get the SimCLR view augmentation of `config.augment` (the reference's
-  random resized crop by default) if `config.train_augment`, else none.
-
-  Args:
-    arrays: the `DatasetArrays`.
-    idx: labeled rows to train on (see `label_subset`).
-    config: reads `batch_size` (global), `image_size`, `channels`,
-      `train_augment`, `augment`.
-    seed: seed of the order and of the augmentation.
-    start_step: global step of the first batch (the step a run resumes at).
-    process_index: this process, in [0, process_count).
-    process_count: number of processes sharing each global batch.
-
-  Returns:
-    An iterator of {'image': float32 [b, S, S, C], 'label': int32 [b]} numpy
-    dicts, b = batch_size // process_count.
-  """
-  _check_channels(config)
-
-  def make_example(image, label, example_seed):
-    if config.train_augment:
-      image = _view(image, example_seed, 0, config)
-    return {'image': _model_input(image, config), 'label': label}
-
-  return _training_batches(
-      arrays, idx, config, make_example, seed=seed, start_step=start_step,
-      process_index=process_index, process_count=process_count)
-
-
-def eval_batches(arrays, idx, config, *, batch_size, process_index=0,
-                 process_count=1):
-  """One pass over `idx` in order, without augmentation.
-
-  The last global batch is padded to `batch_size` with copies of the first
-  example, marked `valid=False`, so every batch has the same shape and every
-  process the same number of batches.
-
-  Args:
-    arrays: the `DatasetArrays`.
-    idx: rows to evaluate.
-    config: reads `image_size` and `channels`.
-    batch_size: global batch size.
-    process_index: this process, in [0, process_count).
-    process_count: number of processes sharing each global batch.
-
-  Returns:
-    A finite iterator of {'image': float32 [b, S, S, C], 'label': int32 [b],
-    'valid': bool [b]} numpy dicts, b = batch_size // process_count.
-  """
-  _check_channels(config)
-  idx = np.asarray(idx, np.int64)
-  local_batch_size = _local_batch_size(batch_size, process_count)
-  num_batches = steps_per_epoch(len(idx), batch_size)
-  padded = np.arange(num_batches * batch_size)
-  valid = padded < len(idx)
-  padded[~valid] = 0
-  local_rows = slice(process_index * local_batch_size,
-                     (process_index + 1) * local_batch_size)
-  local_positions = padded.reshape(num_batches, batch_size)[:, local_rows]
-  local_valid = valid.reshape(num_batches, batch_size)[:, local_rows]
-
-  images = tf.constant(arrays.images[idx])
-  labels = tf.constant(arrays.labels[idx].astype(np.int32))
-
-  def batch(positions, valid):
-    return {'image': _model_input(tf.gather(images, positions), config),
-            'label': tf.gather(labels, positions),
-            'valid': valid}
-
-  dataset = tf.data.Dataset.from_tensor_slices((local_positions, local_valid))
-  dataset = dataset.map(
-      batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  dataset = dataset.prefetch(tf.data.AUTOTUNE)
-  return dataset.as_numpy_iterator()
+_model_input = jax.jit(augment.model_input, static_argnums=(1, 2))

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from simclr_jax import errors
 from simclr_jax import sharding
 
 METRICS = ('correlation', 'cosine')
@@ -62,7 +63,7 @@ def pixel_features(images, size=None, chunk_size=1024, out=None):
 
 def _check_metric(metric):
   if metric not in METRICS:
-    raise ValueError(f'Unknown metric {metric!r}; use one of {METRICS}.')
+    raise errors.UserError(f'Unknown metric {metric!r}; use one of {METRICS}.')
 
 
 @functools.partial(jax.jit, static_argnames=('metric',))

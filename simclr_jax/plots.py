@@ -102,69 +102,91 @@ def plot_audit_pairs(pairs_by_scheme, path=None,
   return save_figure(fig, path)
 
 
+ARM_STYLES = (('floor', 'raw-pixel 1-NN (no training)', 'tab:gray', 's'),
+              ('baseline', 'supervised baseline', 'tab:orange', 'o'),
+              ('finetune', 'SimCLR + fine-tuning', 'tab:blue', 'D'))
+LEVEL_STYLES = (('slice', 'per slice', '-', 0.18), ('subject', 'per subject', '--', 0.09))
+
+
 def plot_label_fraction_curves(summary, path=None):
-  """Test scores against the label fraction: one row per protocol, one column per metric.
+  """Test scores against the label fraction, with 95 % bands over subjects.
+
+  One row per protocol and task, columns balanced accuracy and accuracy; in each
+  panel the three arms, per slice (solid line, darker band) and per subject
+  (dashed line, lighter band), on a log x axis of the label fraction.
 
   Args:
-    summary: the sweep's aggregates (`sweep.aggregate`): summary['protocols'][name]
-      ['fractions'] is a list of {'fraction', 'num_labeled', 'arms': {arm: {metric:
-      {'mean', 'std'}}}} with arms floor, baseline and finetune, and ['majority_share'].
+    summary: the sweep's aggregates (`sweep_report.aggregate`):
+      summary['protocols'][protocol]['tasks'][task] holds 'class_names',
+      'majority_share', 'subject_majority_share' and 'fractions', a list of
+      {'fraction', 'num_labeled', 'arms': {arm: {'slice' | 'subject': {metric:
+      {'value', 'low', 'high'}}}}} with arms among floor, baseline, finetune.
     path: PNG to write, or None.
 
   Returns:
     The figure as an RGB uint8 array.
   """
-  metrics = (('accuracy', 'accuracy'), ('balanced_accuracy', 'balanced accuracy'),
-             ('macro_f1', 'macro-F1'))
-  arms = (('floor', 'raw-pixel 1-NN (no training)', 'tab:gray', 's', '--'),
-          ('baseline', 'supervised baseline', 'tab:orange', 'o', '-'),
-          ('finetune', 'SimCLR + fine-tuning', 'tab:blue', 'D', '-'))
-  protocols = list(summary['protocols'].items())
-  num_classes = len(summary['class_names'])
-  fig, axes = plt.subplots(len(protocols), len(metrics), squeeze=False, dpi=100,
-                           figsize=(4.2 * len(metrics), 3.4 * len(protocols) + 0.6))
-  for row, (protocol, result) in enumerate(protocols):
-    entries = result['fractions']
+  metrics = (('balanced_accuracy', 'balanced accuracy'), ('accuracy', 'accuracy'))
+  panels = [(protocol, task, entry)
+            for protocol, result in summary['protocols'].items()
+            for task, entry in result['tasks'].items() if entry['fractions']]
+  num_rows = max(1, len(panels))
+  fig, axes = plt.subplots(num_rows, len(metrics), squeeze=False, dpi=100,
+                           figsize=(5.2 * len(metrics), 3.3 * num_rows + 0.9))
+  if not panels:
+    for ax in axes.ravel():
+      ax.axis('off')
+    axes[0, 0].text(0.5, 0.5, 'no finished run yet', ha='center', transform=axes[0, 0].transAxes)
+  for row, (protocol, task, entry) in enumerate(panels):
+    fractions = [e['fraction'] for e in entry['fractions']]
     for col, (metric, metric_name) in enumerate(metrics):
       ax = axes[row, col]
-      for offset, (arm, label, color, marker, style) in zip((-1, 0, 1), arms):
-        points = [(e['fraction'], e['arms'][arm][metric]) for e in entries
+      for offset, (arm, _, color, marker) in zip((-1, 0, 1), ARM_STYLES):
+        points = [(e['fraction'], e['arms'][arm]) for e in entry['fractions']
                   if arm in e['arms']]
         if not points:
           continue
-        x = np.array([p[0] for p in points])
-        mean = np.array([100 * p[1]['mean'] for p in points])
-        std = np.array([100 * (p[1]['std'] or 0.0) for p in points])
-        # A small horizontal shift keeps overlapping error bars apart.
-        ax.errorbar(x * 1.04**offset, mean, yerr=std, color=color, marker=marker,
-                    linestyle=style, markersize=5, capsize=3, label=label)
+        # A small horizontal shift per arm keeps overlapping markers apart.
+        x = np.array([p[0] for p in points]) * 1.03**offset
+        for level, _, style, alpha in LEVEL_STYLES:
+          values = [p[1][level][metric] for p in points]
+          value = np.array([100 * v['value'] for v in values])
+          ax.fill_between(x, [100 * v['low'] for v in values],
+                          [100 * v['high'] for v in values], color=color, alpha=alpha,
+                          linewidth=0)
+          ax.plot(x, value, color=color, marker=marker, linestyle=style, markersize=4,
+                  markerfacecolor=color if level == 'slice' else 'white')
       if metric == 'accuracy':
-        ax.axhline(100 * result['majority_share'], color='k', linestyle=':', linewidth=1,
-                   label='majority class')
-      elif metric == 'balanced_accuracy':
-        ax.axhline(100 / num_classes, color='k', linestyle='-.', linewidth=1,
-                   label='chance')
+        ax.axhline(100 * entry['majority_share'], color='k', linestyle=':', linewidth=1)
+      else:
+        ax.axhline(100 / len(entry['class_names']), color='k', linestyle='-.', linewidth=1)
       ax.set_xscale('log')
-      fractions = [e['fraction'] for e in entries]
       ax.set_xticks(fractions, [f'{100 * f:g} %\n({e["num_labeled"]:,})'
-                                for f, e in zip(fractions, entries)], fontsize=8)
+                                for f, e in zip(fractions, entry['fractions'])], fontsize=8)
       ax.minorticks_off()
+      if len(fractions) == 1:
+        ax.set_xlim(fractions[0] / 1.5, fractions[0] * 1.5)
       ax.set_ylim(0, 100)
       ax.grid(alpha=0.3)
-      ax.set_title(f'{protocol}: {metric_name}', fontsize=10)
+      ax.set_title(f'{protocol}, {task.replace("_", "-")}: {metric_name}', fontsize=10)
       if col == 0:
         ax.set_ylabel('test score (%)')
-      if row == len(protocols) - 1:
-        ax.set_xlabel('labeled training images (fraction)')
-  handles = {}
-  for ax in axes.ravel():
-    for handle, label in zip(*ax.get_legend_handles_labels()):
-      handles.setdefault(label, handle)
-  order = [label for _, label, *_ in arms] + ['majority class', 'chance']
-  labels = [label for label in order if label in handles]
-  fig.legend([handles[label] for label in labels], labels, loc='upper center',
-             ncol=len(labels), fontsize=9, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+      if row == num_rows - 1:
+        ax.set_xlabel('labeled training images (fraction; count per fold or split)')
+  handles = [matplotlib.lines.Line2D([], [], color=color, marker=marker, label=label)
+             for _, label, color, marker in ARM_STYLES]
+  handles += [matplotlib.lines.Line2D([], [], color='k', linestyle=style, label=label)
+              for _, label, style, _ in LEVEL_STYLES]
+  handles += [matplotlib.lines.Line2D([], [], color='k', linestyle=':', linewidth=1,
+                                      label='majority class (accuracy)'),
+              matplotlib.lines.Line2D([], [], color='k', linestyle='-.', linewidth=1,
+                                      label='chance (balanced accuracy)')]
+  fig.legend(handles=handles, loc='upper center', ncol=4, fontsize=8, frameon=False)
+  fig.text(0.5, 1 - 0.62 / fig.get_figheight(),
+           'Bands: 95 % intervals of a stratified bootstrap over subjects (seeds averaged); '
+           'scores of the out-of-fold predictions pooled over folds.',
+           ha='center', va='top', fontsize=8, color='dimgray')
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()))
   return save_figure(fig, path)
 
 
@@ -172,8 +194,9 @@ def plot_confusion_grid(grid, class_names, path=None, title=None):
   """A grid of confusion matrices (e.g. label fractions x arms).
 
   Args:
-    grid: rows of cells; a cell is (matrix, title) or None (left blank).
-    class_names: names of the classes, indexed by label.
+    grid: rows of cells; a cell is (matrix, title), (matrix, title, class_names)
+      for a cell with its own classes (another label task), or None (left blank).
+    class_names: names of the classes, indexed by label (cells without their own).
     path: PNG to write, or None.
     title: title of the figure.
 
@@ -189,8 +212,9 @@ def plot_confusion_grid(grid, class_names, path=None, title=None):
       if cell is None:
         axes[row, col].axis('off')
         continue
-      matrix, cell_title = cell
-      draw_confusion_matrix(axes[row, col], matrix, class_names, cell_title)
+      matrix, cell_title, *own_classes = cell
+      draw_confusion_matrix(axes[row, col], matrix,
+                            own_classes[0] if own_classes else class_names, cell_title)
       if col:
         axes[row, col].set_ylabel('')
       if row < num_rows - 1:

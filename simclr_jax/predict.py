@@ -32,7 +32,9 @@ from absl import logging
 import numpy as np
 import PIL.Image
 
+from simclr_jax import checks
 from simclr_jax import data as data_lib
+from simclr_jax import errors
 from simclr_jax import evaluate
 from simclr_jax import explain
 from simclr_jax import gradcam
@@ -41,9 +43,12 @@ from simclr_jax import runs
 from simclr_jax import splits as splits_lib
 from simclr_jax.datasets import alzheimer_mri
 from simclr_jax.datasets import image_folder
+from simclr_jax.datasets import nifti_folder
 
-TEST_SPLIT = 'test_split'
+TEST_SPLIT = checks.TEST_SPLIT
 CLASSIFIER_MODES = ('finetune', 'baseline')
+# Overlays drawn per volume: its slices most confident of the volume's predicted class.
+NUM_VOLUME_OVERLAYS = 4
 # Heatmaps coarser than this many cells a side say little about where the model looked.
 MIN_USEFUL_LAYER_SIZE = 4
 
@@ -54,39 +59,40 @@ MIN_USEFUL_LAYER_SIZE = 4
 def check_run(checkpoint_workdir):
   """Returns the config of a run that can classify, or raises a one-sentence error."""
   if not checkpoint_workdir:
-    raise ValueError('predict needs a trained classifier; set --config.checkpoint_workdir '
-                     'to the --workdir of a finetune or baseline run.')
+    raise errors.UserError('predict needs a trained classifier; set --config.checkpoint_workdir '
+                           'to the --workdir of a finetune or baseline run.')
   if not runs.has_config(checkpoint_workdir):
-    raise ValueError(f'No run found in {checkpoint_workdir} (it has no config.json); set '
-                     '--config.checkpoint_workdir to the --workdir of a finetune or '
-                     'baseline run.')
+    raise errors.UserError(f'No run found in {checkpoint_workdir} (it has no config.json); set '
+                           '--config.checkpoint_workdir to the --workdir of a finetune or '
+                           'baseline run.')
   run_config = runs.load_config(checkpoint_workdir)
   if run_config.mode not in CLASSIFIER_MODES:
-    raise ValueError(
+    raise errors.UserError(
         f'{checkpoint_workdir} holds a {run_config.mode} run, whose model has no '
         'classifier head; fine-tune it first (configs/finetune.py) and point '
         '--config.checkpoint_workdir at the finetune or baseline run.')
   if (runs.latest_step(checkpoint_workdir, 'best') is None
       and runs.latest_step(checkpoint_workdir, 'latest') is None):
-    raise ValueError(f'The run in {checkpoint_workdir} has no checkpoint yet; let it '
-                     'train until its first evaluation, or point '
-                     '--config.checkpoint_workdir at a finished run.')
+    raise errors.UserError(f'The run in {checkpoint_workdir} has no checkpoint yet; let it '
+                           'train until its first evaluation, or point '
+                           '--config.checkpoint_workdir at a finished run.')
   return run_config
 
 
 def find_inputs(inputs):
   """Image paths named by an image file, a folder (recursive) or a glob, sorted.
 
-  Files in a folder count if a PIL format claims their extension (hidden files
-  and __MACOSX are skipped); a file named directly or matched by a glob counts
-  whatever its extension (an unreadable one is reported when read).
+  Files in a folder count if a PIL format claims their extension or they are MRI
+  volumes (`is_volume`; hidden files and __MACOSX are skipped); a file named
+  directly or matched by a glob counts whatever its extension (an unreadable one
+  is reported when read).
 
   Raises:
-    ValueError: if `inputs` is empty or matches no file.
+    errors.UserError: if `inputs` is empty or matches no file.
   """
   if not inputs:
-    raise ValueError('Set --config.inputs to an image file, a folder of images, a quoted '
-                     f"glob such as 'scans/*.png', or {TEST_SPLIT}.")
+    raise errors.UserError('Set --config.inputs to an image file, a folder of images, a quoted '
+                           f"glob such as 'scans/*.png', or {TEST_SPLIT}.")
   path = os.path.expanduser(inputs)
   if os.path.isdir(path):
     extensions = set(PIL.Image.registered_extensions())
@@ -94,31 +100,29 @@ def find_inputs(inputs):
     for root, folders, names in os.walk(path):
       folders[:] = [f for f in folders if not f.startswith('.') and f != '__MACOSX']
       files += [os.path.join(root, name) for name in names
-                if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions]
+                if not name.startswith('.') and (
+                    os.path.splitext(name)[1].lower() in extensions or is_volume(name))]
   elif os.path.isfile(path):
     files = [path]
   else:
     files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
   if not files:
-    raise ValueError(f'--config.inputs={inputs!r} matches no image file; give an image '
-                     f"file, a folder of images, a quoted glob such as 'scans/*.png', or "
-                     f'{TEST_SPLIT}.')
-  return sorted(files)
+    raise errors.UserError(f'--config.inputs={inputs!r} matches no image file; give an image '
+                           f"file, a folder of images, a quoted glob such as 'scans/*.png', or "
+                           f'{TEST_SPLIT}.')
+  # The .img half of an Analyze pair is read through its .hdr.
+  headers = {f[:-4] for f in files if f.lower().endswith('.hdr')}
+  return sorted(f for f in files if not (f.lower().endswith('.img') and f[:-4] in headers))
+
+
+def is_volume(name):
+  """Whether a file name is an MRI volume (NIfTI .nii / .nii.gz, Analyze .hdr / .img)."""
+  return name.lower().endswith(nifti_folder.VOLUME_EXTENSIONS)
 
 
 def check_config(config):
-  """Rejects predict settings that cannot work, before any work is done."""
-  if config.cam_method not in gradcam.CAM_METHODS:
-    raise ValueError(f'Unknown cam_method {config.cam_method!r}; set --config.cam_method '
-                     f'to one of {gradcam.CAM_METHODS}.')
-  if not re.fullmatch(r'stage[1-4]', config.cam_layer):
-    raise ValueError(f'Unknown cam_layer {config.cam_layer!r}; set --config.cam_layer to '
-                     'one of stage1, stage2, stage3, stage4 (the last convolutional stage).')
-  if config.batch_size < 1:
-    raise ValueError('batch_size must be at least 1; set --config.batch_size.')
-  if not all(0.0 < f < 1.0 for f in config.deletion_fractions):
-    raise ValueError('deletion_fractions must lie in (0, 1); set e.g. '
-                     '--config.deletion_fractions="(0.05, 0.1, 0.2)".')
+  """Rejects predict settings, inputs or runs that cannot work, before any work is done."""
+  checks.check_predict_config(config)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -126,7 +130,7 @@ def check_config(config):
 
 def stored_size(run_config):
   """Height and width at which the run's data set stores its images."""
-  if run_config.dataset == 'image_folder':
+  if run_config.dataset in ('image_folder', 'nifti_folder'):
     return int(run_config.image_size)
   return alzheimer_mri.IMAGE_SIZE  # alzheimer_mri and synthetic_mri: 128 x 128.
 
@@ -141,19 +145,37 @@ def read_image(path, size):
   return np.asarray(image_folder.load_grayscale(path, size), np.uint8)[..., None]
 
 
-def read_images(files, size):
-  """(names read, uint8 [n, size, size, 1], unreadable names); warns for each unreadable."""
-  names, images, unreadable = [], [], []
+def read_images(files, size, run_config=None):
+  """Reads images and volumes: (names, uint8 [n, size, size, 1], unreadable, volume of each).
+
+  A volume contributes its axial slices, named '<file>#<slice index>' as the
+  nifti_folder data set names them, cut as the run's config says (its nifti_*
+  fields, or the nifti_folder defaults); `volume of each` is the volume file of
+  each slice (None for a plain image). Unreadable files are warned about and
+  listed.
+  """
+  run_config = run_config or {}
+  names, images, unreadable, volumes = [], [], [], []
   for path in files:
     try:
-      images.append(read_image(path, size))
-      names.append(path)
+      if is_volume(path):
+        slices, indices = nifti_folder.read_volume_slices(
+            path, size, run_config.get('nifti_slice_selection', 'central'),
+            run_config.get('nifti_num_slices', 32), run_config.get('nifti_slice_step', 1),
+            run_config.get('nifti_min_mask_fraction', 0.5))
+        images += list(slices)
+        names += [f'{path}#{k:03d}' for k in indices]
+        volumes += [path] * len(slices)
+      else:
+        images.append(read_image(path, size))
+        names.append(path)
+        volumes.append(None)
     except Exception as error:  # pylint: disable=broad-except
-      # PIL raises many kinds of errors for malformed files; each means unreadable.
-      logging.warning('Skipping %s: not a readable image (%s).', path, error)
+      # PIL and nibabel raise many kinds of errors for malformed files; each means unreadable.
+      logging.warning('Skipping %s: not a readable image or volume (%s).', path, error)
       unreadable.append(path)
   stacked = np.stack(images) if images else np.zeros((0, size, size, 1), np.uint8)
-  return names, stacked, unreadable
+  return names, stacked, unreadable, volumes
 
 
 def test_split_inputs(run_config):
@@ -219,7 +241,7 @@ def predictions_csv(files, probabilities, class_names, overlays, labels=None):
       row = [name, class_names[predicted], f'{probs[predicted]:.4f}']
       row += [f'{p:.4f}' for p in probs]
       row += ([class_names[labels[i]]] if labels is not None else [])
-      row += [os.path.join('overlays', overlays[i])]
+      row += [os.path.join('overlays', overlays[i]) if overlays[i] else '']
       writer.writerow(row)
     return f.getvalue()
 
@@ -239,7 +261,7 @@ def predict(config, workdir):
     The summary written to predict_summary.json.
 
   Raises:
-    ValueError: before any work, for a missing run, a run without a classifier
+    errors.UserError: before any work, for a missing run, a run without a classifier
       (pretrain), inputs that match no file, or unknown CAM settings; after
       reading, if no input image could be read.
   """
@@ -255,11 +277,13 @@ def predict(config, workdir):
   unreadable = []
   if use_test_split:
     names, stored, labels, masks = test_split_inputs(run_config)
+    volumes = [None] * len(names)
   else:
-    names, stored, unreadable = read_images(files, stored_size(run_config))
+    names, stored, unreadable, volumes = read_images(files, stored_size(run_config),
+                                                     run_config)
     if not names:
-      raise ValueError(f'None of the {len(files)} files of --config.inputs='
-                       f'{config.inputs!r} is a readable image.')
+      raise errors.UserError(f'None of the {len(files)} files of --config.inputs='
+                             f'{config.inputs!r} is a readable image.')
     labels = folder_labels(names, class_names)
   input_shape = (run_config.image_size, run_config.image_size, run_config.channels)
   layer_size = gradcam.layer_shape(model, variables, input_shape, config.cam_layer)[:2]
@@ -279,11 +303,14 @@ def predict(config, workdir):
   probabilities = explanation.probabilities
   predicted = probabilities.argmax(-1)
 
-  overlays = overlay_names(names)
+  volume_summary, shown = volume_predictions(volumes, probabilities, class_names)
+  overlays = [name if show else '' for name, show in zip(overlay_names(names), shown)]
   runs.write_text(runs.output_path(workdir, 'predictions.csv'),
                   predictions_csv(names, probabilities, class_names, overlays, labels))
   cam_name = f'{explain.CAM_NAMES[config.cam_method]} ({config.cam_layer})'
   for i, name in enumerate(names):
+    if not overlays[i]:
+      continue
     truth = f'  (true class: {plots.class_label(class_names[labels[i]])})' \
         if labels is not None else ''
     plots.plot_cam_overlay(stored[i, ..., 0], explanation.heatmaps[i], probabilities[i],
@@ -310,6 +337,10 @@ def predict(config, workdir):
       'predicted_counts': {name: int(np.sum(predicted == k))
                            for k, name in enumerate(class_names)},
   }
+  if volume_summary:
+    summary['volumes'] = volume_summary
+    runs.write_text(runs.output_path(workdir, 'volume_predictions.csv'),
+                    volumes_csv(volume_summary, class_names))
   if labels is not None:
     summary['labels_from'] = 'test split' if use_test_split else 'class folder names'
     summary['metrics'] = evaluate.classification_metrics(labels, predicted,
@@ -331,6 +362,48 @@ def predict(config, workdir):
   logging.info('Predicted %d images (%d unreadable) into %s: %s.', len(names),
                len(unreadable), workdir, summary['predicted_counts'])
   return summary
+
+
+def volume_predictions(volumes, probabilities, class_names):
+  """Each volume's prediction (the mean of its slices' probabilities) and the overlays drawn.
+
+  Args:
+    volumes: the volume file of each slice, None for a plain image.
+    probabilities: [n, K] class probabilities of each slice.
+    class_names: the run's classes.
+
+  Returns:
+    ([{'volume', 'predicted_class', 'probabilities', 'num_slices',
+    'informative_slices'}], bool [n]): one entry per volume; and whether each
+    input gets an overlay: every plain image, and the NUM_VOLUME_OVERLAYS slices of
+    each volume most confident of the volume's class.
+  """
+  shown = np.array([volume is None for volume in volumes])
+  summary = []
+  for volume in sorted({v for v in volumes if v is not None}):
+    members = np.flatnonzero([v == volume for v in volumes])
+    mean = probabilities[members].mean(0)
+    k = int(mean.argmax())
+    informative = members[np.argsort(-probabilities[members, k], kind='stable')]
+    informative = informative[:NUM_VOLUME_OVERLAYS]
+    shown[informative] = True
+    summary.append({'volume': volume, 'predicted_class': class_names[k],
+                    'probabilities': {name: float(p) for name, p in zip(class_names, mean)},
+                    'num_slices': int(len(members)),
+                    'informative_slices': [int(i) for i in informative]})
+  return summary, shown
+
+
+def volumes_csv(volume_summary, class_names):
+  """volume_predictions.csv: one row per volume (the subject-level prediction)."""
+  with io.StringIO() as f:
+    writer = csv.writer(f)
+    writer.writerow(['volume', 'predicted_class', 'num_slices']
+                    + [f'p_{name}' for name in class_names])
+    for entry in volume_summary:
+      writer.writerow([entry['volume'], entry['predicted_class'], entry['num_slices']]
+                      + [f'{entry["probabilities"][name]:.4f}' for name in class_names])
+    return f.getvalue()
 
 
 def _log_quality(quality):

@@ -3,6 +3,10 @@
 import importlib
 import logging
 import os
+import sys
+import tempfile
+
+from simclr_jax import checks
 
 MODES = {
     'pretrain': ('simclr_jax.train', 'train_and_evaluate'),
@@ -12,21 +16,77 @@ MODES = {
     'sweep': ('simclr_jax.sweep', 'run_sweep'),
     'audit': ('simclr_jax.audit', 'run_audit'),
 }
+# What TensorFlow's C++ libraries print on stderr while they load, whatever
+# TF_CPP_MIN_LOG_LEVEL says: notices, not problems.
+TENSORFLOW_STARTUP_NOISE = (
+    'All log messages before absl::InitializeLog() is called',
+    'oneDNN custom operations are on',
+    'This TensorFlow binary is optimized to use available CPU instructions',
+    'To enable the following instructions:',
+)
+# JAX tries every backend it knows and says so, at INFO level, for each one missing.
+JAX_STARTUP_NOISE = ('Unable to initialize backend',)
 
 
-def _quiet_orbax(record):
-  """Drops orbax's per-save INFO lines; its warnings and errors still show."""
-  return record.levelno >= logging.WARNING or 'orbax' not in record.pathname
+def _quiet(record):
+  """Drops orbax's per-save INFO lines and JAX's start-up notices; warnings still show."""
+  if record.levelno >= logging.WARNING:
+    return True
+  if 'orbax' in record.pathname:
+    return False
+  return not any(noise in record.getMessage() for noise in JAX_STARTUP_NOISE)
+
+
+def quiet_logs():
+  """Installs the filter of known noise on absl's log handler (once)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handler = absl_logging.get_absl_handler()
+  if _quiet not in handler.filters:
+    handler.addFilter(_quiet)
+
+
+def import_tensorflow_quietly():
+  """Imports TensorFlow with its start-up notices dropped from stderr; other lines kept.
+
+  The notices come from C++ (before absl::InitializeLog) and ignore
+  TF_CPP_MIN_LOG_LEVEL, so stderr's file descriptor is caught while TensorFlow
+  loads and replayed without them.
+  """
+  if 'tensorflow' in sys.modules:
+    return sys.modules['tensorflow']
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      caught.seek(0)
+      for line in caught.read().decode('utf-8', 'replace').splitlines(keepends=True):
+        if not any(noise in line for noise in TENSORFLOW_STARTUP_NOISE):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+  return tf
 
 
 def setup_runtime():
-  """Keeps TensorFlow (tf.data only) off accelerators; caches compiled steps on disk."""
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  absl_logging.get_absl_handler().addFilter(_quiet_orbax)
+  """Keeps TensorFlow (tf.data only) off accelerators and quiet; caches compiled steps.
+
+  TFDS's progress bars are drawn only on a terminal: in a log file their
+  carriage returns leave fragments on every line.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # main.py sets it before jax loads.
+  quiet_logs()
   import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = import_tensorflow_quietly()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
   # A persistent compilation cache makes the second run of a config start in seconds.
   cache_dir = os.environ.get('SIMCLR_JAX_CACHE',
                              os.path.join(os.path.expanduser('~'), '.cache', 'simclr_jax'))
@@ -34,10 +94,21 @@ def setup_runtime():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def run(config, workdir):
-  """Runs `config.mode` in `workdir` and returns what the mode returns."""
-  if config.mode not in MODES:
-    raise ValueError(f'Unknown mode {config.mode!r}; set --config.mode to one of '
-                     f'{sorted(MODES)} (or pick a file in configs/).')
+def run(config, workdir, setup=None):
+  """Checks `config` and `workdir`, then runs `config.mode` there; returns what it returns.
+
+  Args:
+    config: a config of any mode (configs/*.py).
+    workdir: the run's directory.
+    setup: called after the checks, before any work (main.py: `setup_runtime`),
+      so that a mistake is reported before TensorFlow even loads.
+
+  Raises:
+    errors.UserError: for any config value, path or run a mode cannot use.
+  """
+  checks.check_config(config)
+  checks.check_workdir(workdir)
+  if setup is not None:
+    setup()
   module_name, function_name = MODES[config.mode]
   return getattr(importlib.import_module(module_name), function_name)(config, workdir)

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simclr_jax import errors
+
 MODES = ('none', 'sam', 'asam')
 ASAM_ETA = 0.01
 # Floor of the gradient norm: a zero gradient gives a zero perturbation, not NaN.
@@ -114,7 +116,7 @@ def asam(base_optimizer, rho, *, eta=ASAM_ETA):
 def check_mode(mode):
   """Raises a ValueError naming the fix when `mode` is not a SAM mode."""
   if mode not in MODES:
-    raise ValueError(
+    raise errors.UserError(
         f'Unknown SAM mode {mode!r}; set config.sam to one of {MODES}.')
 
 

@@ -10,10 +10,14 @@ Splits depend only on (seed, sorted subject ids or file names), never on the
 order of the rows.
 """
 
+import warnings
+
 from absl import logging
 import numpy as np
+from sklearn import model_selection
 
 from simclr_jax import data
+from simclr_jax import errors
 
 SPLIT_SCHEMES = ('subject', 'slice')
 
@@ -40,11 +44,18 @@ def _split_sizes(num_units, test_fraction, val_fraction):
   return num_test, num_val
 
 
-def make_splits(arrays, scheme, seed, test_fraction, val_fraction):
+def make_splits(arrays, scheme, seed, test_fraction, val_fraction, num_folds=None,
+                fold=0):
   """Splits the data set into train, val and test, stratified by class.
 
   The split depends only on (seed, sorted subject ids or file names), not on the
   order of the rows, so it is the same however the data set was loaded.
+
+  With `num_folds` K, test is fold `fold` of a stratified K-fold partition of the
+  subjects (or slices): scikit-learn's StratifiedGroupKFold over the rows, grouped
+  by subject, so every subject is in the test split of exactly one fold and each
+  fold holds about 1/K of every class's subjects; `test_fraction` is not used. A
+  class with fewer subjects than folds is absent from some folds' test splits.
 
   Args:
     arrays: the `DatasetArrays` to split.
@@ -56,6 +67,8 @@ def make_splits(arrays, scheme, seed, test_fraction, val_fraction):
     seed: seed of the split.
     test_fraction: share of each class's subjects (or slices) in test.
     val_fraction: share of each class's remaining subjects (or slices) in val.
+    num_folds: None for one split by `test_fraction`, or K >= 2 for K folds.
+    fold: the fold (0 .. K - 1) whose subjects are the test split.
 
   Returns:
     {'train', 'val', 'test'}: sorted int64 row indices into `arrays`.
@@ -65,19 +78,19 @@ def make_splits(arrays, scheme, seed, test_fraction, val_fraction):
       scheme on a data set whose subject ids are unknown.
   """
   if scheme not in SPLIT_SCHEMES:
-    raise ValueError(
+    raise errors.UserError(
         f'Unknown split_scheme {scheme!r}; set it to one of {SPLIT_SCHEMES}.')
   for name, fraction in (('test_fraction', test_fraction),
                          ('val_fraction', val_fraction)):
     if not 0.0 <= fraction < 1.0:
-      raise ValueError(f'{name} must be in [0, 1), got {fraction}; set '
-                       f'config.{name} accordingly.')
+      raise errors.UserError(f'{name} must be in [0, 1), got {fraction}; set '
+                             f'config.{name} accordingly.')
   num_classes = len(arrays.class_names)
 
   if scheme == 'subject':
     num_unknown = int(np.sum(arrays.subject_ids < 0))
     if num_unknown:
-      raise ValueError(
+      raise errors.UserError(
           f'{num_unknown} images have unknown subject ids (-1), so a subject '
           'split cannot keep a person\'s slices together; recover subject '
           'groups with the audit\'s subject grouping '
@@ -95,8 +108,11 @@ def make_splits(arrays, scheme, seed, test_fraction, val_fraction):
     units = 'slices'
 
   split_of_unit = np.zeros(len(subject_labels), np.int8)  # 0 train, 1 val, 2 test.
+  if num_folds:
+    split_of_unit[_fold_units(arrays, row_subject, num_folds, fold, seed)] = 2
+    test_fraction = 0.0
   for label, class_name in enumerate(arrays.class_names):
-    members = np.flatnonzero(subject_labels == label)
+    members = np.flatnonzero((subject_labels == label) & (split_of_unit == 0))
     if scheme == 'slice':  # Sorted by file name: independent of row order.
       members = members[np.argsort(arrays.file_names[members], kind='stable')]
     if not len(members):
@@ -121,6 +137,35 @@ def make_splits(arrays, scheme, seed, test_fraction, val_fraction):
   return splits
 
 
+def _fold_units(arrays, row_subject, num_folds, fold, seed):
+  """The units (subjects, or slices) of test fold `fold` of a stratified group K-fold."""
+  if not 2 <= num_folds <= len(np.unique(row_subject)):
+    raise errors.UserError(
+        f'num_folds={num_folds} needs 2 to {len(np.unique(row_subject))} subjects; set '
+        '--config.num_folds to e.g. 5 (or None for one split by test_fraction).')
+  if not 0 <= fold < num_folds:
+    raise errors.UserError(f'fold={fold} is not one of the {num_folds} folds; set '
+                           f'--config.fold to 0 .. {num_folds - 1}.')
+  # A canonical row order (by subject, then file name): the folds do not depend
+  # on the order the data set was loaded in.
+  order = np.lexsort((arrays.file_names, row_subject))
+  folds = model_selection.StratifiedGroupKFold(n_splits=num_folds, shuffle=True,
+                                               random_state=seed)
+  with warnings.catch_warnings():
+    # A class with fewer subjects than folds (Moderate_Demented: 2) is logged below.
+    warnings.simplefilter('ignore', UserWarning)
+    _, test_rows = list(folds.split(order, arrays.labels[order], row_subject[order]))[fold]
+  units = np.unique(row_subject[order[test_rows]])
+  for label, class_name in enumerate(arrays.class_names):
+    class_units = np.unique(row_subject[arrays.labels == label])
+    if 0 < len(class_units) < num_folds:
+      logging.warning('Class %s has %d subjects for %d folds: %d of them in fold %d\'s '
+                      'test split, none in %d folds.', class_name, len(class_units),
+                      num_folds, np.isin(class_units, units).sum(), fold,
+                      num_folds - len(class_units))
+  return units
+
+
 def label_subset(labels, train_idx, fraction, seed):
   """Returns the labeled subset of the train split used at `fraction`.
 
@@ -142,8 +187,8 @@ def label_subset(labels, train_idx, fraction, seed):
     ValueError: if `fraction` is outside (0, 1].
   """
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'label_fraction must be in (0, 1], got {fraction}; set '
-                     'config.label_fraction to e.g. 0.01, 0.1 or 1.0.')
+    raise errors.UserError(f'label_fraction must be in (0, 1], got {fraction}; set '
+                           'config.label_fraction to e.g. 0.01, 0.1 or 1.0.')
   train_idx = np.sort(np.asarray(train_idx, np.int64))
   train_labels = labels[train_idx]
   chosen, counts = [], {}
@@ -184,4 +229,5 @@ def load_splits(config, arrays, scheme=None):
   `config.split_scheme` (the audit compares both schemes).
   """
   return make_splits(arrays, scheme or config.split_scheme, config.split_seed,
-                     config.test_fraction, config.val_fraction)
+                     config.test_fraction, config.val_fraction,
+                     num_folds=config.get('num_folds'), fold=config.get('fold', 0))

@@ -11,6 +11,7 @@ schedule (the reference), the classifier with AdamW at a constant learning rate.
 """
 
 import functools
+import json
 from typing import Any
 
 import flax
@@ -28,6 +29,47 @@ TRAIN_MODES = tuple(MODEL_KINDS)
 # Fields that fix the encoder's parameter shapes: a fine-tuning run must match its
 # pretraining run on these.
 ARCHITECTURE_FIELDS = ('model', 'width', 'encoder_output', 'channels', 'image_size')
+
+
+# Config fields that change nothing a compiled step or model computes: runs whose
+# configs differ only in these share their model, optimizer and compiled steps
+# (every other field, known or not, is part of `run_key`).
+_UNCOMPILED_FIELDS = frozenset((
+    'seed', 'label_fraction', 'label_seed', 'split_scheme', 'split_seed', 'test_fraction',
+    'val_fraction', 'include_test_in_pretrain', 'num_epochs', 'eval_every_epochs',
+    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'num_summary_images',
+    'pretrained_workdir', 'dataset_path', 'data_dir', 'selection_metric', 'selection_split',
+    'knn_k', 'precise_bn_batches', 'eval_batch_size', 'skip_unreadable', 'subject_ids',
+    'subject_grouping_threshold', 'subject_grouping_k', 'subject_grouping_size',
+    'nifti_slice_selection', 'nifti_num_slices', 'nifti_slice_step',
+    'nifti_min_mask_fraction', 'dataset', 'fold', 'num_folds'))
+_MEMO = {}
+
+
+def run_key(config, total_steps):
+  """What a run's model, optimizer and compiled steps depend on, as a hashable string.
+
+  The one-cycle schedule of pretraining depends on the run's length; the
+  fine-tuning schedule is constant, so fine-tuning and baseline runs of any
+  length (and either arm) share one key.
+  """
+  fields = {k: v for k, v in json.loads(config.to_json_best_effort()).items()
+            if k not in _UNCOMPILED_FIELDS}
+  fields['total_steps'] = total_steps if MODEL_KINDS[config.mode] == 'simclr' else None
+  fields['mode'] = MODEL_KINDS[config.mode]
+  fields['linear_probe'] = is_linear_probe(config)
+  return json.dumps(fields, sort_keys=True)
+
+
+def memoized(name, key, make):
+  """`make()` once per (name, key) in this process: equal runs share one object.
+
+  A sweep's runs then share their model and optimizer objects, hence the pytree
+  structure of their states, hence their jitted steps: each shape compiles once.
+  """
+  if (name, key) not in _MEMO:
+    _MEMO[name, key] = make()
+  return _MEMO[name, key]
 
 
 class TrainState(train_state.TrainState):
@@ -124,14 +166,22 @@ def _new_state(config, model, tx, rng):
       best_metric=jnp.float32(-jnp.inf), best_step=jnp.int32(-1))
 
 
-def create_train_state(config, model, rng, tx, mesh=None):
-  """A fresh TrainState, created on the devices already replicated over `mesh`."""
+def create_train_state(config, model, rng, tx, mesh=None, key=None):
+  """A fresh TrainState, created on the devices already replicated over `mesh`.
+
+  With a `run_key`, runs of one key in the process share the compiled initialiser.
+  """
   mesh = mesh or sharding.create_mesh()
-  create = jax.jit(functools.partial(_new_state, config, model, tx),
-                   out_shardings=sharding.replicated_sharding(mesh))
-  # Initialisation runs once: compiled without LLVM optimisation it takes seconds
-  # on a CPU instead of a minute (the random initialisers compile slowly).
-  return create.lower(rng).compile({'xla_backend_optimization_level': 0})(rng)
+
+  def compile_init():
+    create = jax.jit(functools.partial(_new_state, config, model, tx),
+                     out_shardings=sharding.replicated_sharding(mesh))
+    # Initialisation runs once per run: compiled without LLVM optimisation it takes
+    # seconds on a CPU instead of a minute (the random initialisers compile slowly).
+    return create.lower(rng).compile({'xla_backend_optimization_level': 0})
+
+  init = compile_init() if key is None else memoized('init', (key, mesh), compile_init)
+  return init(rng)
 
 
 def abstract_state(config, mesh):

@@ -26,35 +26,41 @@ from simclr_jax import sweep_report
 from simclr_jax import train
 
 
-def raw_pixel_floor(features, labels, train_idx, test_idx, num_classes):
-  """Test metrics of 1-nearest-neighbour on raw pixels (correlation) from `train_idx`."""
-  predictions = neighbours.knn_classify(features[train_idx], labels[train_idx],
-                                        features[test_idx], k=1, num_classes=num_classes,
-                                        metric='correlation')
-  return evaluate.classification_metrics(labels[test_idx], predictions, num_classes)
+def raw_pixel_floor(features, labels, subject_ids, train_idx, test_idx, num_classes):
+  """1-nearest-neighbour on raw pixels (correlation) from `train_idx`: Predictions of test."""
+  predicted = neighbours.knn_classify(features[train_idx], labels[train_idx],
+                                      features[test_idx], k=1, num_classes=num_classes,
+                                      metric='correlation')
+  return evaluate.Predictions(
+      rows=np.asarray(test_idx, np.int64), subject_ids=subject_ids[test_idx],
+      labels=labels[test_idx], probabilities=np.eye(num_classes, dtype=np.float32)[predicted])
 
 
 def _run_floor(run, config, arrays, features):
   """Computes and writes one floor run; a finished one with the same settings is kept."""
   settings = {'mode': 'floor', 'metric': 'correlation', 'k': 1,
-              'floor_image_size': config.floor_image_size,
+              'floor_image_size': config.floor_image_size, 'task': run.task, 'fold': run.fold,
               'label_fraction': run.fraction, 'label_seed': run.seed,
-              **sweep_plan.PROTOCOLS[run.protocol]}
+              **{k: v for k, v in sweep_plan.PROTOCOLS[run.protocol].items()
+                 if k in ('split_scheme', 'include_test_in_pretrain', 'selection_split')}}
   if run.finished:
     previous = runs.read_metrics(run.workdir)
     if all(previous.get(k) == v for k, v in settings.items()):
       return False
-  splits = sweep_plan.protocol_splits(config, run.protocol, arrays)
+  splits = sweep_plan.protocol_splits(config, run.protocol, arrays, run.fold)
   train_idx = splits_lib.label_subset(arrays.labels, splits['train'], run.fraction, run.seed)
+  labels, class_names = data_lib.task_labels(arrays, sweep_plan.task_config(config, run.task))
   start = time.time()
-  num_classes = len(arrays.class_names)
-  result = raw_pixel_floor(features, arrays.labels, train_idx, splits['test'],
-                           num_classes)
+  predictions = raw_pixel_floor(features, labels, arrays.subject_ids, train_idx,
+                                splits['test'], len(class_names))
+  result = evaluate.prediction_metrics(predictions, len(class_names))
   result.update(settings)
   result.update({'chosen_step': None, 'num_train_images': int(len(train_idx)),
-                 'class_names': list(arrays.class_names),
-                 'label_counts': np.bincount(arrays.labels[train_idx],
-                                             minlength=num_classes).tolist()})
+                 'num_train_subjects': int(len(np.unique(arrays.subject_ids[train_idx]))),
+                 'class_names': class_names,
+                 'label_counts': np.bincount(labels[train_idx],
+                                             minlength=len(class_names)).tolist()})
+  runs.write_predictions(run.workdir, predictions)
   runs.write_wall_time(run.workdir, time.time() - start)
   runs.write_metrics(run.workdir, result)
   return True

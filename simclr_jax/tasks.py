@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from simclr_jax import augment
+from simclr_jax import checks
 from simclr_jax import data as data_lib
 from simclr_jax import evaluate
 from simclr_jax import input_pipeline
 from simclr_jax import losses
-from simclr_jax import models
 from simclr_jax import runs
-from simclr_jax import sam
 from simclr_jax import sharding
 from simclr_jax import splits as splits_lib
 from simclr_jax import state as state_lib
@@ -40,9 +40,17 @@ from simclr_jax import state as state_lib
 class Data:
   """What a training run reads: the arrays, the split indices and their roles."""
   arrays: data_lib.DatasetArrays
+  labels: np.ndarray  # int32 [N] labels of the run's task (config.task).
+  class_names: list  # Class names of the run's task.
   splits: dict
   train_idx: np.ndarray  # Pretraining images, or the labeled subset.
   select_idx: np.ndarray  # Model selection (validation, or test in the reference protocol).
+
+  @property
+  def selection_classes(self):
+    """The classes present in the selection split (the selection metric averages these)."""
+    present = np.unique(self.labels[self.select_idx])
+    return [self.class_names[k] for k in present]
 
 
 @dataclasses.dataclass
@@ -51,12 +59,19 @@ class Task:
 
   Attributes:
     config: the run's config, completed (num_classes from the data set).
+    key: `state.run_key` of the run: runs with one key share compiled steps.
     data: the data set and the role of each split.
     model: the Flax module trained.
     loss_fn: (params, batch_stats, batch, rng, temperature) -> (loss, (new
       batch_stats, accuracy)); jittable.
-    make_batches: start_step -> iterator of per-process numpy training batches.
-    infer_step: (state, images) -> logits or embeddings; jittable.
+    make_batch: (uint8 images, labels, stream positions, augmentation key,
+      run values) -> the batch `loss_fn` takes (augmented views, labels, example
+      weights); jittable.
+    run_values: arrays the compiled steps take as inputs because they differ
+      between runs that share them (the class weights of the labeled subset).
+    rows: the training rows and how batches walk them.
+    device_data: the data set's images for the jitted steps.
+    infer_step: (state, model inputs) -> logits or embeddings; jittable.
     selection: evaluator of the selection split.
     test: evaluator of the test split (run once, on the chosen checkpoint).
     selection_key: the metric of `selection.run` that picks the best checkpoint.
@@ -65,10 +80,14 @@ class Task:
     before_eval: state -> state before every evaluation (precise BatchNorm).
   """
   config: ml_collections.ConfigDict
+  key: str
   data: Data
   model: nn.Module
   loss_fn: Callable
-  make_batches: Callable[[int], Any]
+  make_batch: Callable
+  run_values: dict
+  rows: input_pipeline.TrainingRows
+  device_data: input_pipeline.DeviceData
   infer_step: Callable
   selection: Any
   test: Any
@@ -80,26 +99,7 @@ class Task:
 
 def check_config(config):
   """Rejects a training config a run cannot use, in one sentence naming the fix."""
-  if config.mode not in state_lib.TRAIN_MODES:
-    raise ValueError(f'Unknown mode {config.mode!r} for training; set --config.mode to '
-                     f'one of {state_lib.TRAIN_MODES}.')
-  models.create_model(config, 'simclr')  # Validates model, dtype, encoder_output.
-  if not 0.0 < config.label_fraction <= 1.0:
-    raise ValueError(f'label_fraction {config.label_fraction} is outside (0, 1]; set '
-                     '--config.label_fraction to e.g. 0.1 for 10 % of the labels.')
-  sam.check_mode(config.sam)
-  if config.selection_split not in ('val', 'test'):
-    raise ValueError(f'Unknown selection_split {config.selection_split!r}; use val '
-                     '(or test only to reproduce the reference protocol).')
-  if config.num_epochs < 1:
-    raise ValueError('num_epochs must be at least 1; set --config.num_epochs.')
-  if config.precise_bn_batches is not None and config.precise_bn_batches < 1:
-    raise ValueError(f'precise_bn_batches={config.precise_bn_batches} must be positive; '
-                     'set it to e.g. 8, or to None for running averages.')
-  sharding.check_batch_size(config.batch_size, 'batch_size')
-  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  if config.mode == 'finetune':
-    runs.pretrained_config(config)  # Fails early if the pretrain run is unusable.
+  checks.check_train_config(config)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -134,12 +134,12 @@ def pretrain_loss_fn(params, batch_stats, batch, rng, temperature, *, apply_fn,
 
 
 def supervised_loss_fn(params, batch_stats, batch, rng, temperature, *, apply_fn):
-  """Cross entropy; returns (loss, (new batch_stats, accuracy))."""
+  """Cross entropy weighted by batch['weight']; returns (loss, (new batch_stats, accuracy))."""
   del temperature
   logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats},
                              batch['image'], train=True, mutable=['batch_stats'],
                              rngs={'dropout': rng})
-  loss = losses.cross_entropy_loss(logits, batch['label'])
+  loss = losses.cross_entropy_loss(logits, batch['label'], batch.get('weight'))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   return loss, (updates['batch_stats'], accuracy)
 
@@ -177,35 +177,87 @@ def create_task(config, mesh):
   config = ml_collections.ConfigDict(config)  # A copy we may complete.
   check_config(config)
   arrays = data_lib.load_arrays(config)
-  config.num_classes = len(arrays.class_names)
+  labels, class_names = data_lib.task_labels(arrays, config)
+  config.num_classes = len(class_names)
+  # Splits and label subsets follow the data set's own classes for either task.
   splits = splits_lib.load_splits(config, arrays)
   if config.selection_split == 'test':
     logging.warning('Model selection on the TEST split: this reproduces the reference '
                     'protocol and overstates accuracy; use selection_split=val.')
   build = {'pretrain': _pretrain_task, 'finetune': _supervised_task,
            'baseline': _supervised_task}[config.mode]
-  return build(config, arrays, splits, mesh)
+  device_data = input_pipeline.DeviceData(arrays, mesh, config.data_on_device, labels=labels)
+  task = build(config, Data(arrays, labels, class_names, splits, *_train_and_select(
+      config, arrays, splits)), device_data, mesh)
+  missing = sorted(set(class_names) - set(task.data.selection_classes))
+  if missing:
+    logging.warning('The %s split holds no image of %s: %s averages over %s only.',
+                    config.selection_split, ', '.join(missing), task.selection_key,
+                    ', '.join(task.data.selection_classes))
+  return task
 
 
-def _infer(config, mesh, infer_step, arrays):
-  """(state, idx) -> outputs of `infer_step` over those rows, jitted over the mesh."""
-  step = jax.jit(infer_step, in_shardings=(sharding.replicated_sharding(mesh),
-                                           sharding.data_sharding(mesh)),
-                 out_shardings=sharding.data_sharding(mesh))
-  return lambda state, idx: evaluate.predict(step, state, arrays, idx, config, mesh)
+def _train_and_select(config, arrays, splits):
+  """(training rows, selection rows) of the mode."""
+  if state_lib.model_kind(config) == 'simclr':
+    train_idx = splits_lib.pretrain_indices(splits, config.include_test_in_pretrain)
+  else:
+    train_idx = splits_lib.label_subset(arrays.labels, splits['train'],
+                                        config.label_fraction, config.label_seed)
+  return train_idx, splits[config.selection_split]
 
 
-def _batches(batch_fn, arrays, idx, config):
-  return functools.partial(batch_fn, arrays, idx, config, seed=config.seed,
-                           process_index=jax.process_index(),
-                           process_count=jax.process_count())
+def class_weights(config, labels, num_classes):
+  """Cross-entropy weight of each class: 1, or n / (K * n_class) with 'balanced'."""
+  if config.get('class_weights', 'none') == 'none':
+    return np.ones(num_classes, np.float32)
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+  return weights.astype(np.float32)
 
 
-def _precise_bn(config, arrays, train_idx, mesh):
+def _key_and_model(config, rows):
+  key = state_lib.run_key(config, rows.steps_per_epoch * config.num_epochs)
+  return key, state_lib.memoized('model', key, lambda: state_lib.create_model(config))
+
+
+def _infer(config, key, mesh, infer_step, device_data):
+  """(state, idx) -> outputs of `infer_step` over those rows of the data set."""
+
+  def infer(state, data, inputs):
+    images, _ = input_pipeline.DeviceData.images(data, inputs)
+    return infer_step(state, augment.model_input(images, config.image_size, config.channels))
+
+  step = state_lib.memoized(('infer', infer_step.__name__), (key, mesh), lambda: jax.jit(
+      infer, out_shardings=sharding.data_sharding(mesh)))
+  return lambda state, idx: evaluate.predict(step, state, device_data, idx,
+                                             config.eval_batch_size)
+
+
+def _rows(config, train_idx):
+  batch_size = input_pipeline.train_batch_size(len(train_idx), config.batch_size,
+                                               jax.device_count())
+  if batch_size != config.batch_size:
+    logging.info('%d training images, fewer than batch_size %d: batches of %d (no image '
+                 'twice in a batch).', len(train_idx), config.batch_size, batch_size)
+  return input_pipeline.TrainingRows(np.asarray(train_idx), batch_size, config.seed)
+
+
+def _precise_bn(config, key, device_data, train_idx, mesh):
   # A linear probe's encoder keeps its pretrained statistics.
   if not config.precise_bn_batches or state_lib.is_linear_probe(config):
     return _unchanged
-  return evaluate.PreciseBatchStats(arrays, train_idx, config, mesh)
+  return evaluate.PreciseBatchStats(device_data, train_idx, config, mesh, key=key)
+
+
+def _pretrain_batch(images, labels, positions, key, run_values, *, config):
+  del labels, run_values  # Unused: pretraining is self-supervised.
+  return input_pipeline.pretrain_batch(images, positions, key, config)
+
+
+def _supervised_batch(images, labels, positions, key, run_values, *, config):
+  return {'image': input_pipeline.supervised_image(images, positions, key, config),
+          'label': labels, 'weight': jnp.asarray(run_values['class_weights'])[labels]}
 
 
 def _embed_step(state, images):
@@ -216,44 +268,48 @@ def _logits_step(state, images):
   return state.apply_fn(state_lib.variables(state), images, train=False)
 
 
-def _pretrain_task(config, arrays, splits, mesh):
-  train_idx = splits_lib.pretrain_indices(splits, config.include_test_in_pretrain)
-  data = Data(arrays, splits, train_idx, splits[config.selection_split])
-  model = state_lib.create_model(config)
-  infer = _infer(config, mesh, _embed_step, arrays)
+def _pretrain_task(config, data, device_data, mesh):
+  rows = _rows(config, data.train_idx)
+  key, model = _key_and_model(config, rows)
+  infer = _infer(config, key, mesh, _embed_step, device_data)
 
   def knn(idx):
-    return evaluate.KnnEvaluator(infer, idx, splits['train'], arrays.labels,
+    return evaluate.KnnEvaluator(infer, idx, data.splits['train'], data.labels,
                                  tuple(config.knn_k), config.num_classes)
 
   k = config.knn_k[1] if len(config.knn_k) > 1 else config.knn_k[0]
   suffix = 'balanced_accuracy' if config.selection_metric == 'balanced_accuracy' else 'accuracy'
   loss_fn, epoch_end = objective(config, model)
   return Task(
-      config=config, data=data, model=model, loss_fn=loss_fn,
-      make_batches=_batches(input_pipeline.pretrain_batches, arrays, train_idx, config),
-      infer_step=_embed_step, selection=knn(data.select_idx), test=knn(splits['test']),
-      selection_key=f'knn{k}_{suffix}', start=_unchanged, epoch_end=epoch_end,
-      before_eval=_precise_bn(config, arrays, train_idx, mesh))
+      config=config, key=key, data=data, model=model, loss_fn=loss_fn,
+      make_batch=functools.partial(_pretrain_batch, config=config),
+      run_values={'class_weights': np.ones(config.num_classes, np.float32)},
+      rows=rows, device_data=device_data,
+      infer_step=_embed_step, selection=knn(data.select_idx),
+      test=knn(data.splits['test']), selection_key=f'knn{k}_{suffix}', start=_unchanged,
+      epoch_end=epoch_end,
+      before_eval=_precise_bn(config, key, device_data, data.train_idx, mesh))
 
 
-def _supervised_task(config, arrays, splits, mesh):
-  train_idx = splits_lib.label_subset(arrays.labels, splits['train'], config.label_fraction,
-                                      config.label_seed)
-  data = Data(arrays, splits, train_idx, splits[config.selection_split])
-  model = state_lib.create_model(config)
-  infer = _infer(config, mesh, _logits_step, arrays)
+def _supervised_task(config, data, device_data, mesh):
+  rows = _rows(config, data.train_idx)
+  key, model = _key_and_model(config, rows)
+  infer = _infer(config, key, mesh, _logits_step, device_data)
 
   def classifier(idx):
-    return evaluate.ClassifierEvaluator(infer, idx, arrays.labels, config.num_classes)
+    return evaluate.ClassifierEvaluator(infer, idx, data.labels, data.arrays.subject_ids,
+                                        config.num_classes)
 
   start = (functools.partial(runs.load_pretrained_encoder, config, mesh=mesh)
            if config.mode == 'finetune' else _unchanged)
   loss_fn, epoch_end = objective(config, model)
   return Task(
-      config=config, data=data, model=model, loss_fn=loss_fn,
-      make_batches=_batches(input_pipeline.supervised_batches, arrays, train_idx, config),
+      config=config, key=key, data=data, model=model, loss_fn=loss_fn,
+      make_batch=functools.partial(_supervised_batch, config=config),
+      run_values={'class_weights': class_weights(config, data.labels[data.train_idx],
+                                                 config.num_classes)},
+      rows=rows, device_data=device_data,
       infer_step=_logits_step, selection=classifier(data.select_idx),
-      test=classifier(splits['test']), selection_key=config.selection_metric,
+      test=classifier(data.splits['test']), selection_key=config.selection_metric,
       start=start, epoch_end=epoch_end,
-      before_eval=_precise_bn(config, arrays, train_idx, mesh))
+      before_eval=_precise_bn(config, key, device_data, data.train_idx, mesh))

@@ -11,7 +11,6 @@ a device mesh, buffers donated, no host synchronisation between logging steps.
 """
 
 import functools
-import itertools
 import math
 
 from absl import logging
@@ -24,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from simclr_jax import errors
+from simclr_jax import evaluate
 from simclr_jax import input_pipeline
 from simclr_jax import plots
 from simclr_jax import runs
@@ -39,6 +40,13 @@ class TrainMetrics(metrics.Collection):
   grad_norm: metrics.Average.from_output('grad_norm')
   param_norm: metrics.LastValue.from_output('param_norm')
   update_norm: metrics.Average.from_output('update_norm')
+
+
+# Steps per dispatch by platform (config.steps_per_dispatch=0). On accelerators,
+# enough that Python and launch overheads vanish beside small steps; on CPU one:
+# a step inside lax.scan ran 2x slower there, and dispatch costs ~1 % of a step
+# (docs/performance.md).
+DEFAULT_STEPS_PER_DISPATCH = {'cpu': 1, 'gpu': 16, 'tpu': 16}
 
 
 def itstime(step, every, total_steps):
@@ -88,12 +96,85 @@ def train_step(state, batch, rng, *, loss_fn, steps_per_epoch, epoch_end, frozen
 
 
 def make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch):
-  """The mode's train step, jitted over the mesh with the state donated."""
+  """One train step on a model batch, jitted over the mesh with the state donated."""
   repl = sharding.replicated_sharding(mesh)
   step = functools.partial(train_step, loss_fn=loss_fn, steps_per_epoch=steps_per_epoch,
                            epoch_end=epoch_end, frozen=state_lib.frozen_subtrees(config))
   return jax.jit(step, in_shardings=(repl, sharding.data_sharding(mesh), repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def train_steps(state, metrics, inputs, data, rngs, run_values, *, make_batch, loss_fn,
+                epoch_end, frozen=()):
+  """Up to k train steps in one dispatch (`lax.scan`): (state, metrics) -> (state, metrics).
+
+  Args:
+    state: the TrainState.
+    metrics: TrainMetrics merged since the last summary; the steps' are merged in.
+    inputs: per-step inputs stacked on a leading axis of k steps: 'row', 'position'
+      int32 [k, B] (and 'image', 'label' when the data set is not on the devices).
+    data: the data set on the devices ({'images', 'labels'}), or None.
+    rngs: {'dropout', 'augment'} keys of the run.
+    run_values: what differs between runs that share this compiled function:
+      int32 scalars 'num_steps' (the first num_steps of the k steps run, the rest
+      are skipped) and 'steps_per_epoch', and the task's values (class weights).
+    make_batch: (uint8 images, labels, positions, key, run_values) -> the model batch.
+    loss_fn, epoch_end, frozen: as `train_step`.
+
+  Returns:
+    The state after the steps and `metrics` merged with theirs.
+  """
+
+  def one_step(carry, step_inputs):
+    state, metrics = carry
+    images, labels = input_pipeline.DeviceData.images(data, step_inputs)
+    batch = make_batch(images, labels, step_inputs['position'], rngs['augment'], run_values)
+    state, step_metrics = train_step(state, batch, rngs['dropout'], loss_fn=loss_fn,
+                                     steps_per_epoch=run_values['steps_per_epoch'],
+                                     epoch_end=epoch_end, frozen=frozen)
+    return state, metrics.merge(step_metrics)
+
+  def body(carry, x):
+    index, step_inputs = x
+    carry = jax.lax.cond(index < run_values['num_steps'],
+                         lambda c: one_step(c, step_inputs), lambda c: c, carry)
+    return carry, None
+
+  num_steps = jax.tree.leaves(inputs)[0].shape[0]
+  if num_steps == 1:
+    # No control flow: XLA CPU runs a step 2x slower inside a while loop or a
+    # conditional than on its own (docs/performance.md).
+    return one_step((state, metrics), jax.tree.map(lambda x: x[0], inputs))
+  (state, metrics), _ = jax.lax.scan(
+      body, (state, metrics), (jnp.arange(num_steps), inputs))
+  return state, metrics
+
+
+def make_train_steps(task, mesh):
+  """The task's `train_steps`, jitted over the mesh with the state donated.
+
+  One jitted function per `task.key` in the process, so that a sweep's runs of
+  equal shapes trace and compile it once.
+  """
+  repl = sharding.replicated_sharding(mesh)
+  steps = functools.partial(train_steps, make_batch=task.make_batch, loss_fn=task.loss_fn,
+                            epoch_end=task.epoch_end,
+                            frozen=state_lib.frozen_subtrees(task.config))
+  return state_lib.memoized('train_steps', (task.key, mesh), lambda: jax.jit(
+      steps, out_shardings=(repl, repl), donate_argnums=(0, 1)))
+
+
+def steps_per_dispatch(config):
+  """Steps per dispatch: config.steps_per_dispatch, or 0 for the platform's default."""
+  if config.steps_per_dispatch:
+    return config.steps_per_dispatch
+  return DEFAULT_STEPS_PER_DISPATCH.get(jax.default_backend(), 1)
+
+
+def next_boundary(step, total_steps, periods):
+  """The first step after `step` at which periodic work with one of `periods` is due."""
+  candidates = [total_steps] + [(step // p + 1) * p for p in periods if p]
+  return min(c for c in candidates if c > step)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -104,7 +185,7 @@ def write_train_summary(writer, step, train_metrics, lr_fn, state, workdir):
   summary = train_metrics.compute()
   loss = float(summary['loss'])
   if not math.isfinite(loss):
-    raise FloatingPointError(
+    raise errors.TrainingDivergedError(
         f'Training diverged: the loss is {loss} at step {step}; the last good '
         f'checkpoint is kept in {workdir}. Lower the learning rate (or sam_rho) and run '
         'the same command again with a new --workdir.')
@@ -114,8 +195,13 @@ def write_train_summary(writer, step, train_metrics, lr_fn, state, workdir):
   writer.write_scalars(step, scalars)
 
 
-def evaluate_and_keep_best(task, state, writer, step, checkpoints, mesh):
-  """Evaluates the selection split and saves the best checkpoint when it improves."""
+def evaluate_and_keep_best(task, state, best, writer, step, checkpoints, mesh):
+  """Evaluates the selection split; keeps and saves the state when it is the best so far.
+
+  Returns:
+    (state, best): the state (its bookkeeping updated) and the best state so far
+    as a host copy (`best` unchanged when this evaluation did not improve on it).
+  """
   state = task.before_eval(state)
   selection = task.selection.run(state)
   split = task.config.selection_split
@@ -126,7 +212,8 @@ def evaluate_and_keep_best(task, state, writer, step, checkpoints, mesh):
     state = state.replace(best_metric=sharding.replicate(value, mesh),
                           best_step=sharding.replicate(np.int32(step), mesh))
     checkpoints.save_best(state)
-  return state
+    best = jax.device_get(state)
+  return state, best
 
 
 def train_and_evaluate(config, workdir):
@@ -142,18 +229,20 @@ def train_and_evaluate(config, workdir):
   runs.check_workdir_config(config, workdir)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  per_epoch = input_pipeline.steps_per_epoch(len(task.data.train_idx), config.batch_size)
+  per_epoch = task.rows.steps_per_epoch
   total_steps = per_epoch * config.num_epochs
   eval_every = per_epoch * config.eval_every_epochs
-  logging.info('%s: %d training images, %d steps per epoch, %d steps.', config.mode,
-               len(task.data.train_idx), per_epoch, total_steps)
+  logging.info('%s: %d training images, batches of %d, %d steps per epoch, %d steps.',
+               config.mode, len(task.rows.rows), task.rows.batch_size, per_epoch, total_steps)
 
   lr_fn = state_lib.create_learning_rate_fn(config, total_steps)
   # The init key is config.seed itself, shared by both arms; dropout draws from the rest.
   rng = jax.random.key(config.seed)
-  _, step_rng = jax.random.split(rng)
-  state = state_lib.create_train_state(config, task.model, rng,
-                                       state_lib.create_optimizer(config, lr_fn), mesh)
+  rngs = sharding.replicate_tree({'dropout': jax.random.split(rng)[1],
+                                  'augment': input_pipeline.augment_key(config.seed)}, mesh)
+  tx = state_lib.memoized('optimizer', task.key,
+                          lambda: state_lib.create_optimizer(config, lr_fn))
+  state = state_lib.create_train_state(config, task.model, rng, tx, mesh, key=task.key)
   checkpoints = runs.Checkpoints(workdir, config.keep_checkpoints)
   restored = checkpoints.restore_latest(state)
   state = task.start(state) if restored is None else restored
@@ -162,51 +251,72 @@ def train_and_evaluate(config, workdir):
     logging.info('Resumed from step %d of %s.', start_step, workdir)
   else:
     writer.write_hparams(hparams(config))
+    write_views(writer, task, rngs, config.num_summary_images)
 
-  p_train_step = make_train_step(config, task.loss_fn, task.epoch_end, mesh, per_epoch)
-  batches = sharding.prefetch(task.make_batches(start_step=start_step),
-                              sharding.data_sharding(mesh), size=config.prefetch)
-  if start_step == 0 and config.num_summary_images:
-    first = next(batches)
-    write_views(writer, first, config.num_summary_images)
-    batches = itertools.chain([first], batches)
+  p_train_steps = make_train_steps(task, mesh)
+  k = steps_per_dispatch(config)
+  periods = (config.log_every_steps, eval_every, config.checkpoint_every_steps)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,
       every_secs=None)
-  train_metrics = TrainMetrics.empty()
-  for step in range(start_step + 1, total_steps + 1):
-    state, step_metrics = p_train_step(state, next(batches), step_rng)
-    train_metrics = train_metrics.merge(step_metrics)
-    report_progress(step)
+  train_metrics = sharding.replicate_tree(TrainMetrics.empty(), mesh)
+  best = None  # The best state so far, on the host (the steps donate the device copy).
+  step = start_step
+  while step < total_steps:
+    # Up to k steps per dispatch, never past the next summary, evaluation or checkpoint.
+    num_steps = min(k, next_boundary(step, total_steps, periods) - step)
+    state, train_metrics = p_train_steps(
+        state, train_metrics, dispatch_inputs(task, step, num_steps, k), task.device_data.arrays, rngs,
+        sharding.replicate_tree({'num_steps': np.int32(num_steps),
+                                 'steps_per_epoch': np.int32(per_epoch), **task.run_values},
+                                mesh))
+    for step in range(step + 1, step + num_steps + 1):
+      report_progress(step)  # clu's periodic actions want every step.
     # Batches are a function of (seed, step), so a run resumes exactly from any step;
     # the latest checkpoint is written at every evaluation and periodically.
     checkpoint_now = itstime(step, eval_every, total_steps) or itstime(
         step, config.checkpoint_every_steps, total_steps)
     if checkpoint_now or itstime(step, config.log_every_steps, total_steps):
       write_train_summary(writer, step, train_metrics, lr_fn, state, workdir)
-      train_metrics = TrainMetrics.empty()
+      train_metrics = sharding.replicate_tree(TrainMetrics.empty(), mesh)
     if itstime(step, eval_every, total_steps):
       with report_progress.timed('eval'):
-        state = evaluate_and_keep_best(task, state, writer, step, checkpoints, mesh)
+        state, best = evaluate_and_keep_best(task, state, best, writer, step, checkpoints,
+                                             mesh)
     if checkpoint_now:
       checkpoints.save_latest(state)
-  return write_final(task, checkpoints, state, writer, workdir, total_steps)
+  return write_final(task, checkpoints, state, best, writer, workdir, total_steps)
 
 
-def write_final(task, checkpoints, state, writer, workdir, total_steps):
-  """Test metrics of the checkpoint chosen on the selection split -> metrics.json."""
+def write_final(task, checkpoints, state, best, writer, workdir, total_steps):
+  """Test metrics of the checkpoint chosen on the selection split -> metrics.json.
+
+  `best` is the best state of this call, if it found one; a resumed run whose
+  best came before the resumption reads it from its checkpoint.
+  """
   config = task.config
-  chosen = checkpoints.restore_best(state) or state
+  if best is None or int(best.best_step) < int(state.best_step):
+    best = checkpoints.restore_best(state)
+  chosen = state if best is None else best
   checkpoints.close()
-  test_metrics = task.test.run(chosen)
-  train_labels = task.data.arrays.labels[task.data.train_idx]
+  if isinstance(task.test, evaluate.ClassifierEvaluator):
+    predictions = task.test.predict(chosen)
+    runs.write_predictions(workdir, predictions)
+    test_metrics = evaluate.prediction_metrics(predictions, config.num_classes)
+  else:
+    test_metrics = task.test.run(chosen)
+  data = task.data
   result = dict(test_metrics)
   result.update({
-      'mode': config.mode, 'chosen_step': int(chosen.best_step),
+      'mode': config.mode, 'task': config.task, 'fold': config.get('fold'),
+      'chosen_step': int(chosen.best_step),
       f'selection_{config.selection_split}_{task.selection_key}': float(chosen.best_metric),
-      'num_train_images': int(len(task.data.train_idx)), 'total_steps': total_steps,
-      'class_names': list(task.data.arrays.class_names),
-      'label_counts': np.bincount(train_labels, minlength=config.num_classes).tolist(),
+      'selection_classes': data.selection_classes,
+      'num_train_images': int(len(data.train_idx)),
+      'num_train_subjects': int(len(np.unique(data.arrays.subject_ids[data.train_idx]))),
+      'total_steps': total_steps, 'class_names': list(data.class_names),
+      'label_counts': np.bincount(data.labels[data.train_idx],
+                                  minlength=config.num_classes).tolist(),
   })
   writer.write_scalars(total_steps, {f'test/{k}': v for k, v in test_metrics.items()
                                      if isinstance(v, (int, float))})
@@ -229,9 +339,26 @@ def hparams(config):
   return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
-def write_views(writer, batch, num_images):
-  """The first training batch's (augmented) images, once, to TensorBoard."""
-  host = sharding.to_host(batch)
+def dispatch_inputs(task, step, num_steps, k):
+  """Inputs of steps step .. step + num_steps - 1, padded to k steps, as global arrays."""
+  steps = [task.rows.step_inputs(s) for s in range(step, step + num_steps)]
+  steps += [steps[-1]] * (k - num_steps)  # Skipped inside the dispatch.
+  stacked = {name: np.stack([s[name] for s in steps]) for name in steps[0]}
+  return task.device_data.inputs(stacked, batch_axis=1)
+
+
+def write_views(writer, task, rngs, num_images):
+  """The first training batch's augmented images, once, to TensorBoard."""
+  if not num_images:
+    return
+  inputs = task.device_data.inputs(task.rows.step_inputs(0))
+
+  def first_batch(data, inputs, key):
+    images, labels = input_pipeline.DeviceData.images(data, inputs)
+    return task.make_batch(images, labels, inputs['position'], key, task.run_values)
+
+  host = sharding.to_host(jax.jit(first_batch)(task.device_data.arrays, inputs,
+                                                rngs['augment']))
   if 'image1' in host:
     images = np.concatenate([host['image1'][:num_images], host['image2'][:num_images]], axis=2)
   else:

@@ -1,116 +1,140 @@
-"""Tests of the batch iterators on tiny fake data."""
+"""Tests of the training rows, the device data and the model inputs on tiny fake data."""
 
+import functools
 
+import jax
 import numpy as np
 import pytest
 
+from simclr_jax import evaluate
 from simclr_jax import input_pipeline
-from simclr_jax import splits as splits_lib
+from simclr_jax import sharding
 from tests import fake_data
 
 
-# ---------------------------------------------------------------- Batches.
-
-
-def test_stream_walks_epoch_permutations_and_fills_small_subsets():
-  positions = np.concatenate([
-      input_pipeline.stream_positions(5, 4, seed=0, step=step)
-      for step in range(5)])  # 20 positions: four epochs of five.
-  for epoch in range(4):
-    assert sorted(positions[5 * epoch:5 * (epoch + 1)]) == list(range(5))
-  assert input_pipeline.stream_positions(5, 32, seed=0, step=0).shape == (32,)
+def test_epochs_are_permutations_and_no_batch_holds_an_image_twice():
+  for num_examples, batch_size in ((5, 4), (12, 4), (27, 8), (32, 32)):
+    per_epoch = input_pipeline.steps_per_epoch(num_examples, batch_size)
+    for epoch in range(3):
+      batches = [input_pipeline.batch_positions(num_examples, batch_size, 0, step)
+                 for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
+      for batch in batches:
+        assert len(batch) == batch_size and len(set(batch)) == batch_size
+        assert batch.min() >= 0 and batch.max() < num_examples
+      # Every image is seen in every epoch; only the last batch's filler repeats.
+      seen = np.concatenate(batches)
+      assert set(seen) == set(range(num_examples))
+      assert len(seen) - num_examples == per_epoch * batch_size - num_examples
+  epochs = [np.concatenate([input_pipeline.batch_positions(12, 4, 0, s) for s in range(e, e + 3)])
+            for e in (0, 3)]
+  assert not np.array_equal(epochs[0], epochs[1])  # Each epoch its own order.
   assert input_pipeline.steps_per_epoch(10, 4) == 3
 
 
-def _take(iterator, num_batches):
-  return [next(iterator) for _ in range(num_batches)]
+def test_train_batch_size_is_every_image_when_there_are_fewer():
+  assert input_pipeline.train_batch_size(100, 32) == 32
+  assert input_pipeline.train_batch_size(17, 32) == 17
+  assert input_pipeline.train_batch_size(17, 32, num_devices=2) == 16
+  assert input_pipeline.train_batch_size(1, 32, num_devices=2) == 2
 
 
-def test_pretrain_batches_resume_at_any_step():
+def _pretrain_views(arrays, inputs, config, on_device=True):
+  mesh = sharding.create_mesh()
+  data = input_pipeline.DeviceData(arrays, mesh, on_device)
+
+  @jax.jit
+  def views(data_arrays, step_inputs, key):
+    images, _ = input_pipeline.DeviceData.images(data_arrays, step_inputs)
+    return input_pipeline.pretrain_batch(images, step_inputs['position'], key, config)
+
+  return sharding.to_host(views(data.arrays, data.inputs(inputs),
+                                input_pipeline.augment_key(config.seed)))
+
+
+def test_batches_resume_at_any_step_and_views_follow_seed_step_and_example():
   arrays, config = fake_data.fake_arrays(), fake_data.config(batch_size=4)
-  idx = np.arange(0, len(arrays), 7)  # 27 examples: step 6 crosses an epoch.
-  continued = _take(input_pipeline.pretrain_batches(
-      arrays, idx, config, seed=1, start_step=0), 7)
-  resumed = _take(input_pipeline.pretrain_batches(
-      arrays, idx, config, seed=1, start_step=5), 2)
-  for expected, batch in zip(continued[5:], resumed):
-    assert set(batch) == {'image1', 'image2'}
-    for key in batch:
-      np.testing.assert_array_equal(batch[key], expected[key])
-  batch = continued[0]
+  rows = input_pipeline.TrainingRows(np.arange(0, len(arrays), 7), 4, seed=1)
+  continued = [rows.step_inputs(step) for step in range(8)]  # Step 6 crosses an epoch.
+  resumed = input_pipeline.TrainingRows(np.arange(0, len(arrays), 7), 4, seed=1)
+  for step in (5, 6, 7):
+    for key in ('row', 'position'):
+      np.testing.assert_array_equal(resumed.step_inputs(step)[key], continued[step][key])
+  batch = _pretrain_views(arrays, continued[0], config)
+  assert set(batch) == {'image1', 'image2'}
   assert batch['image1'].shape == (4, fake_data.IMAGE_SIZE, fake_data.IMAGE_SIZE, 3)
   assert batch['image1'].dtype == np.float32
   assert 0.0 <= batch['image1'].min() and batch['image1'].max() <= 1.0
-  # Gray repeated to three channels; the two views differ; so do the steps.
+  # Gray repeated to three channels; the two views differ; so do the steps and seeds.
   np.testing.assert_array_equal(batch['image1'][..., 0], batch['image1'][..., 2])
   assert not np.array_equal(batch['image1'], batch['image2'])
-  assert not np.array_equal(batch['image1'], continued[1]['image1'])
-  other_seed = next(input_pipeline.pretrain_batches(
-      arrays, idx, config, seed=2, start_step=0))
-  assert not np.array_equal(batch['image1'], other_seed['image1'])
+  assert not np.array_equal(batch['image1'], _pretrain_views(arrays, continued[1],
+                                                             config)['image1'])
+  other_seed = fake_data.config(batch_size=4, seed=2)
+  assert not np.array_equal(batch['image1'],
+                            _pretrain_views(arrays, continued[0], other_seed)['image1'])
+  # The same views whether the data set lives on the devices or on the host.
+  on_host = _pretrain_views(arrays, continued[0], config, on_device=False)
+  for key in batch:
+    np.testing.assert_array_equal(on_host[key], batch[key])
 
 
-@pytest.mark.parametrize('make_batches', [input_pipeline.pretrain_batches,
-                                          input_pipeline.supervised_batches])
-def test_process_batches_concatenate_to_the_global_batch(make_batches):
-  arrays, config = fake_data.fake_arrays(), fake_data.config(batch_size=8)
-  idx = np.arange(30)
-  global_batches = _take(make_batches(arrays, idx, config, seed=0,
-                                      start_step=3), 2)
-  local_batches = [
-      _take(make_batches(arrays, idx, config, seed=0, start_step=3,
-                         process_index=p, process_count=2), 2)
-      for p in range(2)]
-  for step, global_batch in enumerate(global_batches):
-    for key, value in global_batch.items():
-      assert local_batches[0][step][key].shape[0] == 4
-      np.testing.assert_array_equal(
-          np.concatenate([local[step][key] for local in local_batches]), value)
-  with pytest.raises(ValueError, match='divisible'):
-    make_batches(arrays, idx, config, seed=0, start_step=0, process_count=3)
+def test_process_rows_concatenate_to_the_global_batch(monkeypatch):
+  rows = input_pipeline.TrainingRows(np.arange(30), 8, seed=0)
+  global_inputs = {k: np.stack([rows.step_inputs(s)[k] for s in (3, 4)])
+                   for k in ('row', 'position')}
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  parts = []
+  for p in range(2):
+    monkeypatch.setattr(jax, 'process_index', functools.partial(lambda p: p, p))
+    parts.append(sharding.local_rows(global_inputs, batch_axis=1))
+  for key, value in global_inputs.items():
+    assert parts[0][key].shape == (2, 4)
+    np.testing.assert_array_equal(np.concatenate([part[key] for part in parts], axis=1),
+                                  value)
 
 
 def test_supervised_batches_pair_images_with_their_labels():
-  arrays, config = fake_data.fake_arrays(), fake_data.config(
-      batch_size=6, image_size=16, channels=1, train_augment=False)
-  idx = np.arange(3, 60, 5)
-  images = input_pipeline.preprocess(arrays.images[idx], config)
+  arrays = fake_data.fake_arrays()
+  config = fake_data.config(batch_size=6, image_size=16, channels=1, train_augment=False)
+  rows = input_pipeline.TrainingRows(np.arange(3, 60, 5), 6, seed=0)
+  mesh = sharding.create_mesh()
+  data = input_pipeline.DeviceData(arrays, mesh)
+
+  @jax.jit
+  def batch_of(data_arrays, step_inputs, key):
+    images, labels = input_pipeline.DeviceData.images(data_arrays, step_inputs)
+    return input_pipeline.supervised_image(images, step_inputs['position'], key,
+                                           config), labels
+
+  expected = input_pipeline.preprocess(arrays.images[rows.rows], config)
   seen = set()
-  for batch in _take(input_pipeline.supervised_batches(
-      arrays, idx, config, seed=0, start_step=0), 2):  # One epoch of 12.
-    assert batch['label'].dtype == np.int32
-    for image, label in zip(batch['image'], batch['label']):
-      (match,) = np.flatnonzero(np.all(images == image, axis=(1, 2, 3)))
-      assert label == arrays.labels[idx[match]]
+  for step in range(2):  # One epoch of 12.
+    images, labels = sharding.to_host(batch_of(data.arrays, data.inputs(rows.step_inputs(step)),
+                                               input_pipeline.augment_key(0)))
+    assert labels.dtype == np.int32
+    for image, label in zip(images, labels):
+      (match,) = np.flatnonzero(np.all(expected == image, axis=(1, 2, 3)))
+      assert label == arrays.labels[rows.rows[match]]
       seen.add(match)
-  assert seen == set(range(len(idx)))
-  augmented = next(input_pipeline.supervised_batches(
-      arrays, idx, fake_data.config(batch_size=6, train_augment=True), seed=0,
-      start_step=0))
-  assert augmented['image'].shape == (6, fake_data.IMAGE_SIZE, fake_data.IMAGE_SIZE, 3)
+  assert seen == set(range(len(rows.rows)))
 
 
-@pytest.mark.parametrize('process_count', [1, 2])
-def test_eval_batches_pad_the_last_batch(process_count):
-  arrays, config = fake_data.fake_arrays(), fake_data.config()
-  idx = np.arange(10, 20)
-  expected = input_pipeline.preprocess(arrays.images[idx], config)
-  per_process = [
-      list(input_pipeline.eval_batches(
-          arrays, idx, config, batch_size=4, process_index=p,
-          process_count=process_count))
-      for p in range(process_count)]
-  assert all(len(batches) == 3 for batches in per_process)
-  # Reassemble the global batches from the processes' rows.
-  images, labels, valid = (
-      np.concatenate([np.concatenate([batches[step][key]
-                                      for batches in per_process])
-                      for step in range(3)])
-      for key in ('image', 'label', 'valid'))
-  assert valid.dtype == bool
-  np.testing.assert_array_equal(valid, np.arange(12) < 10)
-  np.testing.assert_array_equal(images[:10], expected)
-  np.testing.assert_array_equal(labels[:10], arrays.labels[idx])
+def test_evaluation_pads_the_last_batch_and_returns_the_rows_in_order():
+  rows, count = input_pipeline.eval_rows(np.arange(10, 20), 4)
+  assert count == 10 and len(rows) == 12
+  np.testing.assert_array_equal(rows[:10], np.arange(10, 20))
+  np.testing.assert_array_equal(rows[10:], [10, 10])
+  arrays = fake_data.fake_arrays()
+  data = input_pipeline.DeviceData(arrays, sharding.create_mesh())
+
+  @jax.jit
+  def labels_of(state, data_arrays, inputs):
+    del state
+    return input_pipeline.DeviceData.images(data_arrays, inputs)[1]
+
+  idx = np.array([40, 3, 17, 99, 5, 61, 8])
+  np.testing.assert_array_equal(evaluate.predict(labels_of, None, data, idx, batch_size=4),
+                                arrays.labels[idx])
 
 
 def test_preprocess_resizes_and_repeats_channels():

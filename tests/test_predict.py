@@ -172,3 +172,36 @@ def test_config_file():
   assert config.cam_method == 'gradcam' and not config.evaluate_cam
   assert importlib.import_module('configs.predict').get_config('runlocal').cam_layer == (
       'stage3')
+
+
+def test_volumes_give_slice_and_volume_predictions_and_overlays_of_informative_slices(
+    run_dir, tmp_path):
+  """A folder of NIfTI volumes: every slice classified, one prediction per volume."""
+  folder = tmp_path / 'volumes'
+  written = synthetic_mri.write_nifti_volumes(str(folder), num_subjects=8,
+                                              slices_per_subject=12, image_size=64, seed=3)
+  # One volume as an Analyze .hdr/.img pair: its .img is not a second input.
+  synthetic_mri.write_volume(str(folder / 'pair.hdr'), np.zeros((12, 64, 64), np.uint8) + 60)
+  workdir = str(tmp_path / 'out')
+  summary = predict.predict(_config(run_dir, str(folder)), workdir)
+  volumes = summary['volumes']
+  assert len(volumes) == len(written) + 1
+  rows = _rows(workdir)
+  for entry in volumes:
+    slices = [r for r in rows if r['file'].startswith(entry['volume'] + '#')]
+    assert len(slices) == entry['num_slices'] > 0
+    # The volume's prediction is the mean of its slices' probabilities.
+    for name, p in entry['probabilities'].items():
+      assert p == pytest.approx(np.mean([float(r[f'p_{name}']) for r in slices]), abs=1e-3)
+    assert entry['predicted_class'] == max(entry['probabilities'], key=entry['probabilities'].get)
+    drawn = [r for r in slices if r['overlay']]
+    assert len(drawn) == min(predict.NUM_VOLUME_OVERLAYS, len(slices))
+    confidence = lambda r: float(r[f'p_{entry["predicted_class"]}'])
+    assert min(map(confidence, drawn)) >= max(
+        [confidence(r) for r in slices if not r['overlay']] or [0.0])
+  assert len(os.listdir(os.path.join(workdir, 'overlays'))) == sum(
+      min(predict.NUM_VOLUME_OVERLAYS, v['num_slices']) for v in volumes)
+  with open(os.path.join(workdir, 'volume_predictions.csv')) as f:
+    assert len(list(csv.DictReader(f))) == len(volumes)
+  # pair.hdr lies outside the class folders, so no input's truth is claimed.
+  assert 'labels_from' not in summary

@@ -1,8 +1,7 @@
-"""Tests of the label-fraction sweep: plan, reports, skipping finished runs, one real run."""
+"""Tests of the label-fraction sweep: plan, pooled reports, verdicts, reruns, one real run."""
 
 import csv
 import json
-import math
 import os
 
 import numpy as np
@@ -11,17 +10,19 @@ import pytest
 from configs import sweep as sweep_config
 from simclr_jax import data as data_lib
 from simclr_jax import evaluate
+from simclr_jax import runs
 from simclr_jax import splits as splits_lib
+from simclr_jax import stats
 from simclr_jax import sweep
 from simclr_jax import sweep_plan
 from simclr_jax import sweep_report
 from tests.conftest import tiny_config
 
 SWEEP_OVERRIDES = dict(
-    protocols=('honest', 'reference'), fractions=(0.5, 1.0), seeds=(0, 1),
-    multi_seed_max_fraction=0.5, reference_seeds=(0,), pretrain_num_epochs=1,
-    max_steps_per_run=None, evals_per_run=None, floor_image_size=16,
-    cam_method='gradcam', cam_layer='stage3')
+    protocols=('honest', 'reference'), tasks=('four_class', 'binary'), num_folds=2,
+    fractions=(0.5, 1.0), seeds=(0, 1), multi_seed_max_fraction=0.5, reference_seeds=(0,),
+    pretrain_num_epochs=1, max_steps_per_run=None, evals_per_run=None, floor_image_size=16,
+    cam_method='gradcam', cam_layer='stage3', bootstrap_samples=200)
 
 
 def sweep_test_config(data_dir, **overrides):
@@ -29,37 +30,59 @@ def sweep_test_config(data_dir, **overrides):
 
 
 class FakeTraining:
-  """Stands in for train.train_and_evaluate: writes a metrics.json, counts calls."""
+  """Stands in for train.train_and_evaluate: writes metrics.json and test predictions.
 
-  def __init__(self, arrays):
+  Each test slice is answered right with probability `right[mode]`; the draws do
+  not depend on the mode, so arms of equal `right` answer identically, and a
+  better arm is right wherever a worse one is (paired predictions).
+  """
+
+  def __init__(self, arrays, right=None):
     self.arrays = arrays
+    self.right = right or {'baseline': 0.6, 'finetune': 0.65}
     self.calls = []
 
   def __call__(self, config, workdir):
     self.calls.append((config, workdir))
-    if config.mode == 'finetune':  # The sweep pretrains before it fine-tunes.
-      assert os.path.exists(os.path.join(config.pretrained_workdir, 'metrics.json'))
+    if config.mode == 'pretrain':
+      result = {'mode': 'pretrain', 'fold': config.fold, 'knn1_accuracy': 0.5}
+      runs.write_metrics(workdir, result)
+      return result
+    # The sweep pretrains the fold before it fine-tunes.
+    assert runs.is_finished(config.pretrained_workdir) or config.mode == 'baseline'
+    labels, class_names = data_lib.task_labels(self.arrays, config)
     splits = splits_lib.load_splits(config, self.arrays)
-    test_labels = self.arrays.labels[splits['test']]
-    rng = np.random.default_rng([config.seed, int(100 * config.label_fraction),
-                                 config.mode == 'finetune'])
-    predictions = np.where(rng.uniform(size=len(test_labels)) < 0.6, test_labels,
-                           rng.integers(0, 4, len(test_labels)))
-    result = evaluate.classification_metrics(test_labels, predictions, 4)
+    test = splits['test']
+    num_classes = len(class_names)
+    rng = np.random.default_rng([config.seed, int(100 * config.label_fraction), config.fold,
+                                 config.task == 'binary'])
+    uniform, other = rng.uniform(size=len(test)), rng.integers(1, num_classes, len(test))
+    predicted = np.where(uniform < self.right[config.mode], labels[test],
+                         (labels[test] + other) % num_classes)
+    probabilities = np.full((len(test), num_classes), 0.2 / num_classes, np.float32)
+    probabilities[np.arange(len(test)), predicted] += 0.8
+    predictions = evaluate.Predictions(np.asarray(test, np.int64),
+                                       self.arrays.subject_ids[test], labels[test],
+                                       probabilities)
+    runs.write_predictions(workdir, predictions)
+    result = evaluate.prediction_metrics(predictions, num_classes)
     train_idx = splits_lib.label_subset(self.arrays.labels, splits['train'],
                                         config.label_fraction, config.label_seed)
-    result.update(mode=config.mode, chosen_step=3, class_names=self.arrays.class_names,
-                  num_train_images=int(len(train_idx)),
-                  selection_val_balanced_accuracy=float(rng.uniform()))
-    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-      json.dump(result, f)
+    select = splits[config.selection_split]
+    result.update(
+        mode=config.mode, task=config.task, fold=config.fold, chosen_step=3,
+        class_names=class_names, num_train_images=int(len(train_idx)),
+        selection_classes=[class_names[k] for k in np.unique(labels[select])],
+        **{f'selection_{config.selection_split}_{config.selection_metric}':
+           float(rng.uniform())})
+    runs.write_metrics(workdir, result)
     return result
 
 
-def run_fake_sweep(data_dir, workdir, monkeypatch):
-  """A sweep of both protocols with training replaced by FakeTraining."""
-  config = sweep_test_config(data_dir)
-  fake = FakeTraining(data_lib.load_arrays(config))
+def run_fake_sweep(data_dir, workdir, monkeypatch, right=None, **overrides):
+  """A sweep with training replaced by FakeTraining (both protocols by default)."""
+  config = sweep_test_config(data_dir, **overrides)
+  fake = FakeTraining(data_lib.load_arrays(config), right)
   monkeypatch.setattr(sweep.train, 'train_and_evaluate', fake)
   gradcam_calls = []
   monkeypatch.setattr(sweep_report, 'write_gradcam_grid',
@@ -79,6 +102,19 @@ def read_rows(workdir):
     return list(csv.DictReader(f))
 
 
+def read_text(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return f.read()
+
+
+def run_rows(rows):
+  return [r for r in rows if r['fold'] != 'pooled']
+
+
+def pooled_rows(rows):
+  return [r for r in rows if r['fold'] == 'pooled']
+
+
 def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
   config, workdir, fake, summary, gradcam_calls = fake_sweep
   for name in ('results.csv', 'results.md', 'sweep.json', 'config.json',
@@ -86,71 +122,202 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert len(gradcam_calls) == 1
   rows = read_rows(workdir)
-  keys = sorted((r['protocol'], r['arm'], float(r['fraction']), int(r['seed'])) for r in rows)
-  expected = sorted(
-      [('honest', arm, f, s) for arm in sweep_plan.ARMS for f, s in ((0.5, 0), (0.5, 1), (1.0, 0))]
-      + [('reference', arm, f, 0) for arm in sweep_plan.ARMS for f in (0.5, 1.0)])
-  assert keys == expected
   assert list(rows[0]) == list(sweep_report.CSV_COLUMNS)
-  # One pretraining per protocol, then 2 arms x (3 honest + 2 reference) runs.
+  keys = sorted((r['protocol'], r['task'], r['fold'], r['arm'], float(r['fraction']),
+                 int(r['seed'])) for r in run_rows(rows))
+  honest_cells = ((0.5, 0), (0.5, 1), (1.0, 0))  # Seed 1 only up to 50 %.
+  expected = sorted(
+      [('honest', task, str(fold), arm, f, s) for task in config.tasks for fold in (0, 1)
+       for arm in sweep_plan.ARMS for f, s in honest_cells]
+      + [('reference', task, '', arm, f, 0) for task in config.tasks
+         for arm in sweep_plan.ARMS for f in (0.5, 1.0)])
+  assert keys == expected
+  # One pooled row per honest (task, arm, fraction, seed); the reference has one split.
+  assert sorted((r['protocol'], r['task'], r['arm'], float(r['fraction']), int(r['seed']))
+                for r in pooled_rows(rows)) == sorted(
+      ('honest', task, arm, f, s) for task in config.tasks for arm in sweep_plan.ARMS
+      for f, s in honest_cells)
+  # Pretraining once per fold (2 honest + 1 reference), then 2 arms x 2 tasks x
+  # (2 folds x 3 honest + 2 reference) runs.
   modes = [c.mode for c, _ in fake.calls]
-  assert modes.count('pretrain') == 2 and len(modes) == 12
-  with open(os.path.join(workdir, 'results.md')) as f:
-    markdown = f.read()
-  for needle in ('## Protocol `honest`', '## Protocol `reference`', 'raw-pixel 1-NN',
-                 '50 % (', 'SimCLR beat the baseline', 'inflation'):
+  assert modes.count('pretrain') == 3 and len(modes) == 3 + 2 * 2 * (2 * 3 + 2)
+  markdown = read_text(workdir, 'results.md')
+  for needle in ('## Protocol `honest`', '## Protocol `reference`', '### `honest`, task '
+                 '`binary`', 'raw-pixel 1-NN', '50 % (', 'SimCLR − baseline',
+                 'baseline − raw-pixel 1-NN', 'per subject', 'Balanced accuracy per fold',
+                 'inflation', sweep_plan.REFERENCE_DIFFERENCES,
+                 sweep_plan.PROTOCOL_DESCRIPTIONS['honest'][1:],
+                 '](label_fraction_curve.png)', '](confusion_matrices.png)', 'Wall time'):
     assert needle in markdown, needle
-  assert summary['protocols']['honest']['fractions'][0]['arms']['baseline'][
-      'balanced_accuracy']['std'] is not None  # Two seeds at 50 %.
+  # It opens with the three-sentence answer, generated from the numbers.
+  assert markdown.splitlines()[2] == '**Answer.** ' + ' '.join(summary['answer'])
+  assert len(summary['answer']) == 3
+  entry = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]
+  assert entry['arms']['baseline']['seeds'] == [0, 1]  # Two seeds at 50 %.
+  with open(os.path.join(workdir, 'sweep.json')) as f:
+    assert json.load(f)['num_runs'] == {
+        'finished': 3 + 12 * 3 + 4 * 3, 'planned': 3 + 12 * 3 + 4 * 3,
+        'floor_finished': 16, 'baseline_finished': 16, 'finetune_finished': 16,
+        'pretrain_finished': 3}
 
 
 def test_label_subsets_are_nested_and_floor_scores_are_probabilities(fake_sweep):
-  _, workdir, _, _, _ = fake_sweep
+  config, workdir, _, _, _ = fake_sweep
   rows = read_rows(workdir)
-  for protocol in ('honest', 'reference'):
-    for arm in sweep_plan.ARMS:
-      labeled = {float(r['fraction']): int(r['num_labeled']) for r in rows
-                 if r['protocol'] == protocol and r['arm'] == arm}
-      assert labeled[0.5] < labeled[1.0]
-    floor = [r for r in rows if r['protocol'] == protocol and r['arm'] == 'floor']
-    for r in floor:
+  for r in run_rows(rows):
+    if float(r['fraction']) == 0.5 and r['seed'] == '0':
+      full = next(o for o in run_rows(rows) if float(o['fraction']) == 1.0 and
+                  all(o[k] == r[k] for k in ('protocol', 'task', 'fold', 'arm')))
+      assert int(r['num_labeled']) < int(full['num_labeled'])
+  arrays = data_lib.load_arrays(config)
+  for fold in (0, 1):
+    train = sweep_plan.protocol_splits(config, 'honest', arrays, fold)['train']
+    half, full = (set(splits_lib.label_subset(arrays.labels, train, f, 0)) for f in (0.5, 1.0))
+    assert half < full
+  for r in run_rows(rows):
+    if r['arm'] == 'floor':
       for metric in sweep_plan.METRICS:
         assert 0.0 <= float(r[metric]) <= 1.0
+  floor = evaluate.Predictions.load(runs.predictions_path(
+      os.path.join(workdir, 'honest', 'binary', 'fold0', 'floor_f0.5_s0')))
+  np.testing.assert_array_equal(floor.probabilities.sum(1), 1.0)
+  assert set(np.unique(floor.probabilities)) <= {0.0, 1.0}
   # The slice split leaks near-identical slices: the floor is far higher there.
-  mean_floor = {p: np.mean([float(r['accuracy']) for r in rows if r['protocol'] == p
+  mean_floor = {p: np.mean([float(r['accuracy']) for r in run_rows(rows) if r['protocol'] == p
                             and r['arm'] == 'floor' and float(r['fraction']) == 1.0])
                 for p in ('honest', 'reference')}
   assert mean_floor['reference'] > mean_floor['honest'] + 0.2
 
 
-def test_run_configs_follow_the_protocols_and_seeds(fake_sweep):
+def test_pooled_rows_join_the_folds_and_hold_every_subject_once(fake_sweep):
+  config, workdir, _, summary, _ = fake_sweep
+  arrays = data_lib.load_arrays(config)
+  num_subjects = len(np.unique(arrays.subject_ids))
+  rows = read_rows(workdir)
+  for pooled in pooled_rows(rows):
+    folds = [r for r in run_rows(rows) if all(
+        r[k] == pooled[k] for k in ('protocol', 'task', 'arm', 'fraction', 'seed'))]
+    assert sorted(r['fold'] for r in folds) == ['0', '1'] and pooled['folds_pooled'] == '2'
+    assert int(pooled['num_test_subjects']) == num_subjects
+    assert int(pooled['num_test_slices']) == sum(int(r['num_test_slices']) for r in folds)
+    assert int(pooled['num_test_slices']) == len(arrays.labels)
+  # Every subject in exactly one fold's test predictions; the pooled metrics are theirs.
+  run_dir = os.path.join(workdir, 'honest', 'four_class', 'fold{}', 'baseline_f0.5_s1')
+  parts = [evaluate.Predictions.load(runs.predictions_path(run_dir.format(k))) for k in (0, 1)]
+  assert not set(parts[0].subject_ids) & set(parts[1].subject_ids)
+  joined = sweep_report._concatenate(parts)  # pylint: disable=protected-access
+  expected = evaluate.prediction_metrics(joined, 4)
+  row = next(r for r in pooled_rows(rows) if r['task'] == 'four_class' and
+             r['arm'] == 'baseline' and float(r['fraction']) == 0.5 and r['seed'] == '1')
+  assert float(row['balanced_accuracy']) == pytest.approx(expected['balanced_accuracy'])
+  assert float(row['subject_accuracy']) == pytest.approx(expected['subject']['accuracy'])
+  # The aggregates average the seeds' pooled scores and bootstrap over all subjects.
+  arm = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]['arms'][
+      'baseline']
+  assert arm['num_subjects'] == num_subjects and arm['folds_pooled'] == 2
+  seeds = [float(r['subject_balanced_accuracy']) for r in pooled_rows(rows)
+           if r['task'] == 'four_class' and r['arm'] == 'baseline'
+           and float(r['fraction']) == 0.5]
+  assert arm['subject']['balanced_accuracy']['value'] == pytest.approx(np.mean(seeds))
+  assert (arm['subject']['balanced_accuracy']['low'] <= arm['subject']['balanced_accuracy'][
+      'value'] <= arm['subject']['balanced_accuracy']['high'])
+
+
+def test_verdicts_in_results_md_follow_the_intervals(fake_sweep):
+  _, workdir, _, summary, _ = fake_sweep
+  markdown = read_text(workdir, 'results.md')
+  seen = set()
+  for protocol in summary['protocols'].values():
+    for task in protocol['tasks'].values():
+      for entry in task['fractions']:
+        for comparison in entry['comparisons'].values():
+          for level in stats.LEVELS:
+            for value in comparison[level].values():
+              seen.add(value['outcome'])
+              assert value['outcome'] == ('ahead' if value['low'] > 0 else 'behind'
+                                          if value['high'] < 0 else
+                                          'no difference detectable')
+          verdict = comparison['verdict']['subject']
+          if comparison['a'] == 'finetune' and comparison['b'] == 'baseline':
+            assert verdict in markdown
+          outcome = comparison['subject']['balanced_accuracy']['outcome']
+          assert ('is ahead of' in verdict) == (outcome == 'ahead')
+          assert ('is behind' in verdict) == (outcome == 'behind')
+          assert ('no difference detectable at this sample size: the interval is ['
+                  in verdict) == (outcome == 'no difference detectable')
+  assert 'ahead' in seen  # The fake arms beat the floor's random answers somewhere.
+
+
+@pytest.mark.parametrize('right,opening,outcome', [
+    ({'finetune': 1.0, 'baseline': 0.0}, 'Yes: with few labels', 'ahead'),
+    ({'finetune': 0.0, 'baseline': 1.0}, 'No, the reverse: with few labels', 'behind'),
+    ({'finetune': 0.6, 'baseline': 0.6}, 'Not detectably: with few labels',
+     'no difference detectable'),
+])
+def test_the_answer_follows_the_intervals_at_few_labels(data_dir, tmp_path, monkeypatch,
+                                                        right, opening, outcome):
+  config, workdir, _, summary, _ = run_fake_sweep(
+      data_dir, str(tmp_path), monkeypatch, right, protocols=('honest',),
+      tasks=('four_class',), fractions=(0.1, 1.0), seeds=(0,))
+  entry = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]
+  comparison = entry['comparisons']['finetune-baseline']
+  assert entry['fraction'] == 0.1
+  assert comparison['subject']['balanced_accuracy']['outcome'] == outcome
+  answer = read_text(workdir, 'results.md').splitlines()[2]
+  assert answer.startswith('**Answer.** ' + opening)
+  assert '(10 %; four-class task)' in answer and 'four-class 100 %' not in answer
+  low, high = (comparison['subject']['balanced_accuracy'][k] for k in ('low', 'high'))
+  assert f'four-class 10 %: [{low:+.1f}, {high:+.1f}]' in answer
+  assert 'the reference protocol was not run' in answer
+
+
+def test_run_configs_follow_the_protocols_tasks_folds_and_seeds(fake_sweep):
   _, workdir, fake, _, _ = fake_sweep
   for config, run_dir in fake.calls:
-    protocol = os.path.basename(os.path.dirname(run_dir))
+    parts = os.path.relpath(run_dir, workdir).split(os.sep)
+    protocol = parts[0]
     for key, value in sweep_plan.PROTOCOLS[protocol].items():
       assert config[key] == value
     assert 'fractions' not in config and 'protocols' not in config
+    folds = [int(p[len('fold'):]) for p in parts if p.startswith('fold')]
+    assert config.fold == (folds[0] if folds else 0)
+    fold_dir = [f'fold{folds[0]}'] if folds else []
+    if config.mode == 'pretrain':
+      assert parts == [protocol, *fold_dir, 'pretrain']
+      continue
+    assert parts[1] == config.task and config.task in ('four_class', 'binary')
+    assert config.num_classes == (4 if config.task == 'four_class' else 2)
     if config.mode == 'finetune':
-      assert config.pretrained_workdir == os.path.join(workdir, protocol, 'pretrain')
-    if config.mode != 'pretrain':
-      assert config.label_seed == config.seed
-      assert os.path.basename(run_dir) == (
-          f'{config.mode}_f{config.label_fraction:g}_s{config.seed}')
+      assert config.pretrained_workdir == os.path.join(workdir, protocol, *fold_dir,
+                                                       'pretrain')
+    assert config.label_seed == config.seed
+    assert parts[-1] == f'{config.mode}_f{config.label_fraction:g}_s{config.seed}'
 
 
 def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_path,
                                                                 monkeypatch):
-  config, workdir, fake, _, _ = run_fake_sweep(data_dir, str(tmp_path), monkeypatch)
+  config, workdir, fake, _, _ = run_fake_sweep(data_dir, str(tmp_path), monkeypatch,
+                                               protocols=('honest',), tasks=('binary',))
   before = read_rows(workdir)
   num_calls = len(fake.calls)
   sweep.run_sweep(config, workdir)
   assert len(fake.calls) == num_calls
   assert read_rows(workdir) == before
   # An interrupted run (no metrics.json) is run again, and only it.
-  os.remove(os.path.join(workdir, 'honest', 'baseline_f0.5_s1', 'metrics.json'))
+  interrupted = os.path.join(workdir, 'honest', 'binary', 'fold1', 'baseline_f0.5_s1')
+  os.remove(os.path.join(interrupted, 'metrics.json'))
+  # Meanwhile the reports cover the finished runs: one fold pooled for that cell.
+  arrays = data_lib.load_arrays(config)
+  planned = sweep_plan.plan_runs(config, workdir, arrays)
+  summary = sweep_report.write_reports(config, workdir, planned, arrays, figures=False)
+  arm = summary['protocols']['honest']['tasks']['binary']['fractions'][0]['arms']['baseline']
+  assert arm['seeds'] == [0, 1] and arm['folds_pooled'] == 1 and arm['folds_planned'] == 2
+  assert 'baseline (1 of 2 folds)' in read_text(workdir, 'results.md')
+  assert len(run_rows(read_rows(workdir))) == len(run_rows(before)) - 1
   sweep.run_sweep(config, workdir)
   assert len(fake.calls) == num_calls + 1
-  assert fake.calls[-1][1].endswith(os.path.join('honest', 'baseline_f0.5_s1'))
+  assert fake.calls[-1][1] == interrupted
+  assert len(read_rows(workdir)) == len(before)
   # A finished run made with other settings is an error, not silently reused.
   config.num_epochs = 3
   with pytest.raises(ValueError, match='different config'):
@@ -176,17 +343,6 @@ def test_schedule_caps_steps_and_spreads_evaluations(data_dir):
   assert sweep_plan.fraction_seeds(config, 'reference', 0.5) == (0,)
 
 
-def test_verdict_compares_the_gain_with_the_seed_spread():
-  assert sweep_report.simclr_verdict([0.50, 0.52, 0.54], [0.60, 0.61, 0.62])['verdict'] == (
-      'SimCLR better, above spread')
-  within = sweep_report.simclr_verdict([0.50, 0.55, 0.60], [0.52, 0.57, 0.62])
-  assert within['verdict'] == 'within spread'
-  assert math.isclose(within['gain'], 2.0) and math.isclose(within['spread'], 5.0)
-  assert sweep_report.simclr_verdict([0.6, 0.61], [0.5, 0.51])['verdict'] == (
-      'baseline better, above spread')
-  assert sweep_report.simclr_verdict([0.5], [0.6])['spread'] is None
-
-
 @pytest.mark.parametrize('overrides,needle', [
     (dict(protocols=('honest', 'leaky')), 'protocols'),
     (dict(fractions=(0.0, 0.5)), 'fractions'),
@@ -204,7 +360,7 @@ def test_presets_are_sweep_configs_and_runs_drop_sweep_fields():
     assert config.mode == 'sweep'
     sweep_plan.check_sweep_config(config)
     run_config = sweep_plan.run_config(config, 'honest', 'baseline', seed=1, num_classes=4,
-                                  fraction=0.1, num_labeled=400)
+                                       fraction=0.1, num_labeled=400)
     assert not set(sweep_plan.SWEEP_FIELDS) & set(run_config)
     assert run_config.label_seed == 1 and run_config.split_scheme == 'subject'
   assert sweep_config.get_config().dataset == 'synthetic_mri'  # runlocal by default.
@@ -212,18 +368,22 @@ def test_presets_are_sweep_configs_and_runs_drop_sweep_fields():
     sweep_config.get_config('preset=gpu')
 
 
-def test_tiny_real_sweep_trains_both_arms_and_reruns_nothing(data_dir, tmp_path,
+def test_tiny_real_sweep_trains_every_arm_and_reruns_nothing(data_dir, tmp_path,
                                                              monkeypatch):
   # Two pretraining epochs as test_train's pretraining: the same compiled step.
-  config = sweep_test_config(data_dir, protocols=('honest',), fractions=(1.0,), seeds=(0,),
-                             pretrain_num_epochs=2, num_epochs=1)
+  config = sweep_test_config(data_dir, protocols=('honest',), tasks=('four_class',),
+                             fractions=(1.0,), seeds=(0,), pretrain_num_epochs=2,
+                             num_epochs=1)
   workdir = str(tmp_path / 'sweep')
   summary = sweep.run_sweep(config, workdir)
-  entry = summary['protocols']['honest']['fractions'][0]
+  entry = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]
   assert set(entry['arms']) == set(sweep_plan.ARMS)
   for arm in sweep_plan.ARMS:
-    assert 0.0 <= entry['arms'][arm]['balanced_accuracy']['mean'] <= 1.0
+    assert entry['arms'][arm]['folds_pooled'] == 2
+    for level in stats.LEVELS:
+      assert 0.0 <= entry['arms'][arm][level]['balanced_accuracy']['value'] <= 1.0
   assert os.path.getsize(os.path.join(workdir, 'gradcam_grid.png')) > 0
+  assert '](gradcam_grid.png)' in read_text(workdir, 'results.md')
 
   def fail(*args):
     raise AssertionError(f'finished run trained again: {args}')

@@ -135,7 +135,8 @@ def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(d
                                  mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
   stale = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
                       train=False)
-  stats = evaluate.PreciseBatchStats(arrays, train_idx, config, mesh)(state).batch_stats
+  device_data = input_pipeline.DeviceData(arrays, mesh)
+  stats = evaluate.PreciseBatchStats(device_data, train_idx, config, mesh)(state).batch_stats
   fresh = model.apply({'params': state.params, 'batch_stats': stats}, images, train=False)
   np.testing.assert_allclose(fresh, training_mode, rtol=1e-4, atol=1e-4)
   assert np.max(np.abs(stale - training_mode)) > 1e-2  # The stale statistics did differ.
@@ -144,11 +145,13 @@ def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(d
 def test_precise_batch_stats_average_the_batches(data_dir):
   config = tiny_config(data_dir, 'baseline', precise_bn_batches=2, batch_size=16)
   arrays, train_idx, _, mesh, state = _classifier_state(config)
-  precise = evaluate.PreciseBatchStats(arrays, train_idx, config, mesh)
+  precise = evaluate.PreciseBatchStats(input_pipeline.DeviceData(arrays, mesh), train_idx,
+                                       config, mesh)
   stats = precise(state).batch_stats
   order = np.random.default_rng(config.seed).permutation(train_idx)
-  per_batch = [precise.step(state, input_pipeline.preprocess(arrays.images[order[i:i + 16]],
-                                                             config)) for i in (0, 16)]
+  per_batch = [jax.jit(evaluate.batch_stats_of)(
+      state, input_pipeline.preprocess(arrays.images[order[i:i + 16]], config))
+      for i in (0, 16)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *per_batch)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -314,3 +317,43 @@ def test_linear_probe_step_neither_trains_nor_perturbs_the_encoder(data_dir):
     np.testing.assert_array_equal(a, b)
   assert not np.allclose(new_state.params['head']['dense']['kernel'],
                          before['head']['dense']['kernel'])
+
+
+def test_unreadable_newest_checkpoint_resumes_from_the_one_before(data_dir, tmp_path, caplog):
+  """A damaged newest checkpoint (array files truncated, as by a crash or a full disk)
+  is skipped with a warning and deleted; the run resumes from the one before and finishes."""
+  import logging  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir, 'baseline', num_epochs=2, checkpoint_every_steps=2,
+                       label_fraction=0.5, num_summary_images=0)
+  workdir = str(tmp_path)
+  first = train.train_and_evaluate(config, workdir)
+  latest = tmp_path / 'checkpoints' / 'latest'
+  steps = sorted(int(name) for name in os.listdir(latest) if name.isdigit())
+  assert len(steps) >= 2 and steps[-1] == first['total_steps']
+  truncated = 0
+  for root, _, names in os.walk(latest / str(steps[-1])):
+    if os.path.basename(root) == 'd':  # The array data (OCDBT).
+      for name in names:
+        open(os.path.join(root, name), 'w').close()
+        truncated += 1
+  assert truncated
+  os.remove(tmp_path / 'metrics.json')
+  with caplog.at_level(logging.INFO):
+    second = train.train_and_evaluate(config, workdir)
+  messages = [record.getMessage() for record in caplog.records]
+  assert any(f'checkpoint of step {steps[-1]}' in m and 'unreadable' in m
+             for m in messages), messages
+  assert any(f'Resumed from step {steps[-2]}' in m for m in messages), messages
+  assert runs.latest_step(workdir) == first['total_steps']
+  _, _, variables = runs.restore_for_inference(workdir, which='latest')  # Readable again.
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
+  for key in ('accuracy', 'balanced_accuracy', 'chosen_step'):
+    assert second[key] == pytest.approx(first[key], abs=1e-6), key
+  # A resumed run that reaches a saved step again (here: best) replaces that checkpoint.
+  checkpoints = runs.Checkpoints(workdir, config.keep_checkpoints)
+  state = checkpoints.restore_latest(
+      state_lib.abstract_state(runs.load_config(workdir), sharding.create_mesh()))
+  checkpoints.save_best(state)
+  checkpoints.save_best(state)
+  checkpoints.close()
+  assert runs.latest_step(workdir, 'best') == first['total_steps']

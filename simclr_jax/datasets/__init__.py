@@ -13,6 +13,7 @@ Records are TFRecords, which `as_dataset` reads; `as_data_source` needs
 `download_and_prepare(file_format='array_record')` instead.
 """
 
+from simclr_jax import errors
 from simclr_jax.datasets import alzheimer_mri
 from simclr_jax.datasets import image_folder
 from simclr_jax.datasets import nifti_folder
@@ -59,7 +60,7 @@ def get_builder(name, *, data_dir=None, dataset_path=None, image_size=128,
       not config or config in synthetic_mri.SyntheticMri.builder_configs):
     return synthetic_mri.SyntheticMri(data_dir=data_dir, config=config or None)
   if name in ('image_folder', 'nifti_folder') and not dataset_path:
-    raise ValueError(
+    raise errors.UserError(
         f'The {name} data set needs dataset_path, the folder of class '
         'subfolders; set --config.dataset_path.')
   if name == 'nifti_folder':
@@ -73,5 +74,5 @@ def get_builder(name, *, data_dir=None, dataset_path=None, image_size=128,
     return image_folder.ImageFolder(
         folder=dataset_path, image_size=image_size,
         skip_unreadable=skip_unreadable, data_dir=data_dir)
-  raise ValueError(
+  raise errors.UserError(
       f'Unknown data set {name!r}; choose one of {", ".join(DATASET_NAMES)}.')

@@ -30,6 +30,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from simclr_jax import errors
+
 # Class folders of the Kaggle release, in sorted order (= ClassLabel indices).
 CLASS_NAMES = ('Mild_Demented', 'Moderate_Demented', 'Non_Demented',
                'Very_Mild_Demented')
@@ -133,11 +135,11 @@ def _list_source(source):
         folders.add(parent)
         parent = posixpath.dirname(parent)
   elif os.path.exists(source):
-    raise ValueError(
+    raise errors.UserError(
         f'{source} is neither a zip file nor a folder; point dataset_path at '
         'the Kaggle zip or its extracted Dataset/ folder.')
   else:
-    raise FileNotFoundError(
+    raise errors.MissingPathError(
         f'{source} does not exist; point dataset_path at the Kaggle zip or its '
         'extracted Dataset/ folder.')
   return ([f for f in files if not _is_ignored(f)],
@@ -164,11 +166,11 @@ def list_examples(source):
   roots = sorted({posixpath.dirname(folder) for folder in folders
                   if posixpath.basename(folder) in CLASS_NAMES})
   if not roots:
-    raise ValueError(
+    raise errors.UserError(
         f'No class folder ({", ".join(CLASS_NAMES)}) found in {source}; point '
         'dataset_path at the Kaggle zip or its extracted Dataset/ folder.')
   if len(roots) > 1:
-    raise ValueError(
+    raise errors.UserError(
         f'Class folders found in several places of {source} '
         f'({", ".join(root or "." for root in roots)}); keep one copy.')
   root = roots[0]
@@ -177,7 +179,7 @@ def list_examples(source):
   for folder in folders:
     if (folder.startswith(prefix) and '/' not in folder[len(prefix):]
         and folder[len(prefix):] not in CLASS_NAMES):
-      raise ValueError(
+      raise errors.UserError(
           f'Unexpected folder {folder} in {source}; the Kaggle data set holds '
           f'only the class folders {", ".join(CLASS_NAMES)}: remove it.')
   by_class = {name: [] for name in CLASS_NAMES}
@@ -186,7 +188,7 @@ def list_examples(source):
       continue  # Files beside the data set (a README, say) are not read.
     parts = member[len(prefix):].split('/')
     if len(parts) != 2:
-      raise ValueError(
+      raise errors.UserError(
           f'Unexpected file {member} in {source}; the Kaggle data set holds '
           'images only directly inside its class folders: remove it.')
     by_class[parts[0]].append(member)
@@ -197,15 +199,15 @@ def list_examples(source):
     members = by_class[class_name]
     expected = IMAGES_PER_CLASS[class_name]
     if folder not in folders:
-      raise ValueError(
+      raise errors.UserError(
           f'Class folder {folder} is missing from {source}; use the complete '
           'Kaggle download.')
     if not members:
-      raise ValueError(
+      raise errors.UserError(
           f'Class folder {folder} in {source} is empty; it should hold '
           f'{expected} images of the Kaggle download.')
     if len(members) != expected:
-      raise ValueError(
+      raise errors.UserError(
           f'Class folder {folder} in {source} holds {len(members)} files but '
           f'the Kaggle data set has {expected}; use the complete, unmodified '
           'download.')
@@ -213,12 +215,12 @@ def list_examples(source):
     for member in members:
       match = _FILE_NAME.match(posixpath.basename(member))
       if not match:
-        raise ValueError(
+        raise errors.UserError(
             f'Unexpected file {member} in {source}; Kaggle images are named '
             '<prefix>_<number>.jpg: remove it or restore the download.')
       numbers.append(int(match['number']))
     if sorted(numbers) != list(range(1, expected + 1)):
-      raise ValueError(
+      raise errors.UserError(
           f'The files of {folder} in {source} are not numbered 1 to '
           f'{expected}, so subjects cannot be inferred; use the unmodified '
           'download.')
@@ -233,11 +235,11 @@ def _decode(data, member, source):
     with PIL.Image.open(io.BytesIO(data)) as image:
       image = image.convert('L')
   except Exception as error:  # PIL raises many types for a broken file.
-    raise ValueError(
+    raise errors.UserError(
         f'{member} in {source} is not a readable image ({error}); replace it '
         'with the file from the Kaggle download.') from error
   if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-    raise ValueError(
+    raise errors.UserError(
         f'{member} in {source} is {image.width} x {image.height} pixels but '
         f'the Kaggle images are {IMAGE_SIZE} x {IMAGE_SIZE}; use the '
         'unmodified download.')
@@ -288,12 +290,12 @@ class AlzheimerMri(tfds.core.GeneratorBasedBuilder):
       manual_dir = dl_manager.manual_dir
     # TFDS raises AssertionError when the manual dir is missing or empty.
     except AssertionError:
-      raise FileNotFoundError(
+      raise errors.MissingPathError(
           'The Kaggle Alzheimer MRI data was not found (no dataset_path and '
           f'no manual dir). {MANUAL_DOWNLOAD_INSTRUCTIONS}') from None
     zips = sorted(manual_dir.glob('*.zip'))
     if len(zips) > 1:
-      raise ValueError(
+      raise errors.UserError(
           f'Several zip files in {manual_dir} '
           f'({", ".join(path.name for path in zips)}); keep only the Kaggle '
           'download there or pass dataset_path.')

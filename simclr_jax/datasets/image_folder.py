@@ -37,6 +37,8 @@ import PIL.Image
 import PIL.ImageOps
 import tensorflow_datasets as tfds
 
+from simclr_jax import errors
+
 # Folder names of a train/test level above the class folders.
 SPLIT_FOLDERS = ('train', 'val', 'validation', 'test')
 
@@ -65,19 +67,19 @@ def list_images(folder):
     ValueError: if it has no class subfolders or a class folder has no image.
   """
   if not os.path.isdir(folder):
-    raise FileNotFoundError(
+    raise errors.MissingPathError(
         f'Image folder {folder} does not exist; set dataset_path to a folder '
         'of class subfolders.')
   top = _subfolders(folder)
   if not top:
-    raise ValueError(
+    raise errors.UserError(
         f'Image folder {folder} has no class subfolders; put the images of '
         'each class in a subfolder named after the class.')
   if all(name.lower() in SPLIT_FOLDERS for name in top):
     class_folders = [f'{split}/{name}' for split in top
                      for name in _subfolders(os.path.join(folder, split))]
     if not class_folders:
-      raise ValueError(
+      raise errors.UserError(
           f'The split folders {", ".join(top)} of {folder} have no class '
           'subfolders; put the images of each class in <split>/<class>/.')
   else:
@@ -101,7 +103,7 @@ def list_images(folder):
         examples.append((f'{relative_root}/{filename}', class_name))
         found += 1
     if not found:
-      raise ValueError(
+      raise errors.UserError(
           f'Class folder {class_path} holds no images; '
           'add images or remove the folder.')
   if ignored:
@@ -207,7 +209,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         image = load_grayscale(path, self._image_size)
       except Exception as error:  # PIL raises many types for a broken file.
         if not self._skip_unreadable:
-          raise ValueError(
+          raise errors.UserError(
               f'{path} is not a readable image ({error}); fix or remove it, '
               'or set skip_unreadable to skip such files.') from error
         logging.warning('Skipping unreadable image %s (%s).', path, error)
@@ -224,5 +226,5 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       logging.warning('Skipped %d unreadable of %d images in %s.', skipped,
                       len(self._examples), self._folder)
     if skipped == len(self._examples):
-      raise ValueError(
+      raise errors.UserError(
           f'No image in {self._folder} is readable; check the files.')

@@ -53,6 +53,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from simclr_jax import errors
 from simclr_jax.datasets import image_folder
 
 # Hidden files and folders are skipped as image_folder skips them.
@@ -80,16 +81,16 @@ def check_slice_settings(slice_selection, num_slices, slice_step,
                          min_mask_fraction):
   """Raises ValueError, naming the config field, for a bad slice setting."""
   if slice_selection not in SLICE_SELECTIONS:
-    raise ValueError(
+    raise errors.UserError(
         f'Unknown slice selection {slice_selection!r}; set --config.nifti_'
         f'slice_selection to one of {", ".join(SLICE_SELECTIONS)}.')
   if int(num_slices) < 1 or int(slice_step) < 1:
-    raise ValueError(
+    raise errors.UserError(
         f'num_slices ({num_slices}) and slice_step ({slice_step}) must be at '
         'least 1; fix --config.nifti_num_slices or --config.nifti_slice_step.')
   if not 0.0 < float(min_mask_fraction) <= 1.0:
-    raise ValueError(f'min_mask_fraction {min_mask_fraction} is not in (0, 1]; '
-                     'fix --config.nifti_min_mask_fraction.')
+    raise errors.UserError(f'min_mask_fraction {min_mask_fraction} is not in (0, 1]; '
+                           'fix --config.nifti_min_mask_fraction.')
 
 
 def _load_canonical(path):
@@ -219,15 +220,15 @@ def _read_subjects(folder, relative_paths):
   with open(path, newline='', encoding='utf-8-sig') as file:
     reader = csv.DictReader(file)
     if not {'file', 'subject_id'} <= set(reader.fieldnames or ()):
-      raise ValueError(f'{path} needs the header row file,subject_id[,label]; '
-                       'fix its first line.')
+      raise errors.UserError(f'{path} needs the header row file,subject_id[,label]; '
+                             'fix its first line.')
     for row in reader:
       name = posixpath.normpath((row['file'] or '').strip().replace('\\', '/'))
       if name.lower().endswith('.img') and name[:-4] + '.hdr' in known:
         name = name[:-4] + '.hdr'
       subject = (row['subject_id'] or '').strip()
       if name not in known or not subject or name in overrides:
-        raise ValueError(
+        raise errors.UserError(
             f'{path} line {reader.line_num} ({name!r}, {subject!r}) does not '
             'name, once, a volume under the folder with a subject; fix the '
             'row (file is relative to the folder).')
@@ -252,7 +253,7 @@ def list_volumes(folder):
       a bad subjects.csv.
   """
   if not os.path.isdir(folder):
-    raise FileNotFoundError(
+    raise errors.MissingPathError(
         f'Volume folder {folder} does not exist; set --config.dataset_path to '
         'a folder of class subfolders of NIfTI or Analyze volumes.')
   top = _subfolders(folder)
@@ -282,14 +283,14 @@ def list_volumes(folder):
     logging.warning('Ignored %d files of %s that are not volumes by their '
                     'extension.', ignored, folder)
   if not examples:
-    raise ValueError(
+    raise errors.UserError(
         f'Volume folder {folder} holds no .nii, .nii.gz or .hdr/.img volumes '
         'in class subfolders; put each class\'s volumes in root/<class>/, or '
         'use --config.dataset=image_folder for 2D images.')
   empty = [name for name, count in per_class.items() if not count]
   if empty:
-    raise ValueError(f'Class folder {os.path.join(folder, empty[0])} holds '
-                     'no volumes; add volumes or remove the folder.')
+    raise errors.UserError(f'Class folder {os.path.join(folder, empty[0])} holds '
+                           'no volumes; add volumes or remove the folder.')
   overrides = _read_subjects(folder, [path for path, _ in examples])
   if os.path.exists(os.path.join(folder, SUBJECTS_FILE)):
     companions.append(SUBJECTS_FILE)
@@ -300,7 +301,7 @@ def list_volumes(folder):
     subjects.append(subject)
   class_names = sorted({class_name for _, class_name in examples})
   if len(class_names) < 2:
-    raise ValueError(
+    raise errors.UserError(
         f'Volume folder {folder} has one class ({class_names[0]}); point '
         '--config.dataset_path at a folder with a subfolder per class.')
   subject_ids = {name: i for i, name in enumerate(sorted(set(subjects)))}
@@ -383,7 +384,7 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder):
         slices, indices = read_volume_slices(path, **self._slice_settings)
       except VolumeError as error:
         if not self._skip_unreadable:
-          raise ValueError(
+          raise errors.UserError(
               f'{error.path} {error.problem}; {error.fix}, or set '
               '--config.skip_unreadable=True to skip such volumes.') from error
         logging.warning('Skipping volume %s: %s', path, error)
@@ -402,5 +403,5 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder):
       logging.warning('Skipped %d of %d volumes in %s.', skipped,
                       len(self._examples), self._folder)
     if skipped == len(self._examples):
-      raise ValueError(
+      raise errors.UserError(
           f'No volume in {self._folder} is usable; check the files.')

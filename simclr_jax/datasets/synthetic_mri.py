@@ -20,7 +20,7 @@ Build with `tfds.builder('synthetic_mri')` (100 subjects x 24 slices) or
 imported; no download is needed. `write_nifti_volumes` writes the same
 subjects as 3D NIfTI volumes, one per subject, for the nifti_folder data set:
 
-  python -m simclr_jax.datasets.synthetic_mri --nifti_dir=runs/volumes
+  python -m simclr_jax.datasets --nifti_dir=runs/volumes
 """
 
 import argparse
@@ -371,9 +371,7 @@ class SyntheticMriConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-# Run as a script, this module is imported twice: register the builder once.
-class SyntheticMri(tfds.core.GeneratorBasedBuilder,
-                   skip_registration=__name__ == '__main__'):
+class SyntheticMri(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated brain slices in the Alzheimer MRI classes."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -488,6 +486,3 @@ def main(argv=None):
       args.image_size, args.seed, args.extension)
   print(f'Wrote {len(paths)} volumes to {args.nifti_dir}.')
 
-
-if __name__ == '__main__':
-  main()

@@ -1,0 +1,172 @@
+r"""Whole-run throughput: a real `train_and_evaluate` run against its own train steps alone.
+
+Trains the `cpu` sweep preset's model (ResNet-18 at width 0.25, 64 px, 1 channel,
+batch 32) for about `--steps` steps through `train.train_and_evaluate` (evaluation,
+checkpoints and summaries at the preset's cadence), then times the same compiled
+train steps alone on the same data. Prints end-to-end images/s, step-only images/s,
+the XLA compile seconds of the run, and the share of the run that is not training
+steps; the last line is JSON.
+
+  python benchmarks/train_run.py                                  # synthetic data, baseline
+  python benchmarks/train_run.py --mode=pretrain --steps=300      # SimCLR + ASAM
+  python benchmarks/train_run.py --dataset_path=../shared/data/alzheimer-mri-dataset.zip
+"""
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import sweep as sweep_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import sweep_plan  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--mode', default='baseline', choices=('baseline', 'pretrain'))
+  parser.add_argument('--steps', type=int, default=600, help='About this many train steps.')
+  parser.add_argument('--dataset_path', default=None,
+                      help='The Kaggle zip; the embedded synthetic data when unset.')
+  parser.add_argument('--data_dir', default=None, help='TFDS data dir.')
+  parser.add_argument('--steps_per_dispatch', type=int, default=0,
+                      help='Steps per dispatch (0: the platform default).')
+  parser.add_argument('--timed_dispatches', type=int, default=10,
+                      help='Dispatches of the step-only timing.')
+  parser.add_argument('--workdir', default=None, help='Run directory (default: a temporary one).')
+  return parser.parse_args(argv)
+
+
+def benchmark_config(args):
+  """The cpu preset's run config for the mode, sized to about `args.steps` steps."""
+  preset = sweep_config.get_config('preset=cpu')
+  if args.dataset_path:
+    preset.dataset_path = args.dataset_path
+  else:
+    preset.dataset = 'synthetic_mri'
+  preset.data_dir = args.data_dir
+  preset.steps_per_dispatch = args.steps_per_dispatch
+  arrays = data_lib.load_arrays(preset)
+  splits = sweep_plan.protocol_splits(preset, 'honest', arrays)
+  num_images = (len(splits['train']) + len(splits['val']) if args.mode == 'pretrain'
+                else len(splits['train']))
+  config = sweep_plan.run_config(preset, 'honest', args.mode, seed=0,
+                                 num_classes=len(arrays.class_names), fraction=1.0,
+                                 num_labeled=num_images)
+  per_epoch = input_pipeline.steps_per_epoch(num_images, config.batch_size)
+  config.num_epochs = max(1, math.ceil(args.steps / per_epoch))
+  config.eval_every_epochs = max(1, config.num_epochs // preset.evals_per_run)
+  return config
+
+
+class _CompileSeconds:
+  """Sums XLA backend compile seconds (jax.monitoring events) while active."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def __call__(self, event, duration_secs, **kwargs):
+    del kwargs
+    if event == _BACKEND_COMPILE_EVENT:
+      self.seconds += duration_secs
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+def time_steps(config, num_dispatches):
+  """Seconds per train step of the run's own compiled steps, on its own batches."""
+  mesh = sharding.create_mesh()
+  task = tasks.create_task(config, mesh)
+  per_epoch = task.rows.steps_per_epoch
+  lr_fn = state_lib.create_learning_rate_fn(config, per_epoch * config.num_epochs)
+  tx = state_lib.memoized('optimizer', task.key, lambda: state_lib.create_optimizer(config, lr_fn))
+  state = state_lib.create_train_state(config, task.model, jax.random.key(0), tx, mesh,
+                                       key=task.key)
+  p_train_steps = train.make_train_steps(task, mesh)  # The run's compiled steps (memoized).
+  k = train.steps_per_dispatch(config)
+  rngs = sharding.replicate_tree({'dropout': jax.random.key(1),
+                                  'augment': input_pipeline.augment_key(0)}, mesh)
+  schedule = sharding.replicate_tree({'num_steps': np.int32(k),
+                                      'steps_per_epoch': np.int32(per_epoch)}, mesh)
+  inputs = [train.dispatch_inputs(task, i * k, k, k) for i in range(num_dispatches + 1)]
+  metrics = sharding.replicate_tree(train.TrainMetrics.empty(), mesh)
+  state, metrics = p_train_steps(state, metrics, inputs[0], task.device_data.arrays, rngs,
+                                 schedule)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for batch in inputs[1:]:
+    state, metrics = p_train_steps(state, metrics, batch, task.device_data.arrays, rngs,
+                                   schedule)
+  jax.block_until_ready((state, metrics))
+  return (time.perf_counter() - start) / (num_dispatches * k), task.rows.batch_size
+
+
+def run_benchmark(args):
+  run.setup_runtime()
+  config = benchmark_config(args)
+  workdir = args.workdir or tempfile.mkdtemp(prefix='train_run_')
+  load_start = os.getloadavg()
+  with _CompileSeconds() as compiles:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = train.train_and_evaluate(config, workdir)
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+  steps = result['total_steps']
+  step_seconds, batch_size = time_steps(config, args.timed_dispatches)
+  return {
+      'benchmark': 'train_run',
+      'mode': config.mode,
+      'dataset': config.dataset,
+      'model': config.model, 'width': config.width, 'image_size': config.image_size,
+      'channels': config.channels, 'batch_size': batch_size,
+      'steps_per_dispatch': train.steps_per_dispatch(config),
+      'num_devices': jax.device_count(), 'platform': jax.default_backend(),
+      'cpu_count': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'total_steps': steps, 'wall_s': wall, 'cpu_s': cpu,
+      'compile_s': compiles.seconds,
+      'end_to_end_images_per_s': steps * batch_size / wall,
+      'step_only_images_per_s': batch_size / step_seconds,
+      'step_s': step_seconds,
+      'end_to_end_fraction_of_step_rate': steps * step_seconds / wall,
+      'non_step_share': 1.0 - steps * step_seconds / wall,
+      'test_balanced_accuracy': result.get('balanced_accuracy'),
+      'loadavg_start': list(load_start), 'loadavg_end': list(os.getloadavg()),
+  }
+
+
+def main(argv=None):
+  result = run_benchmark(parse_args(argv))
+  print(f"{result['mode']} {result['model']} x{result['width']} {result['image_size']} px, "
+        f"{result['total_steps']} steps of {result['batch_size']} on {result['num_devices']} "
+        f"{result['platform']} device(s), {result['steps_per_dispatch']} steps per dispatch")
+  print(f"  end to end {result['end_to_end_images_per_s']:.0f} images/s "
+        f"({result['wall_s']:.1f} s, compile {result['compile_s']:.1f} s); step only "
+        f"{result['step_only_images_per_s']:.0f} images/s; non-step share "
+        f"{100 * result['non_step_share']:.0f} %")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == '__main__':
+  main()
