@@ -33,9 +33,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and outputs.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 for a multi-process launch (not needed on '
-                    'Cloud TPU pods or SLURM).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process launch.')
-flags.DEFINE_integer('process_id', None, 'This process of a multi-process launch.')
+                    'Cloud TPU pods, under srun or Open MPI 4; Open MPI 5 over several '
+                    'nodes needs it).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process launch '
+                     '(found by itself on Cloud TPU pods, SLURM and Open MPI); 1: one '
+                     'process, whatever the environment says.')
+flags.DEFINE_integer('process_id', None, 'This process of a multi-process launch, 0..N-1.')
 flags.DEFINE_bool('verbose', False, 'Show the Python traceback of a user error too (it is '
                   'otherwise one line, "error: ...", with exit status 2).')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/pretrain.py:runlocal.',

@@ -29,6 +29,7 @@ import zipfile
 
 import jax
 
+from simclr_jax import data as data_lib
 from simclr_jax import errors
 from simclr_jax import gradcam
 from simclr_jax import models
@@ -367,6 +368,8 @@ def _check_training_fields(config):
   for name in ('projection_dropout', 'head_dropout'):
     _real(config, name, 0, 1, high_open=True, example=0.5, meaning=', a dropout rate')
   _choice(config, 'dtype', DTYPES)
+  _choice(config, 'task', data_lib.TASKS)
+  _choice(config, 'class_weights', ('none', 'balanced'))
 
   _int(config, 'num_epochs', example=10)
   _int(config, 'steps_per_dispatch', low=0, example=0)
@@ -438,8 +441,14 @@ def check_sweep_config(config):
         meaning=', the largest label fraction run with every seed')
   _int(config, 'pretrain_num_epochs', example=100)
   _int(config, 'max_steps_per_run', example=600, optional=True)
+  _int(config, 'reference_num_epochs', example=100, optional=True)
   _int(config, 'evals_per_run', example=5, optional=True)
   _int(config, 'floor_image_size', example=64, optional=True)
+  _int(config, 'bootstrap_samples', low=100, example=2000)
+  tasks = _get(config, 'tasks')
+  if tasks is not _MISSING and (not tasks or any(t not in data_lib.TASKS for t in tasks)):
+    raise errors.UserError(f'Unknown tasks {tasks}; set --config.tasks to some of '
+                           f'{data_lib.TASKS}, e.g. "(\'four_class\', \'binary\')".')
   _check_cam_fields(config)
 
 

@@ -36,14 +36,41 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _MIN_CHANNELS = 16
 
 
+def _dot(a, b, contracting, precision):
+  """a . b over the `contracting` dimensions ((a's,), (b's,)), accumulated in float32.
+
+  For bfloat16 operands XLA CPU has a bf16 x bf16 -> f32 product (AMX / AVX512-BF16
+  where the CPU has them, 3-4x faster than float32), but computes a product with a
+  bfloat16 result by widening both operands to float32. The result is rounded to
+  the operands' type: the same numbers as XLA's bfloat16 product.
+  """
+  return lax.dot_general(a, b, (contracting, ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _is_pointwise(kernel, padding):
+  return kernel.shape[:2] == (1, 1) and not any(sum(padding, ()))
+
+
 def _conv_forward(x, kernel, strides, padding, precision):
-  if kernel.shape[:2] == (1, 1) and not any(sum(padding, ())):
+  if _is_pointwise(kernel, padding):
     # A 1x1 convolution is a product over channels; XLA CPU runs it as a matrix
     # product 2x faster than as a convolution (docs/performance.md).
     x = x[:, ::strides[0], ::strides[1]]
-    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+    return _dot(x, kernel[0, 0], ((3,), (0,)), precision)
   return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
+
+
+def _input_gradient(x, kernel, dy, strides, padding, precision):
+  """dL/dx: lax's for larger kernels; for 1x1, dy @ kernel^T on the strided positions."""
+  if not _is_pointwise(kernel, padding):
+    _, x_vjp = jax.vjp(lambda x: _conv_forward(x, kernel, strides, padding, precision), x)
+    return x_vjp(dy)[0]
+  (_, h, w, _), (sh, sw), (_, ho, wo, _) = x.shape, strides, dy.shape
+  dx = _dot(dy, kernel[0, 0], ((3,), (1,)), precision)
+  return lax.pad(dx, jnp.zeros((), dx.dtype), [(0, 0, 0), (0, h - (ho - 1) * sh - 1, sh - 1),
+                                               (0, w - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)])
 
 
 def _kernel_gradient(x, dy, window, strides, padding, precision):
@@ -57,20 +84,32 @@ def _kernel_gradient(x, dy, window, strides, padding, precision):
   channels = x.shape[3]
   x = lax.pad(x, jnp.zeros((), x.dtype),
               [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
-  # Widening bfloat16 is exact, and XLA CPU's product has no bf16 x bf16 -> f32 kernel.
-  taps = [lax.slice(x, (0, i, j, 0),
-                    (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, channels),
-                    (1, sh, sw, 1)).reshape(-1, channels).astype(jnp.float32)
-          for i in range(kh) for j in range(kw)]
-  dy = dy.reshape(-1, features).astype(jnp.float32)
-  # The left operand is copied into a layout contiguous along N * H * W: transpose
-  # dy once, or each tap if that moves less data.
+  rows = lambda i, j: (slice(i, i + (ho - 1) * sh + 1, sh), slice(j, j + (wo - 1) * sw + 1, sw))
+  # Bfloat16 operands stay bfloat16, with float32 sums (XLA CPU's bf16 x bf16 -> f32
+  # product), and each product is (C, N*H*W) @ (N*H*W, C'): the left operand is
+  # transposed as a 4-D array, once, the smaller of dy and x. A 2-D transpose XLA
+  # folds into the product's dimension numbers, which then runs in Eigen (2x
+  # slower) and widens bfloat16 to float32 (3-5x slower; docs/performance.md).
+  dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())),
+                          precision=precision, preferred_element_type=jnp.float32)
   if features <= kh * kw * channels:
-    dy_t = dy.T
-    grads = [jnp.matmul(dy_t, tap, precision=precision).T for tap in taps]
+    dy_t = jnp.transpose(dy, (3, 0, 1, 2)).reshape(features, -1)
+    grads = [dot(dy_t, x[:, r, c].reshape(-1, channels)) for r, c in
+             (rows(i, j) for i in range(kh) for j in range(kw))]
+    grads = jnp.stack(grads).transpose(0, 2, 1)
+  elif x.dtype == jnp.float32:
+    # Widening (1x1) kernels in float32: Eigen's product over the first dimension of
+    # both operands is 1.1-2.5x faster here than transposing x.
+    dy = dy.reshape(-1, features)
+    grads = jnp.stack([lax.dot_general(x[:, r, c].reshape(-1, channels), dy,
+                                       (((0,), (0,)), ((), ())), precision=precision)
+                       for r, c in (rows(i, j) for i in range(kh) for j in range(kw))])
   else:
-    grads = [jnp.matmul(tap.T, dy, precision=precision) for tap in taps]
-  return jnp.stack(grads).reshape(kh, kw, channels, features)
+    x_t = jnp.transpose(x, (3, 0, 1, 2))
+    dy = dy.reshape(-1, features)
+    grads = jnp.stack([dot(x_t[:, :, r, c].reshape(channels, -1), dy) for r, c in
+                       (rows(i, j) for i in range(kh) for j in range(kw))])
+  return grads.reshape(kh, kw, channels, features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -84,8 +123,7 @@ def _conv_nhwc_fwd(x, kernel, strides, padding, precision):
 
 def _conv_nhwc_bwd(strides, padding, precision, residuals, dy):
   x, kernel = residuals
-  _, x_vjp = jax.vjp(lambda x: _conv_forward(x, kernel, strides, padding, precision), x)
-  (dx,) = x_vjp(dy)
+  dx = _input_gradient(x, kernel, dy, strides, padding, precision)
   dkernel = _kernel_gradient(x, dy, kernel.shape[:2], strides, padding, precision)
   return dx, dkernel.astype(kernel.dtype)
 

@@ -116,7 +116,7 @@ def plot_label_fraction_curves(summary, path=None):
   (dashed line, lighter band), on a log x axis of the label fraction.
 
   Args:
-    summary: the sweep's aggregates (`sweep_report.aggregate`):
+    summary: the sweep's aggregates (`sweep_results.aggregate`):
       summary['protocols'][protocol]['tasks'][task] holds 'class_names',
       'majority_share', 'subject_majority_share' and 'fractions', a list of
       {'fraction', 'num_labeled', 'arms': {arm: {'slice' | 'subject': {metric:

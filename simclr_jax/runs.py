@@ -27,7 +27,6 @@ in flight, each manager with barrier names of its own.
 import json
 import os
 import sys
-import uuid
 import zlib
 
 from absl import logging
@@ -71,8 +70,9 @@ def _path(workdir, *names):
 
 
 def _temporary(path):
-  """A temporary name beside `path`, unique to the writer (two writers never share one)."""
-  return path.parent / f'.{path.name}.{uuid.uuid4().hex[:12]}.tmp'
+  """The temporary name beside `path` of this process's writes (processes never share one)."""
+  index = jax.process_index() if jax.distributed.is_initialized() else 0
+  return path.parent / f'.{path.name}{f".{index}" if index else ""}.tmp'
 
 
 def write_json(path, value):

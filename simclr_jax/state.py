@@ -42,7 +42,19 @@ _UNCOMPILED_FIELDS = frozenset((
     'knn_k', 'precise_bn_batches', 'eval_batch_size', 'skip_unreadable', 'subject_ids',
     'subject_grouping_threshold', 'subject_grouping_k', 'subject_grouping_size',
     'nifti_slice_selection', 'nifti_num_slices', 'nifti_slice_step',
-    'nifti_min_mask_fraction', 'dataset', 'fold', 'num_folds'))
+    'nifti_min_mask_fraction', 'dataset', 'fold', 'num_folds', 'task',
+    'binary_negative_class', 'class_weights'))
+# Fields only the other model kind's steps read.
+_UNUSED_BY_KIND = {
+    'simclr': frozenset(('finetune_optimizer', 'finetune_sam', 'head_dropout', 'train_augment',
+                         'linear_probe')),
+    'classifier': frozenset(('pretrain_optimizer', 'sam', 'joint_views', 'temperature',
+                             'temperature_schedule', 'temperature_steps', 'projection_dims',
+                             'projection_dropout')),
+}
+# The fields that make a model and the shape of its inputs (models.create_model).
+_MODEL_FIELDS = ('model', 'width', 'encoder_output', 'dtype', 'projection_dims',
+                 'projection_dropout', 'head_dropout', 'num_classes', 'image_size', 'channels')
 _MEMO = {}
 
 
@@ -53,12 +65,21 @@ def run_key(config, total_steps):
   fine-tuning schedule is constant, so fine-tuning and baseline runs of any
   length (and either arm) share one key.
   """
+  kind = model_kind(config)
   fields = {k: v for k, v in json.loads(config.to_json_best_effort()).items()
-            if k not in _UNCOMPILED_FIELDS}
-  fields['total_steps'] = total_steps if MODEL_KINDS[config.mode] == 'simclr' else None
-  fields['mode'] = MODEL_KINDS[config.mode]
+            if k not in _UNCOMPILED_FIELDS and k not in _UNUSED_BY_KIND[kind]}
+  fields['total_steps'] = total_steps if kind == 'simclr' else None
+  fields['mode'] = kind
   fields['linear_probe'] = is_linear_probe(config)
   return json.dumps(fields, sort_keys=True)
+
+
+def model_key(config):
+  """What a run's model and its inference steps depend on: runs of one key share them."""
+  kind = model_kind(config)
+  fields = {k: config.get(k) for k in _MODEL_FIELDS if k not in _UNUSED_BY_KIND[kind]}
+  fields.update(kind=kind, frozen=is_linear_probe(config))
+  return json.dumps(fields, sort_keys=True, default=list)
 
 
 def memoized(name, key, make):

@@ -23,6 +23,7 @@ from simclr_jax import runs
 from simclr_jax import splits as splits_lib
 from simclr_jax import sweep_plan
 from simclr_jax import sweep_report
+from simclr_jax import sweep_results
 from simclr_jax import train
 
 
@@ -117,13 +118,13 @@ def run_sweep(config, workdir):
     remaining_work -= run.work
     eta = seconds_training / work_done * remaining_work if work_done else 0.0
     logging.info('Sweep run %d/%d done (%s) in %s; elapsed %s, ETA %s.', i, len(trained),
-                 run.name, sweep_report.duration(time.time() - run_start),
-                 sweep_report.duration(time.time() - start), sweep_report.duration(eta))
+                 run.name, sweep_results.duration(time.time() - run_start),
+                 sweep_results.duration(time.time() - start), sweep_results.duration(eta))
     sweep_report.write_reports(config, workdir, planned, arrays,
                                elapsed=time.time() - start, figures=False)
   summary = sweep_report.write_reports(config, workdir, planned, arrays,
                                        elapsed=time.time() - start)
-  logging.info('Sweep finished in %s; results in %s.', sweep_report.duration(time.time() - start),
+  logging.info('Sweep finished in %s; results in %s.', sweep_results.duration(time.time() - start),
                runs.output_path(workdir, 'results.md'))
   return summary
 

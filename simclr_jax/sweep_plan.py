@@ -50,14 +50,14 @@ from simclr_jax import splits as splits_lib
 SWEEP_FIELDS = ('protocols', 'tasks', 'fractions', 'seeds', 'multi_seed_max_fraction',
                 'reference_seeds', 'pretrain_num_epochs', 'max_steps_per_run',
                 'evals_per_run', 'floor_image_size', 'cam_method', 'cam_layer',
-                'bootstrap_samples')
+                'bootstrap_samples', 'reference_num_epochs')
 PROTOCOLS = {
     'honest': dict(split_scheme='subject', include_test_in_pretrain=False,
                    selection_split='val'),
     'reference': dict(split_scheme='slice', include_test_in_pretrain=True,
                       selection_split='test', selection_metric='accuracy',
                       val_fraction=0.0, num_folds=None, temperature_schedule=True,
-                      joint_views=False, eval_every_epochs=1),
+                      joint_views=False, eval_every_epochs=1, class_weights='none'),
 }
 PROTOCOL_DESCRIPTIONS = {
     'honest': 'subject-grouped, stratified K-fold cross-validation (no person on both '
@@ -136,13 +136,17 @@ def fraction_seeds(config, protocol, fraction):
   return seeds if fraction <= config.multi_seed_max_fraction + 1e-9 else seeds[:1]
 
 
-def supervised_schedule(config, num_labeled):
+def supervised_schedule(config, num_labeled, protocol='honest'):
   """(num_epochs, eval_every_epochs) of a finetune or baseline run.
 
   The whole number of epochs nearest to `max_steps_per_run` steps (at least one)
   if that is fewer than `num_epochs`, so large fractions get fewer epochs;
-  validation runs about `evals_per_run` times.
+  validation runs about `evals_per_run` times. The reference protocol trains every
+  fraction for `reference_num_epochs` epochs (when set), as the reference did
+  (100 epochs), and checks the test split after every epoch.
   """
+  if protocol == 'reference' and config.get('reference_num_epochs'):
+    return int(config.reference_num_epochs), 1
   per_epoch = input_pipeline.steps_per_epoch(num_labeled, config.batch_size)
   num_epochs = config.num_epochs
   if config.max_steps_per_run is not None:
@@ -190,7 +194,7 @@ def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
   else:
     run.label_fraction = float(fraction)
     run.label_seed = int(seed)
-    run.num_epochs, run.eval_every_epochs = supervised_schedule(config, num_labeled)
+    run.num_epochs, run.eval_every_epochs = supervised_schedule(config, num_labeled, protocol)
   if 'eval_every_epochs' in PROTOCOLS[protocol]:  # The reference checks every epoch.
     run.eval_every_epochs = PROTOCOLS[protocol]['eval_every_epochs']
   if mode == 'finetune':

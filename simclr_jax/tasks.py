@@ -218,18 +218,21 @@ def class_weights(config, labels, num_classes):
 
 def _key_and_model(config, rows):
   key = state_lib.run_key(config, rows.steps_per_epoch * config.num_epochs)
-  return key, state_lib.memoized('model', key, lambda: state_lib.create_model(config))
+  model = state_lib.memoized('model', state_lib.model_key(config),
+                             lambda: state_lib.create_model(config))
+  return key, model
 
 
-def _infer(config, key, mesh, infer_step, device_data):
+def _infer(config, mesh, infer_step, device_data):
   """(state, idx) -> outputs of `infer_step` over those rows of the data set."""
 
   def infer(state, data, inputs):
     images, _ = input_pipeline.DeviceData.images(data, inputs)
     return infer_step(state, augment.model_input(images, config.image_size, config.channels))
 
-  step = state_lib.memoized(('infer', infer_step.__name__), (key, mesh), lambda: jax.jit(
-      infer, out_shardings=sharding.data_sharding(mesh)))
+  step = state_lib.memoized(('infer', infer_step.__name__),
+                            (state_lib.model_key(config), mesh),
+                            lambda: jax.jit(infer, out_shardings=sharding.data_sharding(mesh)))
   return lambda state, idx: evaluate.predict(step, state, device_data, idx,
                                              config.eval_batch_size)
 
@@ -243,11 +246,12 @@ def _rows(config, train_idx):
   return input_pipeline.TrainingRows(np.asarray(train_idx), batch_size, config.seed)
 
 
-def _precise_bn(config, key, device_data, train_idx, mesh):
+def _precise_bn(config, device_data, train_idx, mesh):
   # A linear probe's encoder keeps its pretrained statistics.
   if not config.precise_bn_batches or state_lib.is_linear_probe(config):
     return _unchanged
-  return evaluate.PreciseBatchStats(device_data, train_idx, config, mesh, key=key)
+  return evaluate.PreciseBatchStats(device_data, train_idx, config, mesh,
+                                    key=state_lib.model_key(config))
 
 
 def _pretrain_batch(images, labels, positions, key, run_values, *, config):
@@ -271,7 +275,7 @@ def _logits_step(state, images):
 def _pretrain_task(config, data, device_data, mesh):
   rows = _rows(config, data.train_idx)
   key, model = _key_and_model(config, rows)
-  infer = _infer(config, key, mesh, _embed_step, device_data)
+  infer = _infer(config, mesh, _embed_step, device_data)
 
   def knn(idx):
     return evaluate.KnnEvaluator(infer, idx, data.splits['train'], data.labels,
@@ -288,13 +292,13 @@ def _pretrain_task(config, data, device_data, mesh):
       infer_step=_embed_step, selection=knn(data.select_idx),
       test=knn(data.splits['test']), selection_key=f'knn{k}_{suffix}', start=_unchanged,
       epoch_end=epoch_end,
-      before_eval=_precise_bn(config, key, device_data, data.train_idx, mesh))
+      before_eval=_precise_bn(config, device_data, data.train_idx, mesh))
 
 
 def _supervised_task(config, data, device_data, mesh):
   rows = _rows(config, data.train_idx)
   key, model = _key_and_model(config, rows)
-  infer = _infer(config, key, mesh, _logits_step, device_data)
+  infer = _infer(config, mesh, _logits_step, device_data)
 
   def classifier(idx):
     return evaluate.ClassifierEvaluator(infer, idx, data.labels, data.arrays.subject_ids,
@@ -312,4 +316,4 @@ def _supervised_task(config, data, device_data, mesh):
       infer_step=_logits_step, selection=classifier(data.select_idx),
       test=classifier(data.splits['test']), selection_key=config.selection_metric,
       start=start, epoch_end=epoch_end,
-      before_eval=_precise_bn(config, key, device_data, data.train_idx, mesh))
+      before_eval=_precise_bn(config, device_data, data.train_idx, mesh))

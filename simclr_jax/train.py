@@ -272,10 +272,9 @@ def train_and_evaluate(config, workdir):
                                 mesh))
     for step in range(step + 1, step + num_steps + 1):
       report_progress(step)  # clu's periodic actions want every step.
-    # Batches are a function of (seed, step), so a run resumes exactly from any step;
-    # the latest checkpoint is written at every evaluation and periodically.
-    checkpoint_now = itstime(step, eval_every, total_steps) or itstime(
-        step, config.checkpoint_every_steps, total_steps)
+    # Batches are a function of (seed, step) and evaluations of the state, so a run
+    # resumed from any checkpoint replays the same steps and the same choices of best.
+    checkpoint_now = itstime(step, config.checkpoint_every_steps, total_steps)
     if checkpoint_now or itstime(step, config.log_every_steps, total_steps):
       write_train_summary(writer, step, train_metrics, lr_fn, state, workdir)
       train_metrics = sharding.replicate_tree(TrainMetrics.empty(), mesh)

@@ -16,6 +16,7 @@ from simclr_jax import stats
 from simclr_jax import sweep
 from simclr_jax import sweep_plan
 from simclr_jax import sweep_report
+from simclr_jax import sweep_results
 from tests.conftest import tiny_config
 
 SWEEP_OVERRIDES = dict(
@@ -122,7 +123,7 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert len(gradcam_calls) == 1
   rows = read_rows(workdir)
-  assert list(rows[0]) == list(sweep_report.CSV_COLUMNS)
+  assert list(rows[0]) == list(sweep_results.CSV_COLUMNS)
   keys = sorted((r['protocol'], r['task'], r['fold'], r['arm'], float(r['fraction']),
                  int(r['seed'])) for r in run_rows(rows))
   honest_cells = ((0.5, 0), (0.5, 1), (1.0, 0))  # Seed 1 only up to 50 %.
@@ -205,7 +206,7 @@ def test_pooled_rows_join_the_folds_and_hold_every_subject_once(fake_sweep):
   run_dir = os.path.join(workdir, 'honest', 'four_class', 'fold{}', 'baseline_f0.5_s1')
   parts = [evaluate.Predictions.load(runs.predictions_path(run_dir.format(k))) for k in (0, 1)]
   assert not set(parts[0].subject_ids) & set(parts[1].subject_ids)
-  joined = sweep_report._concatenate(parts)  # pylint: disable=protected-access
+  joined = sweep_results._concatenate(parts)  # pylint: disable=protected-access
   expected = evaluate.prediction_metrics(joined, 4)
   row = next(r for r in pooled_rows(rows) if r['task'] == 'four_class' and
              r['arm'] == 'baseline' and float(r['fraction']) == 0.5 and r['seed'] == '1')
