@@ -39,10 +39,10 @@ _MIN_CHANNELS = 16
 def _dot(a, b, contracting, precision):
   """a . b over the `contracting` dimensions ((a's,), (b's,)), accumulated in float32.
 
-  For bfloat16 operands XLA CPU has a bf16 x bf16 -> f32 product (AMX / AVX512-BF16
-  where the CPU has them, 3-4x faster than float32), but computes a product with a
-  bfloat16 result by widening both operands to float32. The result is rounded to
-  the operands' type: the same numbers as XLA's bfloat16 product.
+  For bfloat16 operands XLA CPU (YNNPACK) has a bf16 x bf16 -> f32 product, 3-4x
+  faster than float32 on a CPU with AMX (docs/performance.md), but computes a
+  product with a bfloat16 result by widening both operands to float32. Rounding the
+  float32 result gives the same numbers as XLA's bfloat16 product.
   """
   return lax.dot_general(a, b, (contracting, ((), ())), precision=precision,
                          preferred_element_type=jnp.float32).astype(a.dtype)
@@ -84,31 +84,32 @@ def _kernel_gradient(x, dy, window, strides, padding, precision):
   channels = x.shape[3]
   x = lax.pad(x, jnp.zeros((), x.dtype),
               [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
-  rows = lambda i, j: (slice(i, i + (ho - 1) * sh + 1, sh), slice(j, j + (wo - 1) * sw + 1, sw))
-  # Bfloat16 operands stay bfloat16, with float32 sums (XLA CPU's bf16 x bf16 -> f32
-  # product), and each product is (C, N*H*W) @ (N*H*W, C'): the left operand is
-  # transposed as a 4-D array, once, the smaller of dy and x. A 2-D transpose XLA
-  # folds into the product's dimension numbers, which then runs in Eigen (2x
-  # slower) and widens bfloat16 to float32 (3-5x slower; docs/performance.md).
+  # The rows and columns of x that tap (i, j) of the kernel sees.
+  taps = [(slice(i, i + (ho - 1) * sh + 1, sh), slice(j, j + (wo - 1) * sw + 1, sw))
+          for i in range(kh) for j in range(kw)]
+  # Each product is (C, N*H*W) @ (N*H*W, C'), bfloat16 operands kept bfloat16 with
+  # float32 sums. Its left operand is transposed as a 4-D array, once: dy, or x if
+  # that is smaller. XLA folds a 2-D transpose into the product's dimension
+  # numbers; such a product runs in Eigen, up to 1.5x slower in float32, and with
+  # bfloat16 operands widened to float32, 3-5x slower (docs/performance.md).
   dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())),
                           precision=precision, preferred_element_type=jnp.float32)
   if features <= kh * kw * channels:
     dy_t = jnp.transpose(dy, (3, 0, 1, 2)).reshape(features, -1)
-    grads = [dot(dy_t, x[:, r, c].reshape(-1, channels)) for r, c in
-             (rows(i, j) for i in range(kh) for j in range(kw))]
+    grads = [dot(dy_t, x[:, rows, cols].reshape(-1, channels)) for rows, cols in taps]
     grads = jnp.stack(grads).transpose(0, 2, 1)
   elif x.dtype == jnp.float32:
-    # Widening (1x1) kernels in float32: Eigen's product over the first dimension of
-    # both operands is 1.1-2.5x faster here than transposing x.
+    # Widening 1x1 kernels in float32: Eigen's product over the first dimension of
+    # both operands is up to 2x faster than transposing x.
     dy = dy.reshape(-1, features)
-    grads = jnp.stack([lax.dot_general(x[:, r, c].reshape(-1, channels), dy,
+    grads = jnp.stack([lax.dot_general(x[:, rows, cols].reshape(-1, channels), dy,
                                        (((0,), (0,)), ((), ())), precision=precision)
-                       for r, c in (rows(i, j) for i in range(kh) for j in range(kw))])
+                       for rows, cols in taps])
   else:
     x_t = jnp.transpose(x, (3, 0, 1, 2))
     dy = dy.reshape(-1, features)
-    grads = jnp.stack([dot(x_t[:, :, r, c].reshape(channels, -1), dy) for r, c in
-                       (rows(i, j) for i in range(kh) for j in range(kw))])
+    grads = jnp.stack([dot(x_t[:, :, rows, cols].reshape(channels, -1), dy)
+                       for rows, cols in taps])
   return grads.reshape(kh, kw, channels, features)
 
 

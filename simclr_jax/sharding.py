@@ -379,8 +379,9 @@ def on_first_process(fn, what):
 
 
 def _host_key():
+  """This host's name as an int32 (gathered across processes to group them by host)."""
   digest = hashlib.sha256(socket.gethostname().encode()).digest()
-  return np.frombuffer(digest[:8], np.int64)[0]
+  return np.frombuffer(digest[:4], np.int32)[0]
 
 
 def prepare_once(prepare, is_ready, what):

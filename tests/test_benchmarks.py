@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -105,3 +106,23 @@ def test_fast_convolution_leaves_dilated_and_stem_convolutions_to_lax(channels, 
   jaxpr = str(jax.make_jaxpr(lambda x, k: models.conv_general_dilated(
       x, k, (1, 1), 'SAME', **kwargs))(x, kernel))
   assert ('custom_vjp' in jaxpr) == fast
+
+
+def _dot_operand_types(hlo):
+  """The element types of the operands of every dot in a compiled HLO module."""
+  types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))
+  return [types[name] for operands in re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo)
+          for name in operands]
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU convolution path')
+@pytest.mark.parametrize('window,features', [((3, 3), 64), ((1, 1), 256), ((1, 1), 16)])
+def test_bfloat16_kernel_gradient_is_a_bfloat16_product(window, features):
+  """XLA CPU widens a bf16 product whose operand is a folded transpose to float32."""
+  x = jnp.ones((4, 8, 8, 64), jnp.bfloat16)
+  dy = jnp.ones((4, 8, 8, features), jnp.bfloat16)
+  padding = ((window[0] // 2,) * 2,) * 2
+  hlo = jax.jit(lambda x, dy: models._kernel_gradient(x, dy, window, (1, 1), padding, None)
+                ).lower(x, dy).compile().as_text()
+  types = _dot_operand_types(hlo)
+  assert types and set(types) == {'bf16'}, types

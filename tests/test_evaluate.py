@@ -39,3 +39,29 @@ def test_knn_monitor_separable_embeddings():
   shuffled = evaluate.knn_monitor(train, rng.permutation(train_labels), queries,
                                   query_labels, (10,), 3)
   assert shuffled['knn10_accuracy'] < 0.8
+
+
+def test_macro_f1_counts_classes_present_in_labels_or_predictions():
+  # Class 2 never occurs but is predicted once: its F1 of 0 enters the mean (sklearn).
+  labels = np.array([0, 0, 1, 1])
+  predicted = np.array([0, 0, 1, 2])
+  result = evaluate.classification_metrics(labels, predicted, 4)
+  f1_1 = 2 * 1.0 * 0.5 / 1.5
+  assert result['macro_f1'] == pytest.approx((1.0 + f1_1 + 0.0) / 3)
+  assert result['balanced_accuracy'] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_subject_level_prediction_is_the_mean_of_the_slices():
+  predictions = evaluate.Predictions(
+      rows=np.arange(5), subject_ids=np.array([7, 7, 7, 3, 3]), labels=np.array([1, 1, 1, 0, 0]),
+      probabilities=np.array([[0.9, 0.1], [0.4, 0.6], [0.4, 0.6], [0.2, 0.8], [0.7, 0.3]],
+                             np.float32))
+  subjects = evaluate.subject_level(predictions)
+  np.testing.assert_array_equal(subjects.subject_ids, [3, 7])
+  np.testing.assert_array_equal(subjects.labels, [0, 1])
+  np.testing.assert_allclose(subjects.probabilities, [[0.45, 0.55], [17 / 30, 13 / 30]],
+                             atol=1e-6)
+  result = evaluate.prediction_metrics(predictions, 2)
+  assert result['accuracy'] == pytest.approx(3 / 5)  # Slices 1, 2 and 5 are right.
+  assert result['subject']['accuracy'] == 0.0  # Both people are wrong on average.
+  assert result['num_subjects'] == 2

@@ -459,3 +459,21 @@ def test_a_run_resumes_from_its_url_workdir(memory_fs, data_dir):
   again = train.train_and_evaluate(config, workdir)  # Finished: resumes at the end.
   assert again['chosen_step'] == first['chosen_step']
   np.testing.assert_allclose(again['knn1_accuracy'], first['knn1_accuracy'])
+
+
+def test_no_two_checkpoint_saves_are_in_flight(tmp_path, monkeypatch):
+  """Each save first waits for the other manager's: one background save at a time."""
+  events = []
+  checkpoints = runs.Checkpoints(str(tmp_path))
+  for name in ('latest', 'best'):
+    manager = getattr(checkpoints, name)
+    wait = manager.wait_until_finished
+    monkeypatch.setattr(manager, 'wait_until_finished',
+                        lambda name=name, wait=wait: (events.append(f'wait {name}'), wait()))
+  monkeypatch.setattr(runs, '_save', lambda manager, state: events.append(
+      f'save {"latest" if manager is checkpoints.latest else "best"}'))
+  checkpoints.save_best(_state(5, 1.0))
+  checkpoints.save_latest(_state(5, 1.0))
+  assert events == ['wait latest', 'save best', 'wait best', 'save latest']
+  monkeypatch.undo()
+  checkpoints.close()

@@ -375,3 +375,55 @@ def test_prepare_once_in_one_process_prepares_only_what_is_missing():
   sharding.prepare_once(lambda: done.append(1), lambda: bool(done), 'prepare it')
   sharding.prepare_once(lambda: done.append(2), lambda: bool(done), 'prepare it')
   assert done == [1]
+
+
+def test_collectives_are_counted_from_compiled_hlo():
+  """benchmarks/collectives.py's count, on a few lines of compiled HLO."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'collectives', os.path.join(REPO, 'benchmarks', 'collectives.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  hlo = '''
+  %all-reduce.1 = (f32[64]{0}, f32[64]{0}) all-reduce(%a, %b), replica_groups={{0,1}}
+  %ars = f32[3,3,64,64]{3,2,1,0} all-reduce-start(%g), replica_groups={{0,1}}
+  %ard = f32[3,3,64,64]{3,2,1,0} all-reduce-done(%ars)
+  ROOT %ag = f32[16,8]{1,0} all-gather(%z), dimensions={0}
+  %add.3 = f32[64]{0} add(%x, %y)
+  '''
+  assert module.count_collectives(hlo) == {
+      'all-reduce': {'ops': 2, 'elements': 128 + 3 * 3 * 64 * 64},
+      'all-gather': {'ops': 1, 'elements': 128}}
+
+
+@pytest.mark.parametrize('me, hosts, ready, prepares', [
+    (1, (7, 7), (True, True), False),  # One disk: process 1 reads what process 0 made.
+    (1, (7, 8), (True, False), True),  # Its own disk: the first process of host 8.
+    (2, (7, 8, 8), (True, False, False), False),  # Not the first of its host: waits.
+])
+def test_prepare_once_across_hosts(monkeypatch, me, hosts, ready, prepares):
+  """Process 0 prepares; a host that does not see it prepares with its first process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(sharding.jax, 'process_count', lambda: len(hosts))
+  monkeypatch.setattr(sharding.jax, 'process_index', lambda: me)
+  monkeypatch.setattr(sharding, 'sync_processes', lambda name: calls.append(('sync', name)))
+  monkeypatch.setattr(sharding, '_all_true', lambda flag: True)
+  monkeypatch.setattr(sharding, '_host_key', lambda: np.int32(hosts[me]))
+
+  def allgather(tree):
+    return np.asarray(hosts, np.int32), np.asarray(ready, np.int32)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  sharding.prepare_once(lambda: calls.append('prepare'), lambda: ready[me], 'prepare it')
+  assert calls[0] == ('sync', 'before: prepare it')
+  assert ('prepare' in calls) == prepares
+
+
+def test_a_failure_on_process_0_stops_the_others(monkeypatch):
+  monkeypatch.setattr(sharding.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(sharding.jax, 'process_index', lambda: 1)
+  monkeypatch.setattr(sharding, 'sync_processes', lambda name: None)
+  monkeypatch.setattr(sharding, '_all_true', lambda flag: False)  # Process 0 failed.
+  with pytest.raises(errors.UserError, match='Process 0 could not write metrics.json'):
+    sharding.on_first_process(lambda: pytest.fail('only process 0 writes'),
+                              'write metrics.json')

@@ -125,3 +125,40 @@ def test_pretrain_indices_add_test_only_when_asked(caplog):
     rows = splits_lib.pretrain_indices(splits, include_test=True)
   np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4])
   assert 'transductive' in caplog.text
+
+
+# ---------------------------------------------------------------- Cross-validation folds.
+
+
+def test_folds_test_every_subject_once_stratified_with_validation_from_training():
+  arrays = fake_data.fake_arrays()  # 10 / 2 / 20 / 14 subjects per class.
+  folds = [splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1, num_folds=4, fold=k)
+           for k in range(4)]
+  test_subjects = [set(arrays.subject_ids[f['test']]) for f in folds]
+  every = set(arrays.subject_ids)
+  assert set.union(*test_subjects) == every
+  assert sum(len(s) for s in test_subjects) == len(every)  # Each subject tested once.
+  for split in folds:
+    named = {name: set(arrays.subject_ids[rows]) for name, rows in split.items()}
+    assert not (named['train'] & named['val'] or named['train'] & named['test']
+                or named['val'] & named['test'])
+    assert named['train'] | named['val'] | named['test'] == every
+    assert named['val']  # Validation subjects come from the fold's training subjects.
+  # Stratified: every class with at least 4 subjects is in every fold's test split.
+  for label, num_subjects in enumerate(fake_data.SUBJECTS_PER_CLASS):
+    counts = [len(np.unique(arrays.subject_ids[f['test']][arrays.labels[f['test']] == label]))
+              for f in folds]
+    if num_subjects >= 4:
+      assert min(counts) >= 1 and max(counts) - min(counts) <= 1
+  # The folds do not depend on the order of the rows.
+  shuffled = fake_data.shuffled(arrays, seed=3)
+  again = splits_lib.make_splits(shuffled, 'subject', 0, 0.2, 0.1, num_folds=4, fold=2)
+  assert fake_data.file_name_sets(arrays, folds[2]) == fake_data.file_name_sets(shuffled, again)
+
+
+def test_bad_fold_settings_name_the_fix():
+  arrays = fake_data.fake_arrays()
+  with pytest.raises(ValueError, match='--config.fold'):
+    splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1, num_folds=3, fold=3)
+  with pytest.raises(ValueError, match='--config.num_folds'):
+    splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1, num_folds=1000, fold=0)

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -357,3 +358,45 @@ def test_unreadable_newest_checkpoint_resumes_from_the_one_before(data_dir, tmp_
   checkpoints.save_best(state)
   checkpoints.close()
   assert runs.latest_step(workdir, 'best') == first['total_steps']
+
+
+def test_balanced_class_weights_weigh_each_class_equally():
+  config = tiny_config('/unused', 'baseline', class_weights='balanced')
+  labels = np.array([0] * 6 + [1] * 2 + [3] * 4)
+  weights = tasks.class_weights(config, labels, 4)
+  # n / (K * n_class), and every present class then weighs n / K in total.
+  np.testing.assert_allclose(weights, [12 / 24, 12 / 8, 0.0, 12 / 16])
+  np.testing.assert_allclose(np.bincount(labels, weights=weights[labels]), [3, 3, 0, 3])
+  config.class_weights = 'none'
+  np.testing.assert_array_equal(tasks.class_weights(config, labels, 4), np.ones(4))
+
+
+@pytest.mark.parametrize('overrides,needle', [
+    (dict(split_seed=1), 'split the data otherwise.*split_seed'),
+    (dict(num_folds=2, fold=1), 'split the data otherwise.*num_folds'),
+    (dict(include_test_in_pretrain=False, pretrain_saw_test=True), 'saw the test images'),
+])
+def test_finetune_refuses_a_pretraining_that_may_have_seen_its_test_subjects(
+    pretrain_workdir, data_dir, tmp_path, overrides, needle):
+  source = pretrain_workdir
+  if overrides.pop('pretrain_saw_test', False):
+    # A copy of the pretraining, recorded as transductive.
+    source = str(tmp_path / 'transductive')
+    shutil.copytree(pretrain_workdir, source)
+    with open(os.path.join(source, 'config.json')) as f:
+      recorded = json.load(f)
+    recorded['include_test_in_pretrain'] = True
+    with open(os.path.join(source, 'config.json'), 'w') as f:
+      json.dump(recorded, f)
+  config = tiny_config(data_dir, 'finetune', pretrained_workdir=source, **overrides)
+  with pytest.raises(ValueError, match=needle):
+    tasks.check_config(config)
+
+
+def test_finetune_refuses_an_unfinished_pretraining(pretrain_workdir, data_dir, tmp_path):
+  unfinished = str(tmp_path / 'unfinished')
+  shutil.copytree(pretrain_workdir, unfinished)
+  os.remove(os.path.join(unfinished, 'metrics.json'))
+  config = tiny_config(data_dir, 'finetune', pretrained_workdir=unfinished)
+  with pytest.raises(ValueError, match='stopped before its last step'):
+    tasks.check_config(config)
