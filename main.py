@@ -54,11 +54,11 @@ def main(argv):
   # (run.setup_runtime) and never grabs an accelerator.
   from simclr_jax import run  # pylint: disable=g-import-not-at-top
   from simclr_jax import runs  # pylint: disable=g-import-not-at-top
-  from simclr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from simclr_jax import distributed  # pylint: disable=g-import-not-at-top
   run.quiet_logs()
   # Before anything starts JAX's backend.
-  sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
+  distributed.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                           FLAGS.process_id)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   platform.work_unit().set_task_status(

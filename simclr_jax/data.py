@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from simclr_jax import datasets
 from simclr_jax import errors
-from simclr_jax import sharding
+from simclr_jax import distributed
 from simclr_jax import subjects
 
 # The config fields that decide which arrays `load_arrays` returns.
@@ -98,12 +98,12 @@ def prepared_builder(config):
   """The data set's TFDS builder, its files built on first use.
 
   With several processes, process 0 builds the data set while the others wait
-  (`sharding.prepare_once`: no two processes write the same TFDS directory),
+  (`distributed.prepare_once`: no two processes write the same TFDS directory),
   then every process reads it; a host whose data dir is on its own disk builds
   its copy with one process.
   """
   builder = _builder(config)
-  sharding.prepare_once(builder.download_and_prepare, builder.is_prepared,
+  distributed.prepare_once(builder.download_and_prepare, builder.is_prepared,
                         f'prepare the data set {config.dataset}')
   if jax.process_count() > 1:
     builder = _builder(config)  # Its dataset_info read anew from the prepared files.

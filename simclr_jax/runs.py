@@ -17,7 +17,7 @@ and JSON files are written whole (to a temporary name, then renamed) so that no
 reader ever sees half a file.
 
 With several processes, process 0 writes a run's files while the others wait
-on both sides of the write (`sharding.on_first_process`): every process then
+on both sides of the write (`distributed.on_first_process`): every process then
 sees the same files whenever it looks (is a run finished? does it have a
 config?), so all of them take the same turns and enter the same collectives.
 The `latest` and `best` checkpoints are saved one after the other, never both
@@ -36,6 +36,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from simclr_jax import errors
+from simclr_jax import distributed
 from simclr_jax import sharding
 from simclr_jax import state as state_lib
 
@@ -118,7 +119,7 @@ def write_text(path, text):
 
 def _write_on_first_process(write, name):
   """`write()` on process 0, every process waiting before and after it (module docstring)."""
-  sharding.on_first_process(write, f'write {name}')
+  distributed.on_first_process(write, f'write {name}')
 
 
 # ----------------------------------------------------------------------------- config

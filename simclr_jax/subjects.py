@@ -16,7 +16,7 @@ import numpy as np
 
 from simclr_jax import errors
 from simclr_jax import neighbours
-from simclr_jax import sharding
+from simclr_jax import distributed
 
 
 def subject_id_source(config):
@@ -43,7 +43,7 @@ def recovered_subject_ids(arrays, config, cache_dir=None):
   file-numbering ids). Groups never span classes. The result is cached beside the
   TFDS data set (a local path or a URL), since it takes seconds to compute; with
   several processes, process 0 computes and writes it while the others wait, then
-  every process reads it (`sharding.prepare_once`).
+  every process reads it (`distributed.prepare_once`).
   """
   threshold = float(config.get('subject_grouping_threshold', 0.98))
   k = int(config.get('subject_grouping_k', 10))
@@ -62,7 +62,7 @@ def recovered_subject_ids(arrays, config, cache_dir=None):
       np.savez(f, ids=ids, file_names_sha256=files)
     tmp.replace(cache)  # Never a half-written cache file.
 
-  sharding.prepare_once(write, lambda: _read_cache(cache, files, len(arrays)) is not None,
+  distributed.prepare_once(write, lambda: _read_cache(cache, files, len(arrays)) is not None,
                         'compute the recovered subject ids')
   ids = _read_cache(cache, files, len(arrays))
   if ids is None:  # The cache could not be written (a read-only data dir): computed here.

@@ -20,12 +20,12 @@ from jax.sharding import Mesh  # pylint: disable=wrong-import-position
 
 def main():
   mode, num_devices = sys.argv[1], int(sys.argv[2])
-  from simclr_jax import sharding, tasks, train  # pylint: disable=g-import-not-at-top
+  from simclr_jax import distributed, sharding, tasks, train  # pylint: disable=g-import-not-at-top
   if len(sys.argv) > 3:
     process_id, num_processes, port = map(int, sys.argv[3:6])
     # main.py's start-up, with its --coordinator_address, --num_processes, --process_id.
-    launch = sharding.maybe_initialize_distributed(f'localhost:{port}', num_processes,
-                                                   process_id)
+    launch = distributed.maybe_initialize_distributed(f'localhost:{port}', num_processes,
+                                                      process_id)
     assert launch.kind == 'flags' and jax.process_count() == num_processes, launch
   from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
