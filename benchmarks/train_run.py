@@ -1,15 +1,18 @@
 r"""Whole-run throughput: a real `train_and_evaluate` run against its own train steps alone.
 
 Trains the `cpu` sweep preset's model (ResNet-18 at width 0.25, 64 px, 1 channel,
-batch 32) for about `--steps` steps through `train.train_and_evaluate` (evaluation,
-checkpoints and summaries at the preset's cadence), then times the same compiled
-train steps alone on the same data. Prints end-to-end images/s, step-only images/s,
+batch 32; `--preset=full`: the reference's ResNet-50) for about `--steps` steps (or
+`--epochs` epochs) through `train.train_and_evaluate` (evaluation, checkpoints and
+summaries at the preset's cadence), then times the same compiled train steps alone
+on the same data. Prints end-to-end images/s, step-only images/s,
 the XLA compile seconds of the run, and the share of the run that is not training
 steps; the last line is JSON.
 
   python benchmarks/train_run.py                                  # synthetic data, baseline
   python benchmarks/train_run.py --mode=pretrain --steps=300      # SimCLR + ASAM
   python benchmarks/train_run.py --dataset_path=../shared/data/alzheimer-mri-dataset.zip
+  python benchmarks/train_run.py --preset=full --mode=pretrain --epochs=1 \
+      --dataset_path=/data/alzheimer-mri-dataset.zip                # on a GPU (gpu_check.sh)
 """
 
 import argparse
@@ -42,7 +45,11 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--mode', default='baseline', choices=('baseline', 'pretrain'))
+  parser.add_argument('--preset', default='cpu', choices=('cpu', 'full'),
+                      help="The sweep preset whose model and recipe are trained.")
   parser.add_argument('--steps', type=int, default=600, help='About this many train steps.')
+  parser.add_argument('--epochs', type=int, default=None,
+                      help='Train this many epochs instead of about --steps steps.')
   parser.add_argument('--dataset_path', default=None,
                       help='The Kaggle zip; the embedded synthetic data when unset.')
   parser.add_argument('--data_dir', default=None, help='TFDS data dir.')
@@ -55,8 +62,8 @@ def parse_args(argv):
 
 
 def benchmark_config(args):
-  """The cpu preset's run config for the mode, sized to about `args.steps` steps."""
-  preset = sweep_config.get_config('preset=cpu')
+  """The preset's run config for the mode, sized to `args.epochs` or about `args.steps` steps."""
+  preset = sweep_config.get_config(f'preset={args.preset}')
   if args.dataset_path:
     preset.dataset_path = args.dataset_path
   else:
@@ -71,8 +78,8 @@ def benchmark_config(args):
                                  num_classes=len(arrays.class_names), fraction=1.0,
                                  num_labeled=num_images)
   per_epoch = input_pipeline.steps_per_epoch(num_images, config.batch_size)
-  config.num_epochs = max(1, math.ceil(args.steps / per_epoch))
-  config.eval_every_epochs = max(1, config.num_epochs // preset.evals_per_run)
+  config.num_epochs = args.epochs or max(1, math.ceil(args.steps / per_epoch))
+  config.eval_every_epochs = max(1, config.num_epochs // (preset.evals_per_run or 1))
   return config
 
 
@@ -109,7 +116,8 @@ def time_steps(config, num_dispatches):
   rngs = sharding.replicate_tree({'dropout': jax.random.key(1),
                                   'augment': input_pipeline.augment_key(0)}, mesh)
   schedule = sharding.replicate_tree({'num_steps': np.int32(k),
-                                      'steps_per_epoch': np.int32(per_epoch)}, mesh)
+                                      'steps_per_epoch': np.int32(per_epoch),
+                                      **task.run_values}, mesh)
   inputs = [train.dispatch_inputs(task, i * k, k, k) for i in range(num_dispatches + 1)]
   metrics = sharding.replicate_tree(train.TrainMetrics.empty(), mesh)
   state, metrics = p_train_steps(state, metrics, inputs[0], task.device_data.arrays, rngs,

@@ -181,7 +181,11 @@ def test_volumes_give_slice_and_volume_predictions_and_overlays_of_informative_s
   written = synthetic_mri.write_nifti_volumes(str(folder), num_subjects=8,
                                               slices_per_subject=12, image_size=64, seed=3)
   # One volume as an Analyze .hdr/.img pair: its .img is not a second input.
-  synthetic_mri.write_volume(str(folder / 'pair.hdr'), np.zeros((12, 64, 64), np.uint8) + 60)
+  # Its content is a textured disc: a volume of one intensity is rejected as blank.
+  yy, xx = np.mgrid[:64, :64]
+  disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 24 ** 2
+  texture = np.random.default_rng(0).integers(40, 200, (12, 64, 64))
+  synthetic_mri.write_volume(str(folder / 'pair.hdr'), (texture * disc).astype(np.uint8))
   workdir = str(tmp_path / 'out')
   summary = predict.predict(_config(run_dir, str(folder)), workdir)
   volumes = summary['volumes']
