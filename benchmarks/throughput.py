@@ -130,7 +130,7 @@ def peak_memory_bytes(devices):
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process max RSS'
 
 
-class _CompileCounter:
+class CompileCounter:
   """Counts XLA backend compilations and their seconds (jax.monitoring events)."""
 
   def __init__(self):
@@ -190,7 +190,7 @@ def run_benchmark(args):
   p_train_step = train.make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch=1000)
 
   # Trace, lower and compile once; the jitted step then reuses this executable.
-  with _CompileCounter() as compiles:
+  with CompileCounter() as compiles:
     start, start_cpu = time.perf_counter(), time.process_time()
     compiled = p_train_step.lower(state, batch, rng).compile()
     compile_seconds = time.perf_counter() - start
@@ -203,7 +203,7 @@ def run_benchmark(args):
   flops_per_step = float(cost.get('flops', float('nan'))) * len(devices)
   memory_analysis = compiled.memory_analysis()
 
-  with _CompileCounter() as recompiles:
+  with CompileCounter() as recompiles:
     state, _, _ = time_windows(p_train_step, state, batch, rng, args.warmup_steps, 1)
     state, step_seconds, step_cpu_seconds = time_windows(
         p_train_step, state, batch, rng, args.steps // args.window, args.window)
@@ -280,6 +280,11 @@ def main(argv=None):
         f"{result['achieved_flops'] / 1e9:.1f} GFLOP/s = "
         f"{100 * result['peak_fraction']:.1f} % of {result['peak_flops'] / 1e9:.0f} GFLOP/s; "
         f"load {result['loadavg_start'][0]:.1f} -> {result['loadavg_end'][0]:.1f}")
+  return report(result)
+
+
+def report(result):
+  """Prints the result as one JSON line, the line scripts parse, and returns it."""
   print(json.dumps(result))
   return result
 

@@ -16,7 +16,6 @@ steps; the last line is JSON.
 """
 
 import argparse
-import json
 import math
 import os
 import pathlib
@@ -37,8 +36,8 @@ from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 from simclr_jax import sweep_plan  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position  # benchmarks/, beside this file
 
-_BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 def parse_args(argv):
@@ -83,25 +82,6 @@ def benchmark_config(args):
   return config
 
 
-class _CompileSeconds:
-  """Sums XLA backend compile seconds (jax.monitoring events) while active."""
-
-  def __init__(self):
-    self.seconds = 0.0
-
-  def __call__(self, event, duration_secs, **kwargs):
-    del kwargs
-    if event == _BACKEND_COMPILE_EVENT:
-      self.seconds += duration_secs
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self)
-
-
 def time_steps(config, num_dispatches):
   """Seconds per train step of the run's own compiled steps, on its own batches."""
   mesh = sharding.create_mesh()
@@ -136,7 +116,7 @@ def run_benchmark(args):
   config = benchmark_config(args)
   workdir = args.workdir or tempfile.mkdtemp(prefix='train_run_')
   load_start = os.getloadavg()
-  with _CompileSeconds() as compiles:
+  with throughput.CompileCounter() as compiles:
     start, start_cpu = time.perf_counter(), time.process_time()
     result = train.train_and_evaluate(config, workdir)
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -172,8 +152,7 @@ def main(argv=None):
         f"({result['wall_s']:.1f} s, compile {result['compile_s']:.1f} s); step only "
         f"{result['step_only_images_per_s']:.0f} images/s; non-step share "
         f"{100 * result['non_step_share']:.0f} %")
-  print(json.dumps(result))
-  return result
+  return throughput.report(result)
 
 
 if __name__ == '__main__':

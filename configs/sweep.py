@@ -8,9 +8,9 @@ Presets (`:preset=NAME`):
   runlocal (default): the embedded synthetic data, a quarter-width ResNet-18 at 32 px,
     one seed; the whole sweep, both protocols, meant to take minutes on a 2-core CPU:
       python main.py --config=configs/sweep.py:preset=runlocal --workdir=runs/sweep_local
-  cpu: the Kaggle data, the same model at 64 px, about 600 steps per run, three
-    seeds up to 20 % of the labels (honest protocol), one seed for the reference
-    protocol; sized for about 1.5 hours of a quiet 2-core CPU, both protocols:
+  cpu: the Kaggle data, the same model at 64 px, about 600 steps per run (the
+    reference protocol: 25 epochs), one seed, 5 folds, both tasks and protocols;
+    sized for about 2.5 hours of a quiet 2-core CPU (docs/results/README.md):
       python main.py --config=configs/sweep.py:preset=cpu \
         --config.dataset_path=/path/to/alzheimer-mri-dataset.zip --workdir=runs/sweep_cpu
   full: the reference's settings (ResNet-50, 128 px, 3 channels, batch 32, flatten
@@ -54,15 +54,10 @@ def runlocal(config):
   """
   config = _small(config)
   config.image_size = 32
-  config.seeds = (0,)
-  config.num_folds = 2
-  config.fractions = (0.1, 1.0)
-  config.bootstrap_samples = 500
-  config.pretrain_num_epochs = 3
-  config.num_epochs = 15
-  config.max_steps_per_run = 200
-  config.evals_per_run = 3
-  config.log_every_steps = 20
+  config.update(seeds=(0,), num_folds=2, fractions=(0.1, 1.0), bootstrap_samples=500)
+  # Run lengths: 3 pretraining epochs, supervised runs of about 200 steps.
+  config.update(pretrain_num_epochs=3, num_epochs=15, max_steps_per_run=200,
+                evals_per_run=3, log_every_steps=20)
   config.cam_layer = 'stage2'  # 4 x 4 at 32 px (stage4 is 1 x 1).
   return config
 
@@ -89,14 +84,11 @@ def cpu(config):
   config = _small(config)
   config.dataset = 'alzheimer_mri'
   config.projection_dims = (128, 64)
-  config.train_augment = False
-  config.precise_bn_batches = 8
-  config.pretrain_num_epochs = 6
-  config.num_epochs = 300
-  config.max_steps_per_run = 600
-  config.reference_num_epochs = 25
-  config.evals_per_run = 6
-  config.log_every_steps = 50
+  config.update(train_augment=False, precise_bn_batches=8)
+  # Run lengths: 6 pretraining epochs, supervised runs of about 600 steps (the
+  # reference protocol: 25 epochs).
+  config.update(pretrain_num_epochs=6, num_epochs=300, max_steps_per_run=600,
+                reference_num_epochs=25, evals_per_run=6, log_every_steps=50)
   config.cam_layer = 'stage3'  # 4 x 4 at 64 px.
   return config
 
@@ -142,6 +134,7 @@ def get_config(arg=None):
   # ---------------------------------------------------------------- Sweep.
   config.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
   config.tasks = ('four_class', 'binary')  # Label tasks of the fine-tuning and baseline runs (a pretraining serves both).
+  config.reference_tasks = config_dict.placeholder(tuple)  # reference protocol: only these of the tasks (None: all).
   config.num_folds = 5  # honest: folds of the subject-grouped, stratified cross-validation.
   config.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions, nested subsets of the train split.
   config.seeds = (0,)  # Seeds of the honest protocol (label subset, init and data order together), in every fold.

@@ -362,8 +362,18 @@ def on_first_process(fn, what):
     fn()
     return
   sync_processes(f'before: {what}')
+  _run_and_agree(fn, jax.process_index() == 0,
+                 f'Process 0 could not {what}; its error is in its log.')
+
+
+def _run_and_agree(fn, run_here, failure):
+  """Runs `fn` where `run_here`; then every process learns whether all succeeded.
+
+  The process whose `fn` raised re-raises its exception, the others raise a
+  UserError saying `failure`: no process waits for one that failed.
+  """
   error = None
-  if jax.process_index() == 0:
+  if run_here:
     try:
       fn()
     except Exception as e:  # pylint: disable=broad-except
@@ -372,7 +382,7 @@ def on_first_process(fn, what):
   if error is not None:
     raise error
   if not ok:
-    raise errors.UserError(f'Process 0 could not {what}; its error is in its log.')
+    raise errors.UserError(failure)
 
 
 def _host_key():
@@ -402,16 +412,8 @@ def prepare_once(prepare, is_ready, what):
     return
   me = jax.process_index()
   first_on_host = int(np.flatnonzero(hosts == hosts[me])[0]) == me
-  error = None
   if not ready and first_on_host:
     logging.info('Process %d: this host does not see what process 0 prepared (a disk of '
                  'its own?); preparing it here: %s.', me, what)
-    try:
-      prepare()
-    except Exception as e:  # pylint: disable=broad-except
-      error = e
-  ok = _all_true(error is None)
-  if error is not None:
-    raise error
-  if not ok:
-    raise errors.UserError(f'A process could not {what}; its error is in its log.')
+  _run_and_agree(prepare, not ready and first_on_host,
+                 f'A process could not {what}; its error is in its log.')

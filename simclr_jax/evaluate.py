@@ -24,6 +24,7 @@ from simclr_jax import models
 from simclr_jax import neighbours
 from simclr_jax import sharding
 from simclr_jax import state as state_lib
+from simclr_jax import stats
 
 
 def softmax(logits):
@@ -48,19 +49,11 @@ def metrics_from_confusion(matrix):
   """
   matrix = np.asarray(matrix, np.float64)
   support = matrix.sum(axis=1)
-  predicted = matrix.sum(axis=0)
-  correct = np.diag(matrix)
   present = support > 0
-  recall = np.divide(correct, support, out=np.zeros_like(correct), where=present)
-  precision = np.divide(correct, predicted, out=np.zeros_like(correct), where=predicted > 0)
-  denominator = precision + recall
-  f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(correct),
-                 where=denominator > 0)
+  recall = np.divide(np.diag(matrix), support, out=np.zeros_like(support), where=present)
   total = matrix.sum()
   return {
-      'accuracy': float(correct.sum() / total) if total else 0.0,
-      'balanced_accuracy': float(recall[present].mean()) if present.any() else 0.0,
-      'macro_f1': float(f1[present | (predicted > 0)].mean()) if total else 0.0,
+      **{name: float(value) for name, value in stats.metrics_of_confusions(matrix).items()},
       'per_class_recall': [float(r) if p else None for r, p in zip(recall, present)],
       'num_examples': int(total),
   }

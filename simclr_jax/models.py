@@ -80,7 +80,7 @@ def _kernel_gradient(x, dy, window, strides, padding, precision):
   positions. XLA CPU's own kernel-gradient convolution (a window as large as the
   image) runs 5-10x slower (docs/performance.md).
   """
-  (kh, kw), (sh, sw), (n, ho, wo, features) = window, strides, dy.shape
+  (kh, kw), (sh, sw), (_, ho, wo, features) = window, strides, dy.shape
   channels = x.shape[3]
   x = lax.pad(x, jnp.zeros((), x.dtype),
               [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
@@ -237,39 +237,40 @@ def max_pool(x, window_shape, strides, padding='VALID'):
   return _max_pool_nhwc(x, window, strides, tuple(map(tuple, padding)))
 
 
-class ResNetBlock(nn.Module):
-  """Basic two-convolution residual block (ResNet-18/34)."""
+class _Block(nn.Module):
+  """What the residual blocks share: their fields and the shortcut."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   act: Callable
   strides: tuple[int, int] = (1, 1)
 
+  def shortcut_sum(self, residual, y):
+    """act(residual + y), the residual projected where its shape differs from y's."""
+    if residual.shape != y.shape:
+      residual = self.conv(y.shape[-1], (1, 1), self.strides, name='conv_proj')(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    return self.act(residual + y)
+
+
+class ResNetBlock(_Block):
+  """Basic two-convolution residual block (ResNet-18/34)."""
+
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.filters, (3, 3), self.strides)(x)
     y = self.norm()(y)
     y = self.act(y)
     y = self.conv(self.filters, (3, 3))(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, name='conv_proj')(residual)
-      residual = self.norm(name='norm_proj')(residual)
-    return self.act(residual + y)
+    return self.shortcut_sum(x, y)
 
 
-class BottleneckResNetBlock(nn.Module):
+class BottleneckResNetBlock(_Block):
   """Bottleneck residual block (ResNet-50), stride on the 3x3 convolution."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable
-  strides: tuple[int, int] = (1, 1)
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.filters, (1, 1))(x)
     y = self.norm()(y)
     y = self.act(y)
@@ -278,10 +279,7 @@ class BottleneckResNetBlock(nn.Module):
     y = self.act(y)
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), self.strides, name='conv_proj')(residual)
-      residual = self.norm(name='norm_proj')(residual)
-    return self.act(residual + y)
+    return self.shortcut_sum(x, y)
 
 
 class ResNet(nn.Module):

@@ -77,9 +77,10 @@ def _cached_counts(strata, num_samples, seed):
 def metrics_of_confusions(matrices):
   """Accuracy, balanced accuracy and macro-F1 of confusion matrices [..., K, K].
 
-  The conventions of `evaluate.metrics_from_confusion`: balanced accuracy averages
-  the recall of the classes present in the labels, macro-F1 the F1 of the classes
-  present in the labels or the predictions.
+  Balanced accuracy averages the recall of the classes present in the labels (a
+  split without a class is not penalised for it), macro-F1 the F1 of the classes
+  present in the labels or the predictions (scikit-learn's convention). The one
+  implementation: `evaluate.metrics_from_confusion` reports these for one matrix.
 
   Returns:
     {metric: float64 array [...]}.

@@ -47,7 +47,7 @@ from simclr_jax import runs
 from simclr_jax import splits as splits_lib
 
 # Fields of a sweep config that its runs do not have.
-SWEEP_FIELDS = ('protocols', 'tasks', 'fractions', 'seeds', 'multi_seed_max_fraction',
+SWEEP_FIELDS = ('protocols', 'tasks', 'reference_tasks', 'fractions', 'seeds', 'multi_seed_max_fraction',
                 'reference_seeds', 'pretrain_num_epochs', 'max_steps_per_run',
                 'evals_per_run', 'floor_image_size', 'cam_method', 'cam_layer',
                 'bootstrap_samples', 'reference_num_epochs')
@@ -205,6 +205,13 @@ def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
 # ----------------------------------------------------------------------------- plan
 
 
+def protocol_tasks(config, protocol):
+  """The label tasks a protocol runs: config.tasks, or reference_tasks under `reference`."""
+  if protocol == 'reference' and config.get('reference_tasks') is not None:
+    return tuple(config.reference_tasks)
+  return tuple(config.tasks)
+
+
 def protocol_folds(config, protocol):
   """The folds a protocol runs: 0 .. K-1 with cross-validation, else [None]."""
   num_folds = protocol_config(config, protocol).get('num_folds')
@@ -232,7 +239,7 @@ def plan_runs(config, workdir, arrays):
       pretrain_dir = os.path.join(fold_dir, 'pretrain')
       labeled = {(seed, fraction): len(splits_lib.label_subset(
           arrays.labels, splits['train'], fraction, seed)) for seed, fraction in plan}
-      for task in config.tasks:
+      for task in protocol_tasks(config, protocol):
         for seed, fraction in plan:
           planned.append(Run(protocol, task, fold, 'floor', fraction, seed,
                              _arm_dir(workdir, protocol, task, fold, 'floor', fraction, seed),
@@ -248,7 +255,7 @@ def plan_runs(config, workdir, arrays):
       cost = 2 * (1 if config.sam == 'none' else 2)
       planned.append(Run(protocol, None, fold, 'pretrain', None, seeds[0], pretrain_dir, pretrain,
                          None, steps * cost + RUN_OVERHEAD_STEPS))
-      for task in config.tasks:
+      for task in protocol_tasks(config, protocol):
         for seed, fraction in plan:
           for arm in ('baseline', 'finetune'):
             run = run_config(config, protocol, arm, seed=seed, num_classes=task_classes[task],

@@ -319,7 +319,7 @@ def aggregate(config, rows, pooled):
               'num_folds': None if folds == [None] else len(folds), 'tasks': {}}
     if protocol == 'reference':
       result['differences_from_reference'] = sweep_plan.REFERENCE_DIFFERENCES
-    for task in config.tasks:
+    for task in sweep_plan.protocol_tasks(config, protocol):
       test = _test_set(pooled, protocol, task)
       if test is None:
         continue

@@ -17,19 +17,12 @@ def tiny_config(data_dir, mode='pretrain', **overrides):
   config.mode = mode
   config.dataset = 'synthetic_mri/small'
   config.data_dir = data_dir
-  config.image_size = 32
-  config.channels = 1
-  config.model = 'resnet18'
-  config.width = 0.125
-  config.encoder_output = 'avgpool'
-  config.projection_dims = (32, 16)
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.num_epochs = 2
-  config.log_every_steps = 4
-  config.checkpoint_every_steps = 5
-  config.knn_k = (1, 5)
-  config.num_summary_images = 2
+  config.update(image_size=32, channels=1)  # Images.
+  config.update(model='resnet18', width=0.125, encoder_output='avgpool',
+                projection_dims=(32, 16))  # Model.
+  config.update(batch_size=16, eval_batch_size=32, num_epochs=2)  # Run length.
+  config.update(log_every_steps=4, checkpoint_every_steps=5, knn_k=(1, 5),
+                num_summary_images=2)  # Reports.
   for key, value in overrides.items():
     config[key] = value
   return config

@@ -14,6 +14,7 @@ from simclr_jax import runs
 from simclr_jax import splits as splits_lib
 from simclr_jax import stats
 from simclr_jax import sweep
+from simclr_jax import sweep_markdown
 from simclr_jax import sweep_plan
 from simclr_jax import sweep_report
 from simclr_jax import sweep_results
@@ -344,11 +345,34 @@ def test_schedule_caps_steps_and_spreads_evaluations(data_dir):
   assert sweep_plan.fraction_seeds(config, 'reference', 0.5) == (0,)
 
 
+def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):
+  config = sweep_test_config(data_dir, reference_tasks=('four_class',))
+  arrays = data_lib.load_arrays(config)
+  planned = sweep_plan.plan_runs(config, str(tmp_path), arrays)
+  tasks = lambda protocol: {r.task for r in planned if r.protocol == protocol and r.task}
+  assert tasks('honest') == {'four_class', 'binary'}
+  assert tasks('reference') == {'four_class'}
+  # The runs it keeps are the ones the full plan has, with the same configs.
+  config.reference_tasks = None
+  full = {r.workdir: r.config for r in sweep_plan.plan_runs(config, str(tmp_path), arrays)}
+  assert len(full) > len(planned)
+  for run in planned:
+    assert run.config == full[run.workdir]
+  config.reference_tasks = ('four_class',)
+  text = sweep_markdown.results_markdown(
+      {'answer': [], 'bootstrap_samples': 10, 'bootstrap_seed': 0,
+       'inflation': [],
+       'protocols': {'reference': {'description': 'x', 'num_folds': None, 'tasks': {}}}},
+      config)
+  assert 'Left out under this protocol: the binary task' in text
+
+
 @pytest.mark.parametrize('overrides,needle', [
     (dict(protocols=('honest', 'leaky')), 'protocols'),
     (dict(fractions=(0.0, 0.5)), 'fractions'),
     (dict(seeds=()), 'seed'),
     (dict(max_steps_per_run=0), 'max_steps_per_run'),
+    (dict(tasks=('binary',), reference_tasks=('four_class',)), 'reference_tasks'),
 ])
 def test_bad_sweep_config_is_one_clear_error(data_dir, overrides, needle):
   with pytest.raises(ValueError, match=needle):

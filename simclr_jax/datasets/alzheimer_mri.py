@@ -26,11 +26,11 @@ import posixpath
 import re
 import zipfile
 
-import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
 from simclr_jax import errors
+from simclr_jax.datasets import features
 
 # Class folders of the Kaggle release, in sorted order (= ClassLabel indices).
 CLASS_NAMES = ('Mild_Demented', 'Moderate_Demented', 'Non_Demented',
@@ -270,14 +270,7 @@ class AlzheimerMri(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 1), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-            'file_name': tfds.features.Text(),
-            'subject_id': np.int64,
-            'slice_index': np.int32,
-        }),
+        features=features.slice_features(IMAGE_SIZE, CLASS_NAMES),
         supervised_keys=('image', 'label'),
         homepage=HOMEPAGE,
     )

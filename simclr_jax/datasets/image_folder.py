@@ -38,6 +38,7 @@ import PIL.ImageOps
 import tensorflow_datasets as tfds
 
 from simclr_jax import errors
+from simclr_jax.datasets import features
 
 # Folder names of a train/test level above the class folders.
 SPLIT_FOLDERS = ('train', 'val', 'validation', 'test')
@@ -148,9 +149,10 @@ def folder_config_name(folder, image_size, relative_paths):
   return f'{slug or "root"}_{image_size}px_{digest.hexdigest()[:12]}'
 
 
-class ImageFolder(tfds.core.GeneratorBasedBuilder):
+class ImageFolder(features.FolderBuilder):
   """A user's folder of class subfolders as grayscale images."""
 
+  KIND = 'image'
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
@@ -182,49 +184,17 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         skip_unreadable=self._skip_unreadable, data_dir=data_dir,
         version=version)
 
-  def _info(self):
-    size = self._image_size
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(size, size, 1), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=self._class_names),
-            'file_name': tfds.features.Text(),
-            'subject_id': np.int64,
-            'slice_index': np.int32,
-        }),
-        supervised_keys=('image', 'label'),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # The files are local.
-    return {'train': self._generate_examples()}
-
-  def _generate_examples(self):
-    skipped = 0
-    for relative_path, class_name in self._examples:
-      path = os.path.join(self._folder, relative_path)
-      try:
-        image = load_grayscale(path, self._image_size)
-      except Exception as error:  # PIL raises many types for a broken file.
-        if not self._skip_unreadable:
-          raise errors.UserError(
-              f'{path} is not a readable image ({error}); fix or remove it, '
-              'or set skip_unreadable to skip such files.') from error
-        logging.warning('Skipping unreadable image %s (%s).', path, error)
-        skipped += 1
-        continue
-      yield relative_path, {
-          'image': image,  # TFDS encodes PIL images with PIL: fast.
-          'label': class_name,
-          'file_name': relative_path,
-          'subject_id': -1,
-          'slice_index': -1,
-      }
-    if skipped:
-      logging.warning('Skipped %d unreadable of %d images in %s.', skipped,
-                      len(self._examples), self._folder)
-    if skipped == len(self._examples):
-      raise errors.UserError(
-          f'No image in {self._folder} is readable; check the files.')
+  def _read(self, example):
+    relative_path, class_name = example
+    path = os.path.join(self._folder, relative_path)
+    try:
+      image = load_grayscale(path, self._image_size)
+    except Exception as error:  # PIL raises many types for a broken file.
+      raise ValueError(f'{path} is not a readable image ({error}); fix or remove it') from error
+    yield relative_path, {
+        'image': image,  # TFDS encodes PIL images with PIL: fast.
+        'label': class_name,
+        'file_name': relative_path,
+        'subject_id': -1,
+        'slice_index': -1,
+    }

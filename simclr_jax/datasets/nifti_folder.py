@@ -54,6 +54,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from simclr_jax import errors
+from simclr_jax.datasets import features
 from simclr_jax.datasets import image_folder
 
 # Hidden files and folders are skipped as image_folder skips them.
@@ -310,9 +311,10 @@ def list_volumes(folder):
   return class_names, sorted(examples), sorted(companions)
 
 
-class NiftiFolder(tfds.core.GeneratorBasedBuilder):
+class NiftiFolder(features.FolderBuilder):
   """A user's folder of class subfolders of MRI volumes, as axial slices."""
 
+  KIND = 'volume'
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
@@ -339,6 +341,7 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder):
         image_size=int(image_size), slice_selection=slice_selection,
         num_slices=int(num_slices), slice_step=int(slice_step),
         min_mask_fraction=float(min_mask_fraction))
+    self._image_size = self._slice_settings['image_size']
     self._skip_unreadable = bool(skip_unreadable)
     self._class_names, self._examples, companions = list_volumes(self._folder)
     selection = {'central': f'central{num_slices}',
@@ -357,51 +360,16 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder):
         folder=self._folder, skip_unreadable=self._skip_unreadable,
         data_dir=data_dir, version=version, **self._slice_settings)
 
-  def _info(self):
-    size = self._slice_settings['image_size']
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(size, size, 1), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=self._class_names),
-            'file_name': tfds.features.Text(),
-            'subject_id': np.int64,
-            'slice_index': np.int32,
-        }),
-        supervised_keys=('image', 'label'),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # The files are local.
-    return {'train': self._generate_examples()}
-
-  def _generate_examples(self):
-    skipped = 0
-    for relative_path, class_name, subject_id in self._examples:
-      path = os.path.join(self._folder, relative_path)
-      try:
-        slices, indices = read_volume_slices(path, **self._slice_settings)
-      except VolumeError as error:
-        if not self._skip_unreadable:
-          raise errors.UserError(
-              f'{error.path} {error.problem}; {error.fix}, or set '
-              '--config.skip_unreadable=True to skip such volumes.') from error
-        logging.warning('Skipping volume %s: %s', path, error)
-        skipped += 1
-        continue
-      for image, index in zip(slices, indices):
-        key = f'{relative_path}#{index:03d}'
-        yield key, {
-            'image': PIL.Image.fromarray(image[..., 0]),  # PIL encodes fast.
-            'label': class_name,
-            'file_name': key,
-            'subject_id': subject_id,
-            'slice_index': index,
-        }
-    if skipped:
-      logging.warning('Skipped %d of %d volumes in %s.', skipped,
-                      len(self._examples), self._folder)
-    if skipped == len(self._examples):
-      raise errors.UserError(
-          f'No volume in {self._folder} is usable; check the files.')
+  def _read(self, example):
+    relative_path, class_name, subject_id = example
+    slices, indices = read_volume_slices(os.path.join(self._folder, relative_path),
+                                         **self._slice_settings)
+    for image, index in zip(slices, indices):
+      key = f'{relative_path}#{index:03d}'
+      yield key, {
+          'image': PIL.Image.fromarray(image[..., 0]),  # PIL encodes fast.
+          'label': class_name,
+          'file_name': key,
+          'subject_id': subject_id,
+          'slice_index': index,
+      }

@@ -33,6 +33,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from simclr_jax.datasets import alzheimer_mri
+from simclr_jax.datasets import features
 
 CLASS_NAMES = alzheimer_mri.CLASS_NAMES
 # Severity of each class in CLASS_NAMES order (Mild, Moderate, Non, Very mild).
@@ -386,19 +387,10 @@ class SyntheticMri(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self):
-    size = self.builder_config.image_size
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(size, size, 1), encoding_format='png'),
-            'mask': tfds.features.Image(
-                shape=(size, size, 1), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-            'file_name': tfds.features.Text(),
-            'subject_id': np.int64,
-            'slice_index': np.int32,
-        }),
+        features=features.slice_features(self.builder_config.image_size, CLASS_NAMES,
+                                         with_mask=True),
         supervised_keys=('image', 'label'),
     )
 
