@@ -221,6 +221,27 @@ def pretrain_indices(splits, include_test):
   return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
+# A user's folder of images or volumes: a class that cannot be cross-validated is an
+# error there. The shipped data sets keep theirs with a warning (the Kaggle set's 2
+# Moderate_Demented subjects; the one of the small synthetic set that tests use).
+USER_FOLDERS = ('image_folder', 'nifti_folder')
+
+
+def check_classes_can_be_cross_validated(arrays):
+  """Raises a UserError for a class of fewer than 2 subjects (known subject ids only).
+
+  Under subject cross-validation a class's only subject is tested by the one fold
+  whose training never saw the class: its scores would measure nothing.
+  """
+  for label, class_name in enumerate(arrays.class_names):
+    subjects = np.unique(arrays.subject_ids[arrays.labels == label])
+    if len(subjects) == 1 and subjects[0] >= 0:
+      raise errors.UserError(
+          f'Class {class_name} has 1 subject: subject cross-validation needs at least 2 '
+          'per class (one to train on, one to test); add subjects of that class, remove '
+          'its folder, or set --config.num_folds=None for one split by test_fraction.')
+
+
 def load_splits(config, arrays, scheme=None):
   """The splits of `arrays` that `config` asks for (split_scheme, split_seed, fractions).
 
@@ -228,6 +249,9 @@ def load_splits(config, arrays, scheme=None):
   sweep's floor, the audit) calls this one function. `scheme` overrides
   `config.split_scheme` (the audit compares both schemes).
   """
-  return make_splits(arrays, scheme or config.split_scheme, config.split_seed,
+  scheme = scheme or config.split_scheme
+  if config.get('num_folds') and scheme == 'subject' and config.get('dataset') in USER_FOLDERS:
+    check_classes_can_be_cross_validated(arrays)
+  return make_splits(arrays, scheme, config.split_seed,
                      config.test_fraction, config.val_fraction,
                      num_folds=config.get('num_folds'), fold=config.get('fold', 0))
