@@ -64,3 +64,13 @@ def shuffled(arrays, seed):
 
 def file_name_sets(arrays, splits):
   return {name: set(arrays.file_names[rows]) for name, rows in splits.items()}
+
+
+def clustered_embeddings(rng, train_per_class, test_per_class, num_classes=3, dims=16):
+  """Well-separated Gaussian clusters drawn from `rng`: (train_x, train_y, test_x, test_y)."""
+  centres = rng.normal(size=(num_classes, dims)) * 5
+  train_y = np.repeat(np.arange(num_classes), train_per_class)
+  test_y = np.repeat(np.arange(num_classes), test_per_class)
+  train_x = centres[train_y] + rng.normal(size=(len(train_y), dims))
+  test_x = centres[test_y] + rng.normal(size=(len(test_y), dims))
+  return train_x, train_y, test_x, test_y

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import evaluate
+from tests import fake_data
 
 
 def test_metrics_of_a_known_confusion_matrix():
@@ -28,11 +29,7 @@ def test_majority_answer_has_chance_balanced_accuracy():
 
 def test_knn_monitor_separable_embeddings():
   rng = np.random.default_rng(0)
-  centres = rng.normal(size=(3, 16)) * 5
-  train_labels = np.repeat(np.arange(3), 20)
-  query_labels = np.repeat(np.arange(3), 5)
-  train = centres[train_labels] + rng.normal(size=(60, 16))
-  queries = centres[query_labels] + rng.normal(size=(15, 16))
+  train, train_labels, queries, query_labels = fake_data.clustered_embeddings(rng, 20, 5)
   result = evaluate.knn_monitor(train, train_labels, queries, query_labels, (1, 10, 100), 3)
   assert result['knn1_accuracy'] == 1.0 and result['knn10_balanced_accuracy'] == 1.0
   assert 'knn100_accuracy' not in result  # k larger than the memory bank is skipped.

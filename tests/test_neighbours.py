@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage
 
 from simclr_jax import neighbours
+from tests import fake_data
 
 
 def make_subjects(num_subjects=12, slices_per_subject=6, size=32, seed=0,
@@ -171,11 +172,7 @@ def test_knn_vote_majority_breaks_ties_by_similarity():
 
 def test_knn_classify_separates_clusters():
   rng = np.random.default_rng(6)
-  centres = rng.normal(size=(3, 16)) * 5
-  train_y = np.repeat(np.arange(3), 10)
-  test_y = np.repeat(np.arange(3), 4)
-  train_x = centres[train_y] + rng.normal(size=(30, 16))
-  test_x = centres[test_y] + rng.normal(size=(12, 16))
+  train_x, train_y, test_x, test_y = fake_data.clustered_embeddings(rng, 10, 4)
   for k in (1, 5):
     predictions = neighbours.knn_classify(train_x, train_y, test_x, k=k,
                                           num_classes=3, metric='cosine',
