@@ -311,11 +311,11 @@ def results_markdown(summary, config, figures=()):
               f'{description[0].upper()}{description[1:]}.', '']
     if protocol == 'reference':
       lines += [f'Still otherwise than the reference: {sweep_plan.REFERENCE_DIFFERENCES}.', '']
-    left_out = [t for t in config.tasks if t not in sweep_plan.protocol_tasks(config, protocol)]
+    ran = sweep_plan.protocol_tasks(config, protocol)
+    left_out = [t for t in config.tasks if t not in ran]
     if left_out:
-      ran = _and(sweep_plan.protocol_tasks(config, protocol))
       lines += [f'Left out under this protocol: the {_and(left_out)} task '
-                f'(`--config.reference_tasks` ran only {ran}).', '']
+                f'(`--config.reference_tasks` ran only {_and(ran)}).', '']
     if not result['tasks']:
       lines += ['No run of this protocol has finished yet.', '']
     for task, entry in result['tasks'].items():

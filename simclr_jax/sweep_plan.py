@@ -47,8 +47,8 @@ from simclr_jax import runs
 from simclr_jax import splits as splits_lib
 
 # Fields of a sweep config that its runs do not have.
-SWEEP_FIELDS = ('protocols', 'tasks', 'reference_tasks', 'fractions', 'seeds', 'multi_seed_max_fraction',
-                'reference_seeds', 'pretrain_num_epochs', 'max_steps_per_run',
+SWEEP_FIELDS = ('protocols', 'tasks', 'reference_tasks', 'fractions', 'seeds',
+                'multi_seed_max_fraction', 'reference_seeds', 'pretrain_num_epochs', 'max_steps_per_run',
                 'evals_per_run', 'floor_image_size', 'cam_method', 'cam_layer',
                 'bootstrap_samples', 'reference_num_epochs')
 PROTOCOLS = {

@@ -36,13 +36,17 @@ def slice_features(image_size, class_names, *, with_mask=False):
   return tfds.features.FeaturesDict(features)
 
 
+class UnreadableSource(ValueError):
+  """A source file a folder builder cannot read; the message names it, the problem and the fix."""
+
+
 class FolderBuilder(tfds.core.GeneratorBasedBuilder):
   """A builder of slices from a user's folder; a subclass lists and reads the files.
 
   The subclass's __init__ sets `_folder`, `_image_size`, `_class_names`,
   `_examples` (the source entries) and `_skip_unreadable`; its `_read(example)`
-  yields the (key, example) pairs of one source or raises ValueError naming the
-  file, its problem and the fix. `KIND` names a source in messages.
+  yields the (key, example) pairs of one source or raises UnreadableSource naming
+  the file, its problem and the fix; any other exception is a bug and propagates. `KIND` names a source in messages.
   """
 
   KIND = 'file'
@@ -68,7 +72,7 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder):
     for source in self._examples:
       try:
         pairs = list(self._read(source))
-      except ValueError as error:
+      except UnreadableSource as error:
         if not self._skip_unreadable:
           raise errors.UserError(
               f'{str(error).rstrip(".")}, or set --config.skip_unreadable=True to skip '

@@ -190,7 +190,8 @@ class ImageFolder(features.FolderBuilder):
     try:
       image = load_grayscale(path, self._image_size)
     except Exception as error:  # PIL raises many types for a broken file.
-      raise ValueError(f'{path} is not a readable image ({error}); fix or remove it') from error
+      raise features.UnreadableSource(
+          f'{path} is not a readable image ({error}); fix or remove it') from error
     yield relative_path, {
         'image': image,  # TFDS encodes PIL images with PIL: fast.
         'label': class_name,

@@ -70,7 +70,7 @@ PERCENTILES = (0.5, 99.5)
 MASK_THRESHOLD = 0.1
 
 
-class VolumeError(ValueError):
+class VolumeError(features.UnreadableSource):
   """A file that is not a usable 3D volume; says which and how to fix it."""
 
   def __init__(self, path, problem, fix):
@@ -184,8 +184,8 @@ def read_volume_slices(path, image_size=128, slice_selection='central',
     the canonical RAS volume, increasing).
 
   Raises:
-    VolumeError (a ValueError): the file is unreadable, not a single 3D
-      volume, or empty after masking.
+    VolumeError (a features.UnreadableSource, a ValueError): the file is
+      unreadable, not a single 3D volume, or empty after masking.
     ValueError: a slice setting is invalid.
   """
   check_slice_settings(slice_selection, num_slices, slice_step,
