@@ -53,8 +53,8 @@ def main(argv):
   # Imported here so that `--help` is fast; TensorFlow loads only after the checks
   # (run.setup_runtime) and never grabs an accelerator.
   from simclr_jax import run  # pylint: disable=g-import-not-at-top
-  from simclr_jax import runs  # pylint: disable=g-import-not-at-top
-  from simclr_jax import distributed  # pylint: disable=g-import-not-at-top
+  from simclr_jax.train import workdirs  # pylint: disable=g-import-not-at-top
+  from simclr_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   run.quiet_logs()
   # Before anything starts JAX's backend.
   distributed.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -64,7 +64,7 @@ def main(argv):
   platform.work_unit().set_task_status(
       f'process_index: {jax.process_index()}, process_count: {jax.process_count()}')
   platform.work_unit().create_artifact(platform.ArtifactType.DIRECTORY, FLAGS.workdir, 'workdir')
-  run.run(FLAGS.config, runs.workdir_path(FLAGS.workdir), setup=run.setup_runtime)
+  run.run(FLAGS.config, workdirs.workdir_path(FLAGS.workdir), setup=run.setup_runtime)
 
 
 def _fail(message, error, verbose):

@@ -1,6 +1,6 @@
 r"""Cross-device reductions of one train step: BatchNorm layers and collectives in its HLO.
 
-Compiles the real train step (`train.make_train_step`, as training runs it) over a
+Compiles the real train steps (`steps.make_train_steps`, as training runs them) over a
 mesh of N devices without running it, and counts in the compiled HLO the
 collectives XLA's SPMD partitioner inserted (all-reduce, all-gather,
 reduce-scatter, collective-permute, all-to-all: ops and the float32 elements they
@@ -30,10 +30,9 @@ from jax.sharding import Mesh
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import kinds  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute',
                'all-to-all')
@@ -43,7 +42,7 @@ _SHAPE = re.compile(r'\b(f32|bf16|f16|s32|u32|pred)\[([0-9,]*)\]')
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--mode', default='pretrain', choices=state_lib.TRAIN_MODES)
+  parser.add_argument('--mode', default='pretrain', choices=kinds.TRAIN_MODES)
   parser.add_argument('--model', default='resnet50')
   parser.add_argument('--image_size', type=int, default=128)
   parser.add_argument('--channels', type=int, default=3)
@@ -93,19 +92,11 @@ def main(argv=None):
   devices = jax.devices()[:args.num_devices]
   mesh = Mesh(np.asarray(devices), ('data',))
   model = state_lib.create_model(config)
-  loss_fn, epoch_end = tasks.objective(config, model)
-  step = train.make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch=100)
+  step = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
   abstract = state_lib.abstract_state(config, mesh)
-  shape = (config.batch_size, config.image_size, config.image_size, config.channels)
-  data = sharding.data_sharding(mesh)
-  image = jax.ShapeDtypeStruct(shape, np.float32, sharding=data)
-  batch = ({'image1': image, 'image2': image} if args.mode == 'pretrain' else
-           {'image': image, 'label': jax.ShapeDtypeStruct(shape[:1], np.int32, sharding=data),
-            'weight': jax.ShapeDtypeStruct(shape[:1], np.float32, sharding=data)})
-  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                             sharding=sharding.replicated_sharding(mesh))
+  arguments = steps_lib.example_arguments(config, mesh, 1, abstract=True)
   start = time.time()
-  compiled = step.lower(abstract, batch, key).compile()
+  compiled = step.lower(abstract, *arguments).compile()
   compile_s = time.time() - start
   hlo = compiled.as_text()
   if args.hlo_out:

@@ -1,9 +1,11 @@
-r"""Throughput of the jitted train step: images/s, step time, compile time, memory, FLOP/s.
+r"""Throughput of the jitted train steps: images/s, step time, compile time, memory, FLOP/s.
 
-Builds the real TrainState and step with `train.make_train_step` (the function
-training runs), puts one random batch on the devices, compiles the step, runs
-warm-up steps, then times windows of `--window` steps each with one
-`block_until_ready` at the end of every window (no other host synchronisation).
+Builds the real TrainState and steps with `steps.make_train_steps` (the function
+training runs: the row gather, the augmentation of uint8 images, the loss and the
+optimizer, `--steps_per_dispatch` steps per call), puts a random uint8 data set
+of two batches on the devices, compiles, runs warm-up dispatches, then times
+windows of `--window` dispatches each with one `block_until_ready` at the end of
+every window (no other host synchronisation). Times are per step.
 Reports the median step time and its spread (min, max, interquartile range),
 images/s of the median, the compile time, the peak memory, and the achieved
 FLOP/s from XLA's cost analysis of the compiled step as a fraction of
@@ -42,11 +44,12 @@ from jax.sharding import Mesh
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.model import heads  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.model import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import kinds  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import optimizers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # This 2-core machine's measured float32 matrix-multiply peak (see docs/performance.md).
 CPU_PEAK_FLOPS = 188e9
@@ -56,11 +59,11 @@ _BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--mode', default='pretrain', choices=state_lib.TRAIN_MODES,
+  parser.add_argument('--mode', default='pretrain', choices=kinds.TRAIN_MODES,
                       help='pretrain: SimCLR (two views); finetune/baseline: supervised.')
-  parser.add_argument('--model', default='resnet50', choices=sorted(models.STAGE_SIZES))
+  parser.add_argument('--model', default='resnet50', choices=sorted(resnet.STAGE_SIZES))
   parser.add_argument('--width', type=float, default=1.0, help='ResNet width multiplier.')
-  parser.add_argument('--encoder_output', default='flatten', choices=models.ENCODER_OUTPUTS)
+  parser.add_argument('--encoder_output', default='flatten', choices=heads.ENCODER_OUTPUTS)
   parser.add_argument('--batch_size', type=int, default=32,
                       help='Global batch (images, not views).')
   parser.add_argument('--image_size', type=int, default=128)
@@ -74,11 +77,13 @@ def parse_args(argv):
   parser.add_argument('--sam', default=None, choices=('none', 'sam', 'asam'),
                       help='SAM variant (default: the reference, asam for pretrain and '
                       'none for finetune/baseline).')
+  parser.add_argument('--steps_per_dispatch', type=int, default=1,
+                      help='k: train steps per dispatch (lax.scan when k > 1).')
   parser.add_argument('--warmup_steps', type=int, default=2,
                       help='Untimed steps after compilation.')
-  parser.add_argument('--steps', type=int, default=7, help='Timed steps.')
+  parser.add_argument('--steps', type=int, default=7, help='Timed dispatches.')
   parser.add_argument('--window', type=int, default=1,
-                      help='Steps per timed window (one block_until_ready per window); '
+                      help='Dispatches per timed window (one block_until_ready per window); '
                       'must divide --steps.')
   parser.add_argument('--peak_flops', type=float, default=CPU_PEAK_FLOPS,
                       help='Peak FLOP/s that the achieved FLOP/s is a fraction of.')
@@ -106,19 +111,6 @@ def benchmark_config(args):
     else:
       config.finetune_sam = args.sam
   return config
-
-
-def random_batch(config, mesh, seed=0):
-  """One global batch of random images (and labels) sharded over the mesh."""
-  rng = np.random.default_rng(seed)
-  shape = (config.batch_size, config.image_size, config.image_size, config.channels)
-  if config.mode == 'pretrain':
-    batch = {'image1': rng.random(shape, np.float32),
-             'image2': rng.random(shape, np.float32)}
-  else:
-    batch = {'image': rng.random(shape, np.float32),
-             'label': rng.integers(0, config.num_classes, config.batch_size, np.int32)}
-  return sharding.to_global(batch, sharding.data_sharding(mesh))
 
 
 def peak_memory_bytes(devices):
@@ -150,21 +142,23 @@ class CompileCounter:
     jax.monitoring.unregister_event_duration_listener(self)
 
 
-def time_windows(p_train_step, state, batch, rng, num_windows, window):
-  """Wall and process-CPU seconds per step of each window.
+def time_windows(p_train_steps, state, arguments, num_windows, window, steps_per_dispatch):
+  """Wall and process-CPU seconds per step of each window of `window` dispatches.
 
   The host waits once, at each window's end. CPU seconds (all threads) tell how
   much work a step was, when other processes share the cores.
   """
+  metrics, rest = arguments[0], arguments[1:]
   seconds, cpu_seconds = [], []
   for _ in range(num_windows):
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(window):
-      state, metrics = p_train_step(state, batch, rng)
+      state, metrics = p_train_steps(state, metrics, *rest)
     jax.block_until_ready((state, metrics))
-    seconds.append((time.perf_counter() - start) / window)
-    cpu_seconds.append((time.process_time() - start_cpu) / window)
-  return state, seconds, cpu_seconds
+    steps = window * steps_per_dispatch
+    seconds.append((time.perf_counter() - start) / steps)
+    cpu_seconds.append((time.process_time() - start_cpu) / steps)
+  return state, (metrics, *rest), seconds, cpu_seconds
 
 
 def run_benchmark(args):
@@ -182,31 +176,32 @@ def run_benchmark(args):
   mesh = Mesh(np.asarray(devices), ('data',))
 
   model = state_lib.create_model(config)
-  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config, 1000))
+  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 1000))
   state = state_lib.create_train_state(config, model, jax.random.key(config.seed), tx, mesh)
-  batch = random_batch(config, mesh)
-  rng = jax.device_put(jax.random.key(1), sharding.replicated_sharding(mesh))
-  loss_fn, epoch_end = tasks.objective(config, model)
-  p_train_step = train.make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch=1000)
+  k = args.steps_per_dispatch
+  arguments = steps_lib.example_arguments(config, mesh, k)
+  p_train_steps = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
 
-  # Trace, lower and compile once; the jitted step then reuses this executable.
+  # Trace, lower and compile once; the jitted steps then reuse this executable.
   with CompileCounter() as compiles:
     start, start_cpu = time.perf_counter(), time.process_time()
-    compiled = p_train_step.lower(state, batch, rng).compile()
+    compiled = p_train_steps.lower(state, *arguments).compile()
     compile_seconds = time.perf_counter() - start
     # CPU seconds of this process: less sensitive than wall time to other work.
     compile_cpu_seconds = time.process_time() - start_cpu
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # The compiled module is one device's program; the devices together execute k
-  # times its FLOPs (replicated work, such as the optimizer update, counted k times).
-  flops_per_step = float(cost.get('flops', float('nan'))) * len(devices)
+  # The compiled module is one device's program; the devices together execute n
+  # times its FLOPs (replicated work, such as the optimizer update, counted n times).
+  # A dispatch holds k steps.
+  flops_per_step = float(cost.get('flops', float('nan'))) * len(devices) / k
   memory_analysis = compiled.memory_analysis()
 
   with CompileCounter() as recompiles:
-    state, _, _ = time_windows(p_train_step, state, batch, rng, args.warmup_steps, 1)
-    state, step_seconds, step_cpu_seconds = time_windows(
-        p_train_step, state, batch, rng, args.steps // args.window, args.window)
+    state, arguments, _, _ = time_windows(p_train_steps, state, arguments,
+                                          args.warmup_steps, 1, k)
+    state, arguments, step_seconds, step_cpu_seconds = time_windows(
+        p_train_steps, state, arguments, args.steps // args.window, args.window, k)
   memory_bytes, memory_source = peak_memory_bytes(devices)
 
   median = statistics.median(step_seconds)
@@ -232,6 +227,7 @@ def run_benchmark(args):
       'machine': platform.machine(),
       'jax_version': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'steps_per_dispatch': k,
       'warmup_steps': args.warmup_steps,
       'timed_steps': args.steps,
       'window': args.window,

@@ -2,7 +2,7 @@ r"""Whole-run throughput: a real `train_and_evaluate` run against its own train 
 
 Trains the `cpu` sweep preset's model (ResNet-18 at width 0.25, 64 px, 1 channel,
 batch 32; `--preset=full`: the reference's ResNet-50) for about `--steps` steps (or
-`--epochs` epochs) through `train.train_and_evaluate` (evaluation, checkpoints and
+`--epochs` epochs) through `trainer.train_and_evaluate` (evaluation, checkpoints and
 summaries at the preset's cadence), then times the same compiled train steps alone
 on the same data. Prints end-to-end images/s, step-only images/s,
 the XLA compile seconds of the run, and the share of the run that is not training
@@ -28,14 +28,17 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import sweep as sweep_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.data import arrays as arrays_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.data import batches  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_jax import run  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import sweep_plan  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.parallel import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import optimizers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.study import plan as plan_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import recipes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_jax.train import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position  # benchmarks/, beside this file
 
 
@@ -69,14 +72,14 @@ def benchmark_config(args):
     preset.dataset = 'synthetic_mri'
   preset.data_dir = args.data_dir
   preset.steps_per_dispatch = args.steps_per_dispatch
-  arrays = data_lib.load_arrays(preset)
-  splits = sweep_plan.protocol_splits(preset, 'honest', arrays)
+  arrays = arrays_lib.load_arrays(preset)
+  splits = plan_lib.protocol_splits(preset, 'honest', arrays)
   num_images = (len(splits['train']) + len(splits['val']) if args.mode == 'pretrain'
                 else len(splits['train']))
-  config = sweep_plan.run_config(preset, 'honest', args.mode, seed=0,
+  config = plan_lib.run_config(preset, 'honest', args.mode, seed=0,
                                  num_classes=len(arrays.class_names), fraction=1.0,
                                  num_labeled=num_images)
-  per_epoch = input_pipeline.steps_per_epoch(num_images, config.batch_size)
+  per_epoch = batches.steps_per_epoch(num_images, config.batch_size)
   config.num_epochs = args.epochs or max(1, math.ceil(args.steps / per_epoch))
   config.eval_every_epochs = max(1, config.num_epochs // (preset.evals_per_run or 1))
   return config
@@ -85,30 +88,29 @@ def benchmark_config(args):
 def time_steps(config, num_dispatches):
   """Seconds per train step of the run's own compiled steps, on its own batches."""
   mesh = sharding.create_mesh()
-  task = tasks.create_task(config, mesh)
-  per_epoch = task.rows.steps_per_epoch
-  lr_fn = state_lib.create_learning_rate_fn(config, per_epoch * config.num_epochs)
-  tx = state_lib.memoized('optimizer', task.key, lambda: state_lib.create_optimizer(config, lr_fn))
-  state = state_lib.create_train_state(config, task.model, jax.random.key(0), tx, mesh,
-                                       key=task.key)
-  p_train_steps = train.make_train_steps(task, mesh)  # The run's compiled steps (memoized).
-  k = train.steps_per_dispatch(config)
+  cache = compile_cache.CompileCache()
+  recipe = recipes.create_recipe(config, mesh, cache)
+  per_epoch = recipe.rows.steps_per_epoch
+  lr_fn = optimizers.create_learning_rate_fn(config, per_epoch * config.num_epochs)
+  tx = optimizers.create_optimizer(config, lr_fn)
+  state = state_lib.create_train_state(config, recipe.model, jax.random.key(0), tx, mesh)
+  p_train_steps = steps_lib.make_train_steps(config, recipe.objective, mesh)
+  k = steps_lib.steps_per_dispatch(config)
   rngs = sharding.replicate_tree({'dropout': jax.random.key(1),
-                                  'augment': input_pipeline.augment_key(0)}, mesh)
-  schedule = sharding.replicate_tree({'num_steps': np.int32(k),
-                                      'steps_per_epoch': np.int32(per_epoch),
-                                      **task.run_values}, mesh)
-  inputs = [train.dispatch_inputs(task, i * k, k, k) for i in range(num_dispatches + 1)]
-  metrics = sharding.replicate_tree(train.TrainMetrics.empty(), mesh)
-  state, metrics = p_train_steps(state, metrics, inputs[0], task.device_data.arrays, rngs,
-                                 schedule)
+                                  'augment': batches.augment_key(0)}, mesh)
+  values = sharding.replicate_tree(steps_lib.step_values(
+      k, per_epoch, recipe.run_values['class_weights']), mesh)
+  inputs = [trainer.dispatch_inputs(recipe, i * k, k, k) for i in range(num_dispatches + 1)]
+  metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
+  state, metrics = p_train_steps(state, metrics, inputs[0], recipe.device_data.arrays, rngs,
+                                 values)
   jax.block_until_ready(state)
   start = time.perf_counter()
   for batch in inputs[1:]:
-    state, metrics = p_train_steps(state, metrics, batch, task.device_data.arrays, rngs,
-                                   schedule)
+    state, metrics = p_train_steps(state, metrics, batch, recipe.device_data.arrays, rngs,
+                                   values)
   jax.block_until_ready((state, metrics))
-  return (time.perf_counter() - start) / (num_dispatches * k), task.rows.batch_size
+  return (time.perf_counter() - start) / (num_dispatches * k), recipe.rows.batch_size
 
 
 def run_benchmark(args):
@@ -118,7 +120,7 @@ def run_benchmark(args):
   load_start = os.getloadavg()
   with throughput.CompileCounter() as compiles:
     start, start_cpu = time.perf_counter(), time.process_time()
-    result = train.train_and_evaluate(config, workdir)
+    result = trainer.train_and_evaluate(config, workdir)
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
   steps = result['total_steps']
   step_seconds, batch_size = time_steps(config, args.timed_dispatches)
@@ -128,7 +130,7 @@ def run_benchmark(args):
       'dataset': config.dataset,
       'model': config.model, 'width': config.width, 'image_size': config.image_size,
       'channels': config.channels, 'batch_size': batch_size,
-      'steps_per_dispatch': train.steps_per_dispatch(config),
+      'steps_per_dispatch': trainer.steps_per_dispatch(config),
       'num_devices': jax.device_count(), 'platform': jax.default_backend(),
       'cpu_count': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'total_steps': steps, 'wall_s': wall, 'cpu_s': cpu,

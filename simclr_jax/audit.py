@@ -33,13 +33,14 @@ from clu import periodic_actions
 import numpy as np
 
 from simclr_jax import checks
+from simclr_jax import config_fields as fields
 from simclr_jax import errors
-from simclr_jax import evaluate
-from simclr_jax import data as data_lib
-from simclr_jax import neighbours
+from simclr_jax.data import arrays as arrays_lib
+from simclr_jax.metrics import neighbours
 from simclr_jax import plots
-from simclr_jax import runs
-from simclr_jax import splits as splits_lib
+from simclr_jax.train import workdirs
+from simclr_jax.data import splits as splits_lib
+from simclr_jax.metrics import classification
 
 REFERENCE_SPLITS = ('train', 'val')  # What a model sees: trained or selected on.
 # Larger feature matrices are spilled to a memory-mapped file in the workdir (a
@@ -61,8 +62,24 @@ class RowSubset:
 
 
 def check_config(config):
-  """Raises a one-sentence errors.UserError for audit settings out of range."""
-  checks.check_audit_config(config)
+  """An audit config: input and split fields, then the audit's own."""
+  checks.check_mode(config, ('audit',))
+  fields.seeds(config, 'seed')
+  checks.check_input_fields(config, 1)
+  checks.check_split_fields(config)
+  fields.choice(config, 'audit_metric', neighbours.METRICS)
+  for name in ('audit_threshold', 'audit_default_threshold', 'grouping_threshold'):
+    value = fields.get(config, name)
+    if value is not fields.MISSING and value is not None and not (
+        fields.is_real(value) and -1.0 < value <= 1.0):
+      raise errors.UserError(
+          f'--config.{name}={value} is outside (-1, 1], the range of a '
+          f'{config.audit_metric} similarity; set a value such as 0.98.')
+  for name in ('audit_image_size', 'audit_chunk_size', 'grouping_k'):
+    fields.integer(config, name, example={'audit_image_size': 64, 'audit_chunk_size': 1024,
+                   'grouping_k': 10}[name])
+  fields.integer(config, 'audit_num_pairs_shown', low=0, example=6)
+  fields.integer(config, 'grouping_max_size', low=2, example=64, optional=True)
 
 
 def progress_logger(name, total):
@@ -224,7 +241,7 @@ def _scheme_report(scheme_name, arrays, features, splits, threshold, config,
   twin = similarity >= threshold
   labels = arrays.labels
   predictions = labels[nearest]
-  metrics = evaluate.classification_metrics(labels[test], predictions,
+  metrics = classification.classification_metrics(labels[test], predictions,
                                             len(class_names))
   majority = np.bincount(labels[reference], minlength=len(class_names)).argmax()
   report.update(
@@ -275,7 +292,7 @@ def _scheme_report(scheme_name, arrays, features, splits, threshold, config,
   return report, shown
 
 
-def run_audit(config, workdir):
+def main(config, workdir):
   """Runs the leakage audit and writes audit.json and audit_pairs.png.
 
   Args:
@@ -290,9 +307,8 @@ def run_audit(config, workdir):
   Raises:
     ValueError: for settings out of range or a data set of fewer than 2 images.
   """
-  check_config(config)
   start = time.time()
-  arrays = data_lib.load_arrays(config)
+  arrays = arrays_lib.load_arrays(config)
   if len(arrays) < 2:
     raise errors.UserError(f'The audit needs at least 2 images to compare; '
                      f'{config.dataset} has {len(arrays)}.')
@@ -303,8 +319,8 @@ def run_audit(config, workdir):
   spill = np.prod(shape) * 4 > FEATURES_IN_MEMORY_BYTES
   spill_dir = None
   if spill:
-    spill_dir = (tempfile.mkdtemp(prefix='simclr_jax_audit_') if runs.is_url(workdir)
-                 else runs.workdir_path(workdir))
+    spill_dir = (tempfile.mkdtemp(prefix='simclr_jax_audit_') if workdirs.is_url(workdir)
+                 else workdirs.workdir_path(workdir))
     os.makedirs(spill_dir, exist_ok=True)
   features_path = os.path.join(spill_dir or '', f'features.{os.getpid()}.tmp')
   if spill:
@@ -375,13 +391,13 @@ def run_audit(config, workdir):
   if spill:
     del features
     os.remove(features_path)
-    if runs.is_url(workdir):
+    if workdirs.is_url(workdir):
       os.rmdir(spill_dir)
 
-  runs.write_json(runs.output_path(workdir, 'audit.json'), report)
+  workdirs.write_json(workdirs.output_path(workdir, 'audit.json'), report)
   plots.plot_audit_pairs(
       {name: pairs for name, pairs in shown.items() if pairs},
-      runs.output_path(workdir, 'audit_pairs.png'),
+      workdirs.output_path(workdir, 'audit_pairs.png'),
       title=(f'{config.dataset}: closest test images to train+val by '
              f'{config.audit_metric} of {report["image_size"]} px pixels'))
   logging.info('Wrote %s/audit.json and audit_pairs.png in %.0f s.', workdir,

@@ -1,20 +1,12 @@
-"""Every config value checked before any work starts, in one sentence naming the fix.
+"""The config checks that several modes share, by section, each failing in one sentence.
 
-`check_config(config)` is the one check of a config, dispatched on its mode:
-
-- pretrain, finetune, baseline (`check_train_config`): input, split, model,
-  optimisation, evaluation and checkpoint fields; finetune's pretrain run.
-- sweep: the training fields its runs share, then the sweep's own fields.
-- predict: the Grad-CAM fields, the inputs and the run to classify with.
-- audit: input, split and audit fields.
-
-`run.run` calls it before dispatching, so no mode starts work on a config it
-cannot finish; each mode's own entry (`tasks.check_config`,
-`sweep_plan.check_sweep_config`, `predict.check_config`, `audit.check_config`)
-delegates here, so calling a mode directly checks the same. A field that a
-mode's config does not have is skipped (the predict and audit configs are
-small). Every failure is an `errors.UserError` naming the flag, what was
-expected and an example, e.g.
+Each mode owns its `check_config` (trainer, study/sweep, predict, audit) and
+builds it from these: the workdir, the mode, the input (data set) fields, the
+split fields, the training fields and the Grad-CAM fields. `run.run` calls the
+mode's `check_config` once, before any work starts. A field that a mode's config
+does not have is skipped (the predict and audit configs are small). Every
+failure is an `errors.UserError` naming the flag, what was expected and an
+example, e.g.
 
   --config.batch_size=0 must be a positive multiple of the 1 device(s); set e.g.
   --config.batch_size=32.
@@ -26,21 +18,19 @@ import re
 import zipfile
 
 
-from simclr_jax import data as data_lib
+from simclr_jax.data import arrays as arrays_lib
 from simclr_jax import config_fields as fields
 from simclr_jax import errors
-from simclr_jax import gradcam
-from simclr_jax import models
-from simclr_jax import neighbours
-from simclr_jax import runs
-from simclr_jax import sam
-from simclr_jax import splits as splits_lib
-from simclr_jax import state as state_lib
-from simclr_jax.datasets import DATASET_NAMES
-from simclr_jax.datasets import nifti_folder
-from simclr_jax.datasets import synthetic_mri
+from simclr_jax.explain import gradcam
+from simclr_jax.model import heads
+from simclr_jax.model import resnet
+from simclr_jax.train import workdirs
+from simclr_jax.model import sam
+from simclr_jax.data import splits as splits_lib
+from simclr_jax.data.datasets import DATASET_NAMES
+from simclr_jax.data.datasets import nifti_folder
+from simclr_jax.data.datasets import synthetic_mri
 
-MODES = ('pretrain', 'finetune', 'baseline', 'predict', 'sweep', 'audit')
 # A ResNet's stem (stride-2 convolution, stride-2 max pooling) and its stages 2-4
 # (stride 2 each) downsample 32x: a smaller image leaves the last stage less than
 # one input pixel per cell.
@@ -50,8 +40,6 @@ SELECTION_SPLITS = ('val', 'test')
 SUBJECT_ID_SOURCES = ('auto', 'dataset', 'recovered')
 DTYPES = ('float32', 'bfloat16')
 CHANNELS = (1, 3)
-CAM_LAYER = re.compile(r'stage[1-4]')
-TEST_SPLIT = 'test_split'  # predict: classify the run's own test split.
 
 # ----------------------------------------------------------------------------- paths
 
@@ -59,7 +47,7 @@ TEST_SPLIT = 'test_split'  # predict: classify the run's own test split.
 def _check_workdir_url(workdir):
   """A URL workdir: a scheme every writer knows, a bucket, and orbax's GCS client."""
   scheme, _, rest = workdir.partition('://')
-  if scheme not in runs.URL_SCHEMES:
+  if scheme not in workdirs.URL_SCHEMES:
     raise errors.UserError(
         f'--workdir={workdir}: {scheme}:// is not a filesystem this tool writes to; use a '
         'local directory or a Cloud Storage URL, gs://BUCKET/PATH.')
@@ -80,7 +68,7 @@ def _check_workdir_url(workdir):
 def check_workdir(workdir):
   """Rejects a --workdir that is a file or cannot be created; creates nothing."""
   workdir = str(workdir)
-  if runs.is_url(workdir):
+  if workdirs.is_url(workdir):
     _check_workdir_url(workdir)
     return  # A bucket: its permissions show on the first write.
   path = os.path.abspath(os.path.expanduser(workdir))
@@ -140,7 +128,7 @@ def _check_dataset(config):
         f'incomplete?); download the Kaggle zip again, or point it at {what}.')
 
 
-def _check_input_fields(config, min_image_size):
+def check_input_fields(config, min_image_size):
   """The data set fields (configs/default.py's add_input_fields)."""
   _check_dataset(config)
   data_dir = fields.get(config, 'data_dir')
@@ -170,7 +158,7 @@ def _check_input_fields(config, min_image_size):
   fields.integer(config, 'subject_grouping_size', example=64)
 
 
-def _check_split_fields(config):
+def check_split_fields(config):
   """configs/default.py's add_split_fields."""
   fields.choice(config, 'split_scheme', splits_lib.SPLIT_SCHEMES,
                 'set --config.split_scheme to subject (honest) or slice (the reference\'s '
@@ -192,7 +180,7 @@ def _check_split_fields(config):
 # ----------------------------------------------------------------------------- modes
 
 
-def _check_mode(config, modes):
+def check_mode(config, modes):
   mode = fields.get(config, 'mode')
   if mode not in modes:
     raise errors.UserError(f'Unknown mode {mode!r}; set --config.mode to one of '
@@ -200,20 +188,19 @@ def _check_mode(config, modes):
   return mode
 
 
-def _check_training_fields(config):
+def check_training_fields(config):
   """The fields that pretrain, finetune and baseline runs (and the sweep's) read."""
   fields.seeds(config, 'seed')
-  _check_input_fields(config, MIN_IMAGE_SIZE)
+  check_input_fields(config, MIN_IMAGE_SIZE)
   channels = fields.get(config, 'channels')
   if channels is not fields.MISSING and channels not in CHANNELS:
     fields.fail('channels', channels, 'must be 1 (gray) or 3 (gray repeated, as the reference)', 1)
-  _check_split_fields(config)
+  check_split_fields(config)
   fields.real(config, 'label_fraction', 0, 1, low_open=True, example=0.1,
               meaning=', the share of the labeled train split used')
   fields.seeds(config, 'label_seed')
   fields.boolean(config, 'include_test_in_pretrain', 'train_augment', 'augment.flip',
                  'augment.blur', 'joint_views', 'temperature_schedule', 'linear_probe')
-  fields.integer(config, 'prefetch', low=0, example=2)
   fields.choice(config, 'data_on_device', ('auto', True, False, 'True', 'False', 'true', 'false'),
                 'set --config.data_on_device to auto, True or False')
 
@@ -225,16 +212,16 @@ def _check_training_fields(config):
                         ('augment.contrast', 0.1)):
     fields.real(config, name, 0, example=example)
 
-  fields.choice(config, 'model', sorted(models.STAGE_SIZES))
+  fields.choice(config, 'model', sorted(resnet.STAGE_SIZES))
   fields.real(config, 'width', 0, low_open=True, example=1.0,
               meaning=' (the multiplier of every stage\'s filters)')
-  fields.choice(config, 'encoder_output', models.ENCODER_OUTPUTS)
+  fields.choice(config, 'encoder_output', heads.ENCODER_OUTPUTS)
   fields.integers(config, 'projection_dims', (256, 128),
                   meaning=' (hidden sizes, then the output size)')
   for name in ('projection_dropout', 'head_dropout'):
     fields.real(config, name, 0, 1, high_open=True, example=0.5, meaning=', a dropout rate')
   fields.choice(config, 'dtype', DTYPES)
-  fields.choice(config, 'task', data_lib.TASKS)
+  fields.choice(config, 'task', arrays_lib.TASKS)
   fields.choice(config, 'class_weights', ('none', 'balanced'))
 
   fields.integer(config, 'num_epochs', example=10)
@@ -275,114 +262,8 @@ def _check_training_fields(config):
   fields.integer(config, 'num_summary_images', low=0, example=8)
 
 
-def check_train_config(config):
-  """A pretrain, finetune or baseline config (tasks.check_config)."""
-  mode = _check_mode(config, state_lib.TRAIN_MODES)
-  _check_training_fields(config)
-  if mode == 'finetune':
-    runs.pretrained_config(config)  # The pretrain run exists and has the same architecture.
-
-
-def check_sweep_config(config):
-  """A sweep config: its runs' training fields, then the sweep's own."""
-  from simclr_jax import sweep_plan  # pylint: disable=g-import-not-at-top
-  _check_mode(config, ('sweep',))
-  _check_training_fields(config)
-  protocols = fields.get(config, 'protocols')
-  unknown = [p for p in protocols if p not in sweep_plan.PROTOCOLS]
-  if unknown or not protocols:
-    raise errors.UserError(
-        f'Unknown protocols {unknown or "(none)"}; set --config.protocols to some of '
-        f'{tuple(sweep_plan.PROTOCOLS)}, e.g. "(\'honest\',)".')
-  fractions = config.fractions
-  if not fractions or any(not fields.is_real(f) or not 0.0 < f <= 1.0 for f in fractions):
-    raise errors.UserError(f'Label fractions must be in (0, 1], got {fractions}; set '
-                           '--config.fractions to e.g. "(0.01, 0.1, 1.0)".')
-  if not config.seeds or not config.reference_seeds:
-    raise errors.UserError('The sweep needs at least one seed; set --config.seeds and '
-                           '--config.reference_seeds to e.g. "(0,)".')
-  for name in ('seeds', 'reference_seeds'):
-    fields.integers(config, name, (0,), low=0, meaning=' (seeds)')
-  fields.real(config, 'multi_seed_max_fraction', 0, 1, example=0.2,
-              meaning=', the largest label fraction run with every seed')
-  fields.integer(config, 'pretrain_num_epochs', example=100)
-  fields.integer(config, 'max_steps_per_run', example=600, optional=True)
-  fields.integer(config, 'reference_num_epochs', example=100, optional=True)
-  fields.integer(config, 'evals_per_run', example=5, optional=True)
-  fields.integer(config, 'floor_image_size', example=64, optional=True)
-  fields.integer(config, 'bootstrap_samples', low=100, example=2000)
-  tasks = fields.get(config, 'tasks')
-  if tasks is not fields.MISSING and (not tasks or any(t not in data_lib.TASKS for t in tasks)):
-    raise errors.UserError(f'Unknown tasks {tasks}; set --config.tasks to some of '
-                           f'{data_lib.TASKS}, e.g. "(\'four_class\', \'binary\')".')
-  reference_tasks = fields.get(config, 'reference_tasks')
-  if reference_tasks not in (fields.MISSING, None) and (
-      not reference_tasks or any(t not in tasks for t in reference_tasks)):
-    raise errors.UserError(f'--config.reference_tasks={reference_tasks} must be some of '
-                           f'--config.tasks={tasks}, e.g. "(\'four_class\',)"; or None for all.')
-  _check_cam_fields(config)
-
-
-def _check_cam_fields(config):
+def check_cam_fields(config):
   fields.choice(config, 'cam_method', gradcam.CAM_METHODS)
   fields.choice(config, 'cam_layer', ('stage1', 'stage2', 'stage3', 'stage4'),
                 'set --config.cam_layer to one of stage1, stage2, stage3, stage4 (the last '
                 'convolutional stage)')
-
-
-def check_predict_config(config):
-  """A predict config: Grad-CAM fields, then the inputs, then the run to classify with."""
-  from simclr_jax import predict  # pylint: disable=g-import-not-at-top
-  _check_mode(config, ('predict',))
-  fields.seeds(config, 'seed')
-  _check_cam_fields(config)
-  fields.integer(config, 'batch_size', example=32)
-  fields.boolean(config, 'evaluate_cam')
-  fractions = fields.get(config, 'deletion_fractions')
-  if fractions is not fields.MISSING and not (
-      isinstance(fractions, (tuple, list)) and fractions
-      and all(fields.is_real(f) and 0.0 < f < 1.0 for f in fractions)):
-    fields.fail('deletion_fractions', fractions, 'must be a non-empty tuple of shares in (0, 1)',
-                (0.05, 0.1, 0.2))
-  inputs = fields.get(config, 'inputs')
-  if inputs != TEST_SPLIT:
-    predict.find_inputs(None if inputs is fields.MISSING else inputs)
-  workdir = fields.get(config, 'checkpoint_workdir')
-  predict.check_run(None if workdir is fields.MISSING else workdir)
-
-
-def check_audit_config(config):
-  """An audit config: input and split fields, then the audit's own."""
-  _check_mode(config, ('audit',))
-  fields.seeds(config, 'seed')
-  _check_input_fields(config, 1)
-  _check_split_fields(config)
-  fields.choice(config, 'audit_metric', neighbours.METRICS)
-  for name in ('audit_threshold', 'audit_default_threshold', 'grouping_threshold'):
-    value = fields.get(config, name)
-    if value is not fields.MISSING and value is not None and not (
-        fields.is_real(value) and -1.0 < value <= 1.0):
-      raise errors.UserError(
-          f'--config.{name}={value} is outside (-1, 1], the range of a '
-          f'{config.audit_metric} similarity; set a value such as 0.98.')
-  for name in ('audit_image_size', 'audit_chunk_size', 'grouping_k'):
-    fields.integer(config, name, example={'audit_image_size': 64, 'audit_chunk_size': 1024,
-                   'grouping_k': 10}[name])
-  fields.integer(config, 'audit_num_pairs_shown', low=0, example=6)
-  fields.integer(config, 'grouping_max_size', low=2, example=64, optional=True)
-
-
-_CHECKS = {
-    'pretrain': check_train_config,
-    'finetune': check_train_config,
-    'baseline': check_train_config,
-    'sweep': check_sweep_config,
-    'predict': check_predict_config,
-    'audit': check_audit_config,
-}
-
-
-def check_config(config):
-  """Checks every field of `config` for its mode; raises errors.UserError naming the fix."""
-  _check_mode(config, MODES)
-  _CHECKS[config.mode](config)

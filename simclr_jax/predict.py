@@ -33,19 +33,20 @@ import numpy as np
 import PIL.Image
 
 from simclr_jax import checks
-from simclr_jax import data as data_lib
+from simclr_jax import config_fields as fields
+from simclr_jax.data import arrays as arrays_lib
 from simclr_jax import errors
-from simclr_jax import evaluate
-from simclr_jax import explain
-from simclr_jax import gradcam
+from simclr_jax.explain import grid as cam_grid
+from simclr_jax.explain import gradcam
 from simclr_jax import plots
-from simclr_jax import runs
-from simclr_jax import splits as splits_lib
-from simclr_jax.datasets import alzheimer_mri
-from simclr_jax.datasets import image_folder
-from simclr_jax.datasets import nifti_folder
+from simclr_jax.train import workdirs
+from simclr_jax.data import splits as splits_lib
+from simclr_jax.data.datasets import alzheimer_mri
+from simclr_jax.data.datasets import image_folder
+from simclr_jax.data.datasets import nifti_folder
+from simclr_jax.metrics import classification
 
-TEST_SPLIT = checks.TEST_SPLIT
+TEST_SPLIT = 'test_split'  # inputs: classify the run's own test split.
 CLASSIFIER_MODES = ('finetune', 'baseline')
 # Overlays drawn per volume: its slices most confident of the volume's predicted class.
 NUM_VOLUME_OVERLAYS = 4
@@ -61,18 +62,18 @@ def check_run(checkpoint_workdir):
   if not checkpoint_workdir:
     raise errors.UserError('predict needs a trained classifier; set --config.checkpoint_workdir '
                            'to the --workdir of a finetune or baseline run.')
-  if not runs.has_config(checkpoint_workdir):
+  if not workdirs.has_config(checkpoint_workdir):
     raise errors.UserError(f'No run found in {checkpoint_workdir} (it has no config.json); set '
                            '--config.checkpoint_workdir to the --workdir of a finetune or '
                            'baseline run.')
-  run_config = runs.load_config(checkpoint_workdir)
+  run_config = workdirs.load_config(checkpoint_workdir)
   if run_config.mode not in CLASSIFIER_MODES:
     raise errors.UserError(
         f'{checkpoint_workdir} holds a {run_config.mode} run, whose model has no '
         'classifier head; fine-tune it first (configs/finetune.py) and point '
         '--config.checkpoint_workdir at the finetune or baseline run.')
-  if (runs.latest_step(checkpoint_workdir, 'best') is None
-      and runs.latest_step(checkpoint_workdir, 'latest') is None):
+  if (workdirs.latest_step(checkpoint_workdir, 'best') is None
+      and workdirs.latest_step(checkpoint_workdir, 'latest') is None):
     raise errors.UserError(f'The run in {checkpoint_workdir} has no checkpoint yet; let it '
                            'train until its first evaluation, or point '
                            '--config.checkpoint_workdir at a finished run.')
@@ -122,7 +123,22 @@ def is_volume(name):
 
 def check_config(config):
   """Rejects predict settings, inputs or runs that cannot work, before any work is done."""
-  checks.check_predict_config(config)
+  checks.check_mode(config, ('predict',))
+  fields.seeds(config, 'seed')
+  checks.check_cam_fields(config)
+  fields.integer(config, 'batch_size', example=32)
+  fields.boolean(config, 'evaluate_cam')
+  fractions = fields.get(config, 'deletion_fractions')
+  if fractions is not fields.MISSING and not (
+      isinstance(fractions, (tuple, list)) and fractions
+      and all(fields.is_real(f) and 0.0 < f < 1.0 for f in fractions)):
+    fields.fail('deletion_fractions', fractions, 'must be a non-empty tuple of shares in (0, 1)',
+                (0.05, 0.1, 0.2))
+  inputs = fields.get(config, 'inputs')
+  if inputs != TEST_SPLIT:
+    find_inputs(None if inputs is fields.MISSING else inputs)
+  workdir = fields.get(config, 'checkpoint_workdir')
+  check_run(None if workdir is fields.MISSING else workdir)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -180,7 +196,7 @@ def read_images(files, size, run_config=None):
 
 def test_split_inputs(run_config):
   """The test split of the run's data set: (names, uint8 images, labels, masks or None)."""
-  arrays = data_lib.load_arrays(run_config)
+  arrays = arrays_lib.load_arrays(run_config)
   idx = splits_lib.load_splits(run_config, arrays)['test']
   masks = arrays.masks[idx] if arrays.masks is not None else None
   return list(arrays.file_names[idx]), arrays.images[idx], arrays.labels[idx], masks
@@ -188,8 +204,8 @@ def test_split_inputs(run_config):
 
 def class_names_of_run(checkpoint_workdir, run_config):
   """Class names saved by the run (metrics.json), else those of its data set."""
-  if runs.is_finished(checkpoint_workdir):
-    names = runs.read_metrics(checkpoint_workdir).get('class_names')
+  if workdirs.is_finished(checkpoint_workdir):
+    names = workdirs.read_metrics(checkpoint_workdir).get('class_names')
     if names:
       return list(names)
   if run_config.dataset.startswith(('alzheimer_mri', 'synthetic_mri')):
@@ -249,7 +265,7 @@ def predictions_csv(files, probabilities, class_names, overlays, labels=None):
 # ----------------------------------------------------------------------------- mode
 
 
-def predict(config, workdir):
+def main(config, workdir):
   """Classifies `config.inputs` with `config.checkpoint_workdir`'s best checkpoint.
 
   Args:
@@ -265,13 +281,11 @@ def predict(config, workdir):
       (pretrain), inputs that match no file, or unknown CAM settings; after
       reading, if no input image could be read.
   """
-  check_config(config)
   run_dir = config.checkpoint_workdir
-  run_config = check_run(run_dir)
   use_test_split = config.inputs == TEST_SPLIT
   files = None if use_test_split else find_inputs(config.inputs)
 
-  run_config, model, variables = runs.restore_for_inference(run_dir)
+  run_config, model, variables = workdirs.restore_for_inference(run_dir)
   class_names = class_names_of_run(run_dir, run_config)
   labels = masks = None
   unreadable = []
@@ -298,32 +312,32 @@ def predict(config, workdir):
         *(np.asarray(layer_size) * 2**(int(config.cam_layer[-1]) - max(1, finer))))
   logging.info('Explaining %d images with %s at %s (%d x %d cells).', len(names),
                config.cam_method, config.cam_layer, *layer_size)
-  explanation = explain.explain(model, variables, stored, run_config, config.cam_method,
+  explanation = cam_grid.explain(model, variables, stored, run_config, config.cam_method,
                                 config.cam_layer, batch_size=config.batch_size)
   probabilities = explanation.probabilities
   predicted = probabilities.argmax(-1)
 
   volume_summary, shown = volume_predictions(volumes, probabilities, class_names)
   overlays = [name if show else '' for name, show in zip(overlay_names(names), shown)]
-  runs.write_text(runs.output_path(workdir, 'predictions.csv'),
+  workdirs.write_text(workdirs.output_path(workdir, 'predictions.csv'),
                   predictions_csv(names, probabilities, class_names, overlays, labels))
-  cam_name = f'{explain.CAM_NAMES[config.cam_method]} ({config.cam_layer})'
+  cam_name = f'{cam_grid.CAM_NAMES[config.cam_method]} ({config.cam_layer})'
   for i, name in enumerate(names):
     if not overlays[i]:
       continue
     truth = f'  (true class: {plots.class_label(class_names[labels[i]])})' \
         if labels is not None else ''
     plots.plot_cam_overlay(stored[i, ..., 0], explanation.heatmaps[i], probabilities[i],
-                           class_names, runs.output_path(workdir, f'overlays/{overlays[i]}'),
+                           class_names, workdirs.output_path(workdir, f'overlays/{overlays[i]}'),
                            title=f'{name}{truth}', cam_name=cam_name)
-  explain.write_gradcam_grid(
-      runs.output_path(workdir, 'gradcam_grid.png'), stored, explanation, names,
+  cam_grid.write_gradcam_grid(
+      workdirs.output_path(workdir, 'gradcam_grid.png'), stored, explanation, names,
       class_names, cam_name,
       f'{cam_name} of {os.path.basename(os.path.normpath(run_dir))} ({run_config.mode}): '
       'the most confident image of each predicted class', labels)
 
   summary = {
-      'checkpoint_workdir': runs.workdir_path(run_dir),
+      'checkpoint_workdir': workdirs.workdir_path(run_dir),
       'run_mode': run_config.mode,
       'inputs': config.inputs,
       'class_names': class_names,
@@ -339,11 +353,11 @@ def predict(config, workdir):
   }
   if volume_summary:
     summary['volumes'] = volume_summary
-    runs.write_text(runs.output_path(workdir, 'volume_predictions.csv'),
+    workdirs.write_text(workdirs.output_path(workdir, 'volume_predictions.csv'),
                     volumes_csv(volume_summary, class_names))
   if labels is not None:
     summary['labels_from'] = 'test split' if use_test_split else 'class folder names'
-    summary['metrics'] = evaluate.classification_metrics(labels, predicted,
+    summary['metrics'] = classification.classification_metrics(labels, predicted,
                                                               len(class_names))
   if config.evaluate_cam:
     if masks is None:
@@ -355,10 +369,10 @@ def predict(config, workdir):
         layer=config.cam_layer, fractions=tuple(config.deletion_fractions),
         seed=config.seed, batch_size=config.batch_size)
     summary['cam_quality'] = quality
-    plots.plot_cam_quality(quality, runs.output_path(workdir, 'cam_quality.png'),
+    plots.plot_cam_quality(quality, workdirs.output_path(workdir, 'cam_quality.png'),
                            title=cam_name)
     _log_quality(quality)
-  runs.write_json(runs.output_path(workdir, 'predict_summary.json'), summary)
+  workdirs.write_json(workdirs.output_path(workdir, 'predict_summary.json'), summary)
   logging.info('Predicted %d images (%d unreadable) into %s: %s.', len(names),
                len(unreadable), workdir, summary['predicted_counts'])
   return summary

@@ -1,4 +1,9 @@
-"""Dispatch of a config to its mode, shared by main.py and the tests."""
+"""The registry of modes, and a run of one: its config checked once, then its work.
+
+Each mode is a module with `check_config(config)` (raises errors.UserError naming
+the fix) and `main(config, workdir)`, as scenic's registry maps a trainer's name to
+its function; `run` checks a config once, then calls its mode.
+"""
 
 import importlib
 import logging
@@ -7,14 +12,15 @@ import sys
 import tempfile
 
 from simclr_jax import checks
+from simclr_jax import errors
 
 MODES = {
-    'pretrain': ('simclr_jax.train', 'train_and_evaluate'),
-    'finetune': ('simclr_jax.train', 'train_and_evaluate'),
-    'baseline': ('simclr_jax.train', 'train_and_evaluate'),
-    'predict': ('simclr_jax.predict', 'predict'),
-    'sweep': ('simclr_jax.sweep', 'run_sweep'),
-    'audit': ('simclr_jax.audit', 'run_audit'),
+    'pretrain': 'simclr_jax.train.trainer',
+    'finetune': 'simclr_jax.train.trainer',
+    'baseline': 'simclr_jax.train.trainer',
+    'predict': 'simclr_jax.predict',
+    'sweep': 'simclr_jax.study.sweep',
+    'audit': 'simclr_jax.audit',
 }
 # What TensorFlow's C++ libraries print on stderr while they load, whatever
 # TF_CPP_MIN_LOG_LEVEL says: notices, not problems.
@@ -106,9 +112,23 @@ def run(config, workdir, setup=None):
   Raises:
     errors.UserError: for any config value, path or run a mode cannot use.
   """
-  checks.check_config(config)
+  mode = mode_module(config)
+  mode.check_config(config)
   checks.check_workdir(workdir)
   if setup is not None:
     setup()
-  module_name, function_name = MODES[config.mode]
-  return getattr(importlib.import_module(module_name), function_name)(config, workdir)
+  return mode.main(config, workdir)
+
+
+def mode_module(config):
+  """The module of `config.mode` (imported on demand: `--help` and checks stay fast)."""
+  mode = config.get('mode')
+  if mode not in MODES:
+    raise errors.UserError(f'Unknown mode {mode!r}; set --config.mode to one of '
+                           f'{sorted(MODES)} (or pick a file in configs/).')
+  return importlib.import_module(MODES[mode])
+
+
+def check_config(config):
+  """Checks `config` for its mode, as `run` does before any work."""
+  mode_module(config).check_config(config)

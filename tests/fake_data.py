@@ -5,7 +5,7 @@ import pathlib
 
 import numpy as np
 
-from simclr_jax import data as data_lib
+from simclr_jax.data import arrays as arrays_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASS_NAMES = ['Mild', 'Moderate', 'Non', 'VeryMild']
@@ -43,7 +43,7 @@ def fake_arrays(seed=0):
         file_names.append(f'{CLASS_NAMES[label]}_{subject}_{k}.jpg')
       subject += 1
   num_images = len(labels)
-  return data_lib.DatasetArrays(
+  return arrays_lib.DatasetArrays(
       images=rng.integers(0, 256, (num_images, 16, 16, 1), dtype=np.uint8),
       labels=np.array(labels, np.int32),
       subject_ids=np.array(subject_ids, np.int64),
@@ -55,7 +55,7 @@ def fake_arrays(seed=0):
 
 def shuffled(arrays, seed):
   order = np.random.default_rng(seed).permutation(len(arrays))
-  return data_lib.DatasetArrays(
+  return arrays_lib.DatasetArrays(
       images=arrays.images[order], labels=arrays.labels[order],
       subject_ids=arrays.subject_ids[order],
       slice_index=arrays.slice_index[order],

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from simclr_jax import audit
-from simclr_jax import data as data_lib
+from simclr_jax.data import arrays as arrays_lib
+from simclr_jax import run
 from tests.test_neighbours import make_subjects
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def fake_arrays(with_ids=True, num_subjects=16, slices_per_subject=8):
   data = make_subjects(num_subjects, slices_per_subject, size=32, seed=0)
   subject_ids = data['subject_ids'] if with_ids else np.full(
       len(data['labels']), -1, np.int64)
-  return data_lib.DatasetArrays(
+  return arrays_lib.DatasetArrays(
       images=data['images'], labels=data['labels'], subject_ids=subject_ids,
       slice_index=data['slice_index'], file_names=data['file_names'],
       class_names=CLASS_NAMES)
@@ -50,8 +51,8 @@ def fake_arrays(with_ids=True, num_subjects=16, slices_per_subject=8):
 
 def test_audit_with_subject_ids(tmp_path, monkeypatch):
   arrays = fake_arrays()
-  monkeypatch.setattr(data_lib, 'load_arrays', lambda config: arrays)
-  report = audit.run_audit(tiny_config(), str(tmp_path))
+  monkeypatch.setattr(arrays_lib, 'load_arrays', lambda config: arrays)
+  report = run.run(tiny_config(), str(tmp_path))
 
   with open(tmp_path / 'audit.json') as f:
     assert json.load(f) == json.loads(json.dumps(report))
@@ -92,8 +93,8 @@ def test_audit_with_subject_ids(tmp_path, monkeypatch):
 
 def test_audit_without_ids_splits_by_recovered_groups(tmp_path, monkeypatch):
   arrays = fake_arrays(with_ids=False)
-  monkeypatch.setattr(data_lib, 'load_arrays', lambda config: arrays)
-  report = audit.run_audit(tiny_config(audit_default_threshold=0.95),
+  monkeypatch.setattr(arrays_lib, 'load_arrays', lambda config: arrays)
+  report = run.run(tiny_config(audit_default_threshold=0.95),
                            str(tmp_path))
 
   assert report['subject_ids'] == 'recovered'
@@ -112,12 +113,12 @@ def test_audit_without_ids_splits_by_recovered_groups(tmp_path, monkeypatch):
 def test_configured_threshold_and_features_spilled_to_disk(tmp_path,
                                                           monkeypatch):
   arrays = fake_arrays(num_subjects=8, slices_per_subject=4)
-  monkeypatch.setattr(data_lib, 'load_arrays', lambda config: arrays)
+  monkeypatch.setattr(arrays_lib, 'load_arrays', lambda config: arrays)
   config = tiny_config(audit_threshold=0.999, audit_num_pairs_shown=0,
                        audit_chunk_size=7)
-  in_memory = audit.run_audit(config, str(tmp_path / 'in_memory'))
+  in_memory = run.run(config, str(tmp_path / 'in_memory'))
   monkeypatch.setattr(audit, 'FEATURES_IN_MEMORY_BYTES', 0)
-  on_disk = audit.run_audit(config, str(tmp_path / 'on_disk'))
+  on_disk = run.run(config, str(tmp_path / 'on_disk'))
   assert in_memory['threshold'] == dict(value=0.999, source='config')
   assert in_memory['schemes']['slice']['test_with_near_twin'] == 0
   in_memory.pop('seconds'), on_disk.pop('seconds')
@@ -133,20 +134,20 @@ def test_threshold_outside_range_fails_before_loading(field, value, tmp_path,
                                                       monkeypatch):
   def load_arrays(config):
     raise AssertionError('The data set was loaded before the config check.')
-  monkeypatch.setattr(data_lib, 'load_arrays', load_arrays)
+  monkeypatch.setattr(arrays_lib, 'load_arrays', load_arrays)
   with pytest.raises(ValueError, match=r'outside \(-1, 1\]'):
-    audit.run_audit(tiny_config(**{field: value}), str(tmp_path))
+    run.run(tiny_config(**{field: value}), str(tmp_path))
 
 
 def test_fewer_than_two_images_is_an_error(tmp_path, monkeypatch):
   arrays = fake_arrays()
-  one = data_lib.DatasetArrays(
+  one = arrays_lib.DatasetArrays(
       images=arrays.images[:1], labels=arrays.labels[:1],
       subject_ids=arrays.subject_ids[:1], slice_index=arrays.slice_index[:1],
       file_names=arrays.file_names[:1], class_names=CLASS_NAMES)
-  monkeypatch.setattr(data_lib, 'load_arrays', lambda config: one)
+  monkeypatch.setattr(arrays_lib, 'load_arrays', lambda config: one)
   with pytest.raises(ValueError, match='at least 2 images'):
-    audit.run_audit(tiny_config(), str(tmp_path))
+    run.run(tiny_config(), str(tmp_path))
   assert not os.path.exists(tmp_path / 'audit.json')
 
 
@@ -177,7 +178,7 @@ def test_audit_of_the_kaggle_data(tmp_path, data_dir):
   config = audit_config(dataset='alzheimer_mri', dataset_path=KAGGLE_ZIP,
                         data_dir=data_dir, audit_image_size=32,
                         audit_num_pairs_shown=2)
-  report = audit.run_audit(config, str(tmp_path))
+  report = run.run(config, str(tmp_path))
   assert report['num_images'] == 6400
   assert report['nearest_neighbour_shares_subject']['overall'] > 0.9
   assert report['schemes']['slice']['one_nn_accuracy'] > 0.98

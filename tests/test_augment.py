@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from simclr_jax import augment
+from simclr_jax.data import augment
 from tests import tf_augment
 
 INPUT_SIZE = 128

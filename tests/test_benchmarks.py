@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import models
+from simclr_jax.model import cpu_kernels
+from simclr_jax.model import resnet
 from tests.conftest import REPO
 
 
@@ -32,7 +33,7 @@ TINY = ['--mode=baseline', '--model=resnet18', '--width=0.125', '--image_size=16
 def test_throughput_prints_json_with_every_figure(capsys, monkeypatch):
   throughput = _load_throughput()
   # Two one-block stages: XLA CPU's compile time grows with the number of layers.
-  monkeypatch.setitem(models.STAGE_SIZES, 'resnet18', (1, 1))
+  monkeypatch.setitem(resnet.STAGE_SIZES, 'resnet18', (1, 1))
   result = throughput.main(TINY)
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert printed == json.loads(json.dumps(result))
@@ -64,7 +65,7 @@ class _Convolutions(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    extra = {'conv_general_dilated': models.conv_general_dilated} if self.fast else {}
+    extra = {'conv_general_dilated': cpu_kernels.conv_general_dilated} if self.fast else {}
     conv = lambda *a, **k: nn.Conv(*a, use_bias=False, dtype=self.dtype, **extra, **k)
     x = nn.relu(conv(24, (3, 3), (2, 2))(x))
     x = nn.relu(conv(16, (1, 1), (2, 2))(x))
@@ -75,7 +76,7 @@ class _Convolutions(nn.Module):
 
 @pytest.mark.parametrize('dtype,rtol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_fast_convolution_has_lax_values_and_gradients(dtype, rtol):
-  """models.conv_general_dilated changes the order of sums, not the mathematics."""
+  """cpu_kernels.conv_general_dilated changes the order of sums, not the mathematics."""
   x = jax.random.normal(jax.random.key(0), (2, 15, 13, 16))
   variables = _Convolutions(False).init(jax.random.key(1), x)
 
@@ -101,9 +102,9 @@ def test_fast_convolution_leaves_dilated_and_stem_convolutions_to_lax(channels, 
   kernel = jax.random.normal(jax.random.key(1), (3, 3, channels, 4))
   args = (x, kernel, (1, 1), 'SAME')
   kwargs = dict(rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_array_equal(models.conv_general_dilated(*args, **kwargs),
+  np.testing.assert_array_equal(cpu_kernels.conv_general_dilated(*args, **kwargs),
                                 lax.conv_general_dilated(*args, **kwargs))
-  jaxpr = str(jax.make_jaxpr(lambda x, k: models.conv_general_dilated(
+  jaxpr = str(jax.make_jaxpr(lambda x, k: cpu_kernels.conv_general_dilated(
       x, k, (1, 1), 'SAME', **kwargs))(x, kernel))
   assert ('custom_vjp' in jaxpr) == fast
 
@@ -122,7 +123,7 @@ def test_bfloat16_kernel_gradient_is_a_bfloat16_product(window, features):
   x = jnp.ones((4, 8, 8, 64), jnp.bfloat16)
   dy = jnp.ones((4, 8, 8, features), jnp.bfloat16)
   padding = ((window[0] // 2,) * 2,) * 2
-  hlo = jax.jit(lambda x, dy: models._kernel_gradient(x, dy, window, (1, 1), padding, None)
+  hlo = jax.jit(lambda x, dy: cpu_kernels._kernel_gradient(x, dy, window, (1, 1), padding, None)
                 ).lower(x, dy).compile().as_text()
   types = _dot_operand_types(hlo)
   assert types and set(types) == {'bf16'}, types

@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from simclr_jax import data as data_lib
-from simclr_jax import splits as splits_lib
+from simclr_jax.data import arrays as arrays_lib
+from simclr_jax.data import splits as splits_lib
 from tests import fake_data
 
 
 def test_load_arrays_of_synthetic_mri(tmp_path):
   config = fake_data.config(dataset='synthetic_mri/small', data_dir=str(tmp_path),
                    image_size=32)
-  arrays = data_lib.load_arrays(config)
+  arrays = arrays_lib.load_arrays(config)
   num_images = len(arrays)
   assert num_images > 0
   assert arrays.images.dtype == np.uint8 and arrays.images.ndim == 4
@@ -29,17 +29,17 @@ def test_load_arrays_of_synthetic_mri(tmp_path):
 
 def test_load_arrays_rejects_an_unknown_dataset(tmp_path):
   with pytest.raises(ValueError, match='no_such_dataset'):
-    data_lib.load_arrays(
+    arrays_lib.load_arrays(
         fake_data.config(dataset='no_such_dataset', data_dir=str(tmp_path)))
 
 
 def test_binary_task_is_the_negative_class_against_every_other():
   arrays = fake_data.fake_arrays()
   config = fake_data.config(task='binary', binary_negative_class='Non')
-  labels, class_names = data_lib.task_labels(arrays, config)
+  labels, class_names = arrays_lib.task_labels(arrays, config)
   assert class_names == ['Non', 'Demented']
   np.testing.assert_array_equal(labels, (arrays.labels != 2).astype(np.int32))
-  same, names = data_lib.task_labels(arrays, fake_data.config(task='four_class'))
+  same, names = arrays_lib.task_labels(arrays, fake_data.config(task='four_class'))
   assert same is arrays.labels and names == list(arrays.class_names)
   with pytest.raises(ValueError, match='--config.binary_negative_class'):
-    data_lib.task_labels(arrays, fake_data.config(task='binary'))  # No Non_Demented here.
+    arrays_lib.task_labels(arrays, fake_data.config(task='binary'))  # No Non_Demented here.

@@ -1,4 +1,4 @@
-"""Tests of the TFDS builders in simclr_jax.datasets.
+"""Tests of the TFDS builders in simclr_jax.data.datasets.
 
 The Kaggle tests read `<repo>/../shared/data/alzheimer-mri-dataset.zip` and
 skip when it is absent; everything else uses generated files in tmp dirs.
@@ -13,10 +13,10 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from simclr_jax import datasets
-from simclr_jax.datasets import alzheimer_mri
-from simclr_jax.datasets import image_folder
-from simclr_jax.datasets import synthetic_mri
+from simclr_jax.data import datasets
+from simclr_jax.data.datasets import alzheimer_mri
+from simclr_jax.data.datasets import image_folder
+from simclr_jax.data.datasets import synthetic_mri
 
 KAGGLE_ZIP = (pathlib.Path(__file__).resolve().parents[1].parent
               / 'shared' / 'data' / 'alzheimer-mri-dataset.zip')

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from simclr_jax import distributed
+from simclr_jax.parallel import distributed
 from simclr_jax import errors
 
 _SLURM_TASK = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'gpu[001-002]',

@@ -7,6 +7,7 @@ field check in-process.
 """
 
 import errno
+import importlib
 import os
 import re
 import subprocess
@@ -24,7 +25,8 @@ from configs import sweep as sweep_config
 from simclr_jax import checks
 from simclr_jax import errors
 from simclr_jax import run
-from simclr_jax import runs
+from simclr_jax.train import workdirs
+from simclr_jax import predict
 from tests.conftest import REPO, tiny_config
 
 MAIN = os.path.join(REPO, 'main.py')
@@ -232,10 +234,10 @@ def test_invalid_config_json_is_one_line_naming_the_file(tmp_path, data_dir):
                     'not valid JSON')
   # In-process: check_workdir_config and load_config say the same.
   with pytest.raises(errors.UserError, match='config.json is not valid JSON'):
-    runs.check_workdir_config(tiny_config(data_dir), str(broken))
+    workdirs.check_workdir_config(tiny_config(data_dir), str(broken))
   (broken / 'config.json').write_text('[1, 2]')
   with pytest.raises(errors.UserError, match='holds no config'):
-    runs.load_config(str(broken))
+    workdirs.load_config(str(broken))
 
 
 @pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full')
@@ -286,7 +288,7 @@ def _sweep(**overrides):
 def _predict(tmp_path, **overrides):
   config = predict_config.get_config()
   config.checkpoint_workdir = str(tmp_path)
-  config.inputs = checks.TEST_SPLIT
+  config.inputs = predict.TEST_SPLIT
   config.update(overrides)
   return config
 
@@ -366,14 +368,14 @@ TRAIN_CASES = [
                          ids=[f'{f}={v}' for f, v, _ in TRAIN_CASES])
 def test_every_check_family_rejects_its_bad_values(data_dir, field, value, needle):
   config = _train(data_dir)
-  checks.check_config(config)  # The tiny config itself is fine ...
+  run.check_config(config)  # The tiny config itself is fine ...
   with pytest.raises(errors.UserError, match=needle):  # ... and each bad value is not.
-    checks.check_config(_nested(config, field, value))
+    run.check_config(_nested(config, field, value))
 
 
 def test_sweep_predict_and_audit_fields(tmp_path):
   for preset in sweep_config.PRESETS:
-    checks.check_config(sweep_config.get_config(f'preset={preset}'))
+    run.check_config(sweep_config.get_config(f'preset={preset}'))
   for overrides, needle in [
       (dict(seeds=(0, -1)), 'seeds'), (dict(reference_seeds=()), 'at least one seed'),
       (dict(multi_seed_max_fraction=1.5), r'\[0, 1\]'),
@@ -382,7 +384,7 @@ def test_sweep_predict_and_audit_fields(tmp_path):
       (dict(cam_method='scorecam'), 'Unknown cam_method'),
       (dict(batch_size=0), 'positive multiple'), (dict(image_size=8), 'downsample 32x')]:
     with pytest.raises(errors.UserError, match=needle):
-      checks.check_config(_sweep(**overrides))
+      run.check_config(_sweep(**overrides))
   for overrides, needle in [
       (dict(cam_method='scorecam'), 'Unknown cam_method'),
       (dict(cam_layer='conv1'), 'Unknown cam_layer'), (dict(batch_size=0), 'batch_size=0'),
@@ -393,8 +395,8 @@ def test_sweep_predict_and_audit_fields(tmp_path):
       (dict(checkpoint_workdir=None), 'set --config.checkpoint_workdir'),
       (dict(), 'No run found')]:
     with pytest.raises(errors.UserError, match=needle):
-      checks.check_config(_predict(tmp_path, **overrides))
-  checks.check_config(_audit())
+      run.check_config(_predict(tmp_path, **overrides))
+  run.check_config(_audit())
   for overrides, needle in [
       (dict(audit_metric='euclidean'), 'Unknown audit_metric'),
       (dict(grouping_threshold=-1.0), r'\(-1, 1\]'),
@@ -406,23 +408,25 @@ def test_sweep_predict_and_audit_fields(tmp_path):
       (dict(dataset='image_folder', dataset_path=str(tmp_path / 'nowhere')),
        'does not exist')]:
     with pytest.raises(errors.UserError, match=needle):
-      checks.check_config(_audit(**overrides))
+      run.check_config(_audit(**overrides))
 
 
 def test_dataset_path_must_exist_for_every_data_set(data_dir, tmp_path):
   """A prepared data set is no excuse for a path that does not exist."""
   for dataset in ('synthetic_mri/small', 'alzheimer_mri', 'image_folder', 'nifti_folder'):
     with pytest.raises(errors.MissingPathError, match='does not exist'):
-      checks.check_config(_train(data_dir, dataset=dataset,
+      run.check_config(_train(data_dir, dataset=dataset,
                                  dataset_path=str(tmp_path / 'gone.zip')))
   (tmp_path / 'file.png').write_bytes(b'')
   with pytest.raises(errors.UserError, match='is a file'):
-    checks.check_config(_train(data_dir, dataset='image_folder',
+    run.check_config(_train(data_dir, dataset='image_folder',
                                dataset_path=str(tmp_path / 'file.png')))
 
 
 def test_dispatch_checks_before_work_and_knows_every_mode(data_dir, tmp_path):
-  assert set(run.MODES) == set(checks.MODES)
+  for mode in run.MODES:  # Every registered mode has its checks and its entry point.
+    module = importlib.import_module(run.MODES[mode])
+    assert callable(module.check_config) and callable(module.main), mode
   setups = []
   with pytest.raises(errors.UserError, match='label_fraction'):
     run.run(_train(data_dir, label_fraction=2.0), str(tmp_path / 'run'),

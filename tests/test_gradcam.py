@@ -16,9 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import gradcam
-from simclr_jax import models
-from simclr_jax.datasets import synthetic_mri
+from simclr_jax.explain import gradcam
+from simclr_jax.model import heads
+from simclr_jax.model import resnet
+from simclr_jax.data.datasets import synthetic_mri
 
 
 class PooledLinear(nn.Module):
@@ -146,12 +147,12 @@ def _init(model, images, seed=0):
 
 def _tiny_resnet(kind, size=32, channels=1):
   """The project's classifier or SimCLR model with one basic block per stage."""
-  common = dict(stage_sizes=(1, 1, 1, 1), block_cls=models.ResNetBlock, width=0.125,
+  common = dict(stage_sizes=(1, 1, 1, 1), block_cls=resnet.ResNetBlock, width=0.125,
                 encoder_output='avgpool')
   if kind == 'classifier':
-    model = models.Classifier(num_classes=4, head_dropout=0.0, **common)
+    model = heads.Classifier(num_classes=4, head_dropout=0.0, **common)
   else:
-    model = models.SimCLRModel(projection_dims=(8, 4), projection_dropout=0.0, **common)
+    model = heads.SimCLRModel(projection_dims=(8, 4), projection_dropout=0.0, **common)
   images = np.random.default_rng(0).uniform(size=(3, size, size, channels))
   variables = _init(model, images)
   return model, {k: variables[k] for k in ('params', 'batch_stats')}, images
@@ -269,7 +270,7 @@ def test_deletion_drop_is_larger_for_the_relevant_pixels():
 def _train_small_classifier(images, labels, epochs, seed=0):
   """The project's ResNet cut to two basic blocks (stage2 is the last stage, 8 x 8
   cells at 64 px), trained with AdamW and horizontal flips."""
-  model = models.Classifier(stage_sizes=(1, 1), block_cls=models.ResNetBlock,
+  model = heads.Classifier(stage_sizes=(1, 1), block_cls=resnet.ResNetBlock,
                             num_classes=4, width=0.25, encoder_output='avgpool',
                             head_dropout=0.0)
   variables = _init(model, images[:2], seed)

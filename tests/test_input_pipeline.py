@@ -6,56 +6,56 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import evaluate
-from simclr_jax import input_pipeline
-from simclr_jax import sharding
+from simclr_jax.train import evaluators
+from simclr_jax.data import batches
+from simclr_jax.parallel import sharding
 from tests import fake_data
 
 
 def test_epochs_are_permutations_and_no_batch_holds_an_image_twice():
   for num_examples, batch_size in ((5, 4), (12, 4), (27, 8), (32, 32)):
-    per_epoch = input_pipeline.steps_per_epoch(num_examples, batch_size)
+    per_epoch = batches.steps_per_epoch(num_examples, batch_size)
     for epoch in range(3):
-      batches = [input_pipeline.batch_positions(num_examples, batch_size, 0, step)
-                 for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
-      for batch in batches:
+      epoch_batches = [batches.batch_positions(num_examples, batch_size, 0, step)
+                       for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
+      for batch in epoch_batches:
         assert len(batch) == batch_size and len(set(batch)) == batch_size
         assert batch.min() >= 0 and batch.max() < num_examples
       # Every image is seen in every epoch; only the last batch's filler repeats.
-      seen = np.concatenate(batches)
+      seen = np.concatenate(epoch_batches)
       assert set(seen) == set(range(num_examples))
       assert len(seen) - num_examples == per_epoch * batch_size - num_examples
-  epochs = [np.concatenate([input_pipeline.batch_positions(12, 4, 0, s) for s in range(e, e + 3)])
+  epochs = [np.concatenate([batches.batch_positions(12, 4, 0, s) for s in range(e, e + 3)])
             for e in (0, 3)]
   assert not np.array_equal(epochs[0], epochs[1])  # Each epoch its own order.
-  assert input_pipeline.steps_per_epoch(10, 4) == 3
+  assert batches.steps_per_epoch(10, 4) == 3
 
 
 def test_train_batch_size_is_every_image_when_there_are_fewer():
-  assert input_pipeline.train_batch_size(100, 32) == 32
-  assert input_pipeline.train_batch_size(17, 32) == 17
-  assert input_pipeline.train_batch_size(17, 32, num_devices=2) == 16
-  assert input_pipeline.train_batch_size(1, 32, num_devices=2) == 2
+  assert batches.train_batch_size(100, 32) == 32
+  assert batches.train_batch_size(17, 32) == 17
+  assert batches.train_batch_size(17, 32, num_devices=2) == 16
+  assert batches.train_batch_size(1, 32, num_devices=2) == 2
 
 
 def _pretrain_views(arrays, inputs, config, on_device=True):
   mesh = sharding.create_mesh()
-  data = input_pipeline.DeviceData(arrays, mesh, on_device)
+  data = batches.DeviceDataset(arrays, mesh, on_device)
 
   @jax.jit
   def views(data_arrays, step_inputs, key):
-    images, _ = input_pipeline.DeviceData.images(data_arrays, step_inputs)
-    return input_pipeline.pretrain_batch(images, step_inputs['position'], key, config)
+    images, _ = batches.DeviceDataset.images(data_arrays, step_inputs)
+    return batches.pretrain_batch(images, step_inputs['position'], key, config)
 
   return sharding.to_host(views(data.arrays, data.inputs(inputs),
-                                input_pipeline.augment_key(config.seed)))
+                                batches.augment_key(config.seed)))
 
 
 def test_batches_resume_at_any_step_and_views_follow_seed_step_and_example():
   arrays, config = fake_data.fake_arrays(), fake_data.config(batch_size=4)
-  rows = input_pipeline.TrainingRows(np.arange(0, len(arrays), 7), 4, seed=1)
+  rows = batches.TrainingRows(np.arange(0, len(arrays), 7), 4, seed=1)
   continued = [rows.step_inputs(step) for step in range(8)]  # Step 6 crosses an epoch.
-  resumed = input_pipeline.TrainingRows(np.arange(0, len(arrays), 7), 4, seed=1)
+  resumed = batches.TrainingRows(np.arange(0, len(arrays), 7), 4, seed=1)
   for step in (5, 6, 7):
     for key in ('row', 'position'):
       np.testing.assert_array_equal(resumed.step_inputs(step)[key], continued[step][key])
@@ -79,7 +79,7 @@ def test_batches_resume_at_any_step_and_views_follow_seed_step_and_example():
 
 
 def test_process_rows_concatenate_to_the_global_batch(monkeypatch):
-  rows = input_pipeline.TrainingRows(np.arange(30), 8, seed=0)
+  rows = batches.TrainingRows(np.arange(30), 8, seed=0)
   global_inputs = {k: np.stack([rows.step_inputs(s)[k] for s in (3, 4)])
                    for k in ('row', 'position')}
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
@@ -96,21 +96,21 @@ def test_process_rows_concatenate_to_the_global_batch(monkeypatch):
 def test_supervised_batches_pair_images_with_their_labels():
   arrays = fake_data.fake_arrays()
   config = fake_data.config(batch_size=6, image_size=16, channels=1, train_augment=False)
-  rows = input_pipeline.TrainingRows(np.arange(3, 60, 5), 6, seed=0)
+  rows = batches.TrainingRows(np.arange(3, 60, 5), 6, seed=0)
   mesh = sharding.create_mesh()
-  data = input_pipeline.DeviceData(arrays, mesh)
+  data = batches.DeviceDataset(arrays, mesh)
 
   @jax.jit
   def batch_of(data_arrays, step_inputs, key):
-    images, labels = input_pipeline.DeviceData.images(data_arrays, step_inputs)
-    return input_pipeline.supervised_image(images, step_inputs['position'], key,
+    images, labels = batches.DeviceDataset.images(data_arrays, step_inputs)
+    return batches.supervised_image(images, step_inputs['position'], key,
                                            config), labels
 
-  expected = input_pipeline.preprocess(arrays.images[rows.rows], config)
+  expected = batches.preprocess(arrays.images[rows.rows], config)
   seen = set()
   for step in range(2):  # One epoch of 12.
     images, labels = sharding.to_host(batch_of(data.arrays, data.inputs(rows.step_inputs(step)),
-                                               input_pipeline.augment_key(0)))
+                                               batches.augment_key(0)))
     assert labels.dtype == np.int32
     for image, label in zip(images, labels):
       (match,) = np.flatnonzero(np.all(expected == image, axis=(1, 2, 3)))
@@ -120,31 +120,31 @@ def test_supervised_batches_pair_images_with_their_labels():
 
 
 def test_evaluation_pads_the_last_batch_and_returns_the_rows_in_order():
-  rows, count = input_pipeline.eval_rows(np.arange(10, 20), 4)
+  rows, count = batches.eval_rows(np.arange(10, 20), 4)
   assert count == 10 and len(rows) == 12
   np.testing.assert_array_equal(rows[:10], np.arange(10, 20))
   np.testing.assert_array_equal(rows[10:], [10, 10])
   arrays = fake_data.fake_arrays()
-  data = input_pipeline.DeviceData(arrays, sharding.create_mesh())
+  data = batches.DeviceDataset(arrays, sharding.create_mesh())
 
   @jax.jit
   def labels_of(state, data_arrays, inputs):
     del state
-    return input_pipeline.DeviceData.images(data_arrays, inputs)[1]
+    return batches.DeviceDataset.images(data_arrays, inputs)[1]
 
   idx = np.array([40, 3, 17, 99, 5, 61, 8])
-  np.testing.assert_array_equal(evaluate.predict(labels_of, None, data, idx, batch_size=4),
+  np.testing.assert_array_equal(evaluators.infer_rows(labels_of, None, data, idx, batch_size=4),
                                 arrays.labels[idx])
 
 
 def test_preprocess_resizes_and_repeats_channels():
   arrays = fake_data.fake_arrays()
-  images = input_pipeline.preprocess(
+  images = batches.preprocess(
       arrays.images[:3], fake_data.config(image_size=8, channels=3))
   assert images.shape == (3, 8, 8, 3) and images.dtype == np.float32
   assert 0.0 <= images.min() and images.max() <= 1.0
-  same_size = input_pipeline.preprocess(
+  same_size = batches.preprocess(
       arrays.images[:3], fake_data.config(image_size=16, channels=1))
   np.testing.assert_allclose(same_size, arrays.images[:3] / 255.0, atol=1e-6)
   with pytest.raises(ValueError, match='channels'):
-    input_pipeline.preprocess(arrays.images[:3], fake_data.config(channels=2))
+    batches.preprocess(arrays.images[:3], fake_data.config(channels=2))

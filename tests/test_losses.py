@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import losses
+from simclr_jax.model import losses
 
 
 def _numpy_nt_xent(z1, z2, temperature):

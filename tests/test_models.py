@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from simclr_jax import models
+from simclr_jax.model import cpu_kernels
+from simclr_jax.model import heads
 
 
 def _init(model, x, seed=0):
@@ -27,7 +28,7 @@ def _config(**overrides):
 @pytest.mark.parametrize('name,channels', [('resnet18', 1), ('resnet34', 3), ('resnet50', 3)])
 def test_feature_map_and_flattened_output_sizes(name, channels):
   config = _config(model=name, width=1.0, channels=channels)
-  model = models.create_model(config, 'simclr')
+  model = heads.create_model(config, 'simclr')
   x = jnp.zeros((1, 128, 128, channels))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   (h, z) = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
@@ -40,7 +41,7 @@ def test_feature_map_and_flattened_output_sizes(name, channels):
 
 def test_width_multiplier_and_avgpool():
   config = _config(model='resnet18', width=0.25, encoder_output='avgpool')
-  model = models.create_model(config, 'classifier')
+  model = heads.create_model(config, 'classifier')
   x = jnp.zeros((2, 32, 32, 3))
   variables = _init(model, x)
   logits = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
@@ -53,7 +54,7 @@ def test_same_seed_gives_same_encoder_in_both_arms():
   config = _config(model='resnet18', width=0.125, encoder_output='avgpool')
   x = jnp.zeros((1, 32, 32, 3))
   def init(kind):
-    model = models.create_model(config, kind)
+    model = heads.create_model(config, kind)
     return _init(model, x, seed=3)
   simclr, classifier = init('simclr'), init('classifier')
   leaves_a = jax.tree.leaves(simclr['params']['encoder'])
@@ -63,7 +64,7 @@ def test_same_seed_gives_same_encoder_in_both_arms():
 
 def test_stages_are_sown_and_perturbable():
   config = _config(model='resnet18', width=0.125)
-  model = models.create_model(config, 'classifier')
+  model = heads.create_model(config, 'classifier')
   x = jnp.ones((1, 64, 64, 1))
   variables = _init(model, x)
   _, state = jax.jit(lambda v: model.apply(v, x, train=False, mutable=['intermediates']))(
@@ -76,7 +77,7 @@ def test_stages_are_sown_and_perturbable():
 
 def test_bfloat16_compute_keeps_float32_params():
   config = _config(model='resnet18', width=0.125, dtype='bfloat16')
-  model = models.create_model(config, 'classifier')
+  model = heads.create_model(config, 'classifier')
   x = jnp.ones((2, 32, 32, 1))
   variables = _init(model, x)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(variables['params']))
@@ -90,7 +91,7 @@ def test_bfloat16_compute_keeps_float32_params():
 ])
 def test_bad_architecture_is_one_clear_error(field, value, needle):
   with pytest.raises(ValueError, match=needle):
-    models.create_model(_config(**{field: value}), 'simclr')
+    heads.create_model(_config(**{field: value}), 'simclr')
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -102,7 +103,7 @@ def test_bad_architecture_is_one_clear_error(field, value, needle):
     ((2, 2), (2, 2), 'SAME'),
 ])
 def test_max_pool_has_lax_values_and_gradients_with_ties(dtype, window, strides, padding):
-  """models.max_pool: nn.max_pool's values; each window's gradient to its first maximum.
+  """cpu_kernels.max_pool: nn.max_pool's values; each window's gradient to its first maximum.
 
   ReLU outputs rounded to halves tie often (many zeros); integer cotangents keep
   the sums exact, so the gradients must be equal, not merely close.
@@ -110,7 +111,7 @@ def test_max_pool_has_lax_values_and_gradients_with_ties(dtype, window, strides,
   for shape in [(2, 15, 17, 3), (2, 16, 16, 2)]:
     x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.key(0), shape)) * 2) / 2
     x = x.astype(dtype)
-    y, vjp = jax.vjp(lambda x: models.max_pool(x, window, strides, padding), x)
+    y, vjp = jax.vjp(lambda x: cpu_kernels.max_pool(x, window, strides, padding), x)
     lax_y, lax_vjp = jax.vjp(lambda x: nn.max_pool(x, window, strides, padding), x)
     assert y.dtype == lax_y.dtype == dtype
     np.testing.assert_array_equal(y, lax_y)
@@ -124,10 +125,10 @@ def test_max_pool_gradient_of_random_inputs_and_its_use_in_the_resnet():
   x = jax.random.normal(jax.random.key(2), (2, 32, 32, 8))
   cotangent = jax.random.normal(jax.random.key(3), (2, 16, 16, 8))
   grads = [jax.jit(jax.grad(lambda x: jnp.sum(pool(x, (3, 3), (2, 2), 'SAME') * cotangent)))(x)
-           for pool in (models.max_pool, nn.max_pool)]
+           for pool in (cpu_kernels.max_pool, nn.max_pool)]
   # Up to four windows add into one input, in another order than lax's: float noise.
   np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6 * np.abs(grads[1]).max())
-  model = models.create_model(_config(model='resnet18', width=0.125, channels=1), 'classifier')
+  model = heads.create_model(_config(model='resnet18', width=0.125, channels=1), 'classifier')
   image = x[..., :1]
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
   jaxpr = str(jax.make_jaxpr(jax.grad(

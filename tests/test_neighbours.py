@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from simclr_jax import neighbours
+from simclr_jax.metrics import neighbours
 from tests import fake_data
 
 

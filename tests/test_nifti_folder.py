@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from simclr_jax import datasets
-from simclr_jax.datasets import nifti_folder
-from simclr_jax.datasets import synthetic_mri
+from simclr_jax.data import datasets
+from simclr_jax.data.datasets import nifti_folder
+from simclr_jax.data.datasets import synthetic_mri
 
 
 def _save(path, data, affine=None):

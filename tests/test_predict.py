@@ -12,8 +12,9 @@ import PIL.Image
 import pytest
 
 from simclr_jax import predict
-from simclr_jax import train
-from simclr_jax.datasets import synthetic_mri
+from simclr_jax.train import trainer
+from simclr_jax.data.datasets import synthetic_mri
+from simclr_jax import run
 from tests.conftest import tiny_config
 
 BATCH_SIZE = 8  # One compiled Grad-CAM shape serves every test.
@@ -23,7 +24,7 @@ BATCH_SIZE = 8  # One compiled Grad-CAM shape serves every test.
 def run_dir(data_dir, tmp_path_factory):
   """A baseline run of one epoch on synthetic_mri/small at 32 px."""
   workdir = str(tmp_path_factory.mktemp('baseline_run'))
-  train.train_and_evaluate(tiny_config(data_dir, 'baseline', num_epochs=1), workdir)
+  trainer.train_and_evaluate(tiny_config(data_dir, 'baseline', num_epochs=1), workdir)
   return workdir
 
 
@@ -64,7 +65,7 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(run_dir, image_folder, tmp_
                                                      caplog):
   workdir = str(tmp_path / 'out')
   with caplog.at_level(logging.WARNING):
-    summary = predict.predict(_config(run_dir, image_folder), workdir)
+    summary = run.run(_config(run_dir, image_folder), workdir)
   rows = _rows(workdir)
   good = ['alpha.png', 'colour.jpg', 'gray.png', 'more/deep.tif', 'more/tall.bmp']
   assert [os.path.relpath(row['file'], image_folder) for row in rows] == good
@@ -89,11 +90,11 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(run_dir, image_folder, tmp_
 
 
 def test_single_file_and_glob(run_dir, image_folder, tmp_path):
-  summary = predict.predict(_config(run_dir, os.path.join(image_folder, 'gray.png')),
+  summary = run.run(_config(run_dir, os.path.join(image_folder, 'gray.png')),
                             str(tmp_path / 'one'))
   assert summary['num_predicted'] == 1
   pattern = os.path.join(image_folder, '**', '*.t*')  # deep.tif, and notes.txt (unreadable).
-  summary = predict.predict(_config(run_dir, pattern), str(tmp_path / 'glob'))
+  summary = run.run(_config(run_dir, pattern), str(tmp_path / 'glob'))
   assert [os.path.basename(row['file']) for row in _rows(str(tmp_path / 'glob'))] == [
       'deep.tif']
   assert summary['num_unreadable'] == 1
@@ -101,7 +102,7 @@ def test_single_file_and_glob(run_dir, image_folder, tmp_path):
   kaggle_like = tmp_path / 'Dataset' / 'Mild_Demented'
   os.makedirs(kaggle_like)
   shutil.copy(os.path.join(image_folder, 'gray.png'), kaggle_like / 'mild_1.png')
-  summary = predict.predict(_config(run_dir, str(tmp_path / 'Dataset')),
+  summary = run.run(_config(run_dir, str(tmp_path / 'Dataset')),
                             str(tmp_path / 'labelled'))
   assert _rows(str(tmp_path / 'labelled'))[0]['true_class'] == 'Mild_Demented'
   assert summary['labels_from'] == 'class folder names'
@@ -125,7 +126,7 @@ def test_images_are_read_like_the_training_data(tmp_path):
 
 def test_test_split_with_cam_quality(run_dir, tmp_path):
   workdir = str(tmp_path / 'split')
-  summary = predict.predict(
+  summary = run.run(
       _config(run_dir, predict.TEST_SPLIT, evaluate_cam=True, deletion_fractions=(0.1,)),
       workdir)
   num_images = summary['num_predicted']
@@ -144,7 +145,7 @@ def test_bad_runs_and_inputs_fail_before_any_work(run_dir, image_folder, tmp_pat
 
   def fails(config, match):
     with pytest.raises(ValueError, match=match):
-      predict.predict(config, workdir)
+      run.run(config, workdir)
     assert not os.path.exists(workdir)
 
   fails(_config(None, image_folder), 'set --config.checkpoint_workdir')
@@ -187,7 +188,7 @@ def test_volumes_give_slice_and_volume_predictions_and_overlays_of_informative_s
   texture = np.random.default_rng(0).integers(40, 200, (12, 64, 64))
   synthetic_mri.write_volume(str(folder / 'pair.hdr'), (texture * disc).astype(np.uint8))
   workdir = str(tmp_path / 'out')
-  summary = predict.predict(_config(run_dir, str(folder)), workdir)
+  summary = run.run(_config(run_dir, str(folder)), workdir)
   volumes = summary['volumes']
   assert len(volumes) == len(written) + 1
   rows = _rows(workdir)

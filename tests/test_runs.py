@@ -32,11 +32,11 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from simclr_jax import data as data_lib
+from simclr_jax.data import arrays as arrays_lib
 from simclr_jax import errors
 from simclr_jax import run
-from simclr_jax import runs
-from simclr_jax import train
+from simclr_jax.train import workdirs
+from simclr_jax.train import trainer
 from tests.conftest import tiny_config
 
 SCHEME = 'ram'
@@ -268,7 +268,7 @@ def memory_fs(monkeypatch):
   get_ts_context = ts_utils.get_ts_context
   monkeypatch.setattr(ts_utils, 'get_ts_context',
                       lambda **kw: ts.Context(get_ts_context(**kw).spec, parent=shared))
-  monkeypatch.setattr(runs, 'URL_SCHEMES', runs.URL_SCHEMES + [SCHEME])
+  monkeypatch.setattr(workdirs, 'URL_SCHEMES', workdirs.URL_SCHEMES + [SCHEME])
   yield backend
 
 
@@ -288,8 +288,8 @@ def test_memory_backend_behaves_as_a_filesystem(memory_fs):
   """The test's own filesystem: what runs.py and orbax rely on."""
   root = epath.Path('ram://fs_test')
   (root / 'a' / 'b').mkdir(parents=True)
-  runs.write_json(root / 'a' / 'x.json', {'k': 1})
-  assert runs.read_json(root / 'a' / 'x.json') == {'k': 1}
+  workdirs.write_json(root / 'a' / 'x.json', {'k': 1})
+  assert workdirs.read_json(root / 'a' / 'x.json') == {'k': 1}
   assert sorted(p.name for p in (root / 'a').iterdir()) == ['b', 'x.json']
   assert [p.name for p in root.glob('a/*.json')] == ['x.json']
   (root / 'a').rename(root / 'c')
@@ -307,7 +307,7 @@ def test_pretrain_and_finetune_write_only_to_a_url_workdir(memory_fs, data_dir, 
   local_tmp.mkdir()
   monkeypatch.chdir(cwd)
   monkeypatch.setattr(tempfile, 'tempdir', str(local_tmp))
-  data_lib.load_arrays(tiny_config(data_dir))  # The data set is local input, built first.
+  arrays_lib.load_arrays(tiny_config(data_dir))  # The data set is local input, built first.
   data_before = _local_files(data_dir)
   bucket = f'{SCHEME}://bucket{os.getpid()}'
   pretrain_dir, finetune_dir = f'{bucket}/study/pretrain', f'{bucket}/study/finetune'
@@ -328,10 +328,10 @@ def test_pretrain_and_finetune_write_only_to_a_url_workdir(memory_fs, data_dir, 
                  for u in checkpoint), which
     assert any('events.out.tfevents' in f for f in _tensorflow_files(workdir)), workdir
   assert not [u for u in stored if u.endswith('.tmp') or '.orbax-checkpoint-tmp' in u]
-  assert runs.read_metrics(pretrain_dir)['knn1_accuracy'] == pretrained['knn1_accuracy']
-  assert runs.read_metrics(finetune_dir)['accuracy'] == result['accuracy']
-  assert runs.latest_step(finetune_dir) == result['total_steps']
-  _, _, variables = runs.restore_for_inference(finetune_dir)
+  assert workdirs.read_metrics(pretrain_dir)['knn1_accuracy'] == pretrained['knn1_accuracy']
+  assert workdirs.read_metrics(finetune_dir)['accuracy'] == result['accuracy']
+  assert workdirs.latest_step(finetune_dir) == result['total_steps']
+  _, _, variables = workdirs.restore_for_inference(finetune_dir)
   assert 'encoder' in variables['params']
   # Nothing on local disk: not in the working directory, not in the temporary
   # directory, no 'ram:' folder anywhere, the data set's files unchanged.
@@ -367,7 +367,7 @@ def test_gs_workdir_needs_google_cloud_storage(monkeypatch):
 
 def test_json_is_written_whole_and_never_left_half_written(tmp_path, monkeypatch):
   path = tmp_path / 'sub' / 'metrics.json'
-  runs.write_json(path, {'a': [1, 2]})
+  workdirs.write_json(path, {'a': [1, 2]})
   assert json.loads(path.read_text()) == {'a': [1, 2]}
   # A writer that dies mid-way leaves the previous file whole and no stray name.
   real_write_text = epath.Path.write_text
@@ -377,10 +377,10 @@ def test_json_is_written_whole_and_never_left_half_written(tmp_path, monkeypatch
     raise OSError('disk gone')
   monkeypatch.setattr(type(epath.Path(path)), 'write_text', broken)
   with pytest.raises(OSError):
-    runs.write_json(path, {'a': [3]})
+    workdirs.write_json(path, {'a': [3]})
   monkeypatch.undo()
   assert json.loads(path.read_text()) == {'a': [1, 2]}
-  runs.write_json(path, {'a': [3]})  # The half-written temporary file is overwritten.
+  workdirs.write_json(path, {'a': [3]})  # The half-written temporary file is overwritten.
   assert json.loads(path.read_text()) == {'a': [3]}
   assert sorted(os.listdir(path.parent)) == ['metrics.json']
 
@@ -389,12 +389,12 @@ def test_damaged_json_is_a_user_error(tmp_path):
   path = tmp_path / 'config.json'
   path.write_text('{"mode": ')
   with pytest.raises(errors.UserError, match='not valid JSON'):
-    runs.read_json(path)
+    workdirs.read_json(path)
 
 
 @flax.struct.dataclass
 class _State:
-  """What runs.Checkpoints needs of a TrainState: a pytree with a step."""
+  """What workdirs.Checkpoints needs of a TrainState: a pytree with a step."""
   step: jax.Array
   w: jax.Array
 
@@ -406,7 +406,7 @@ def _state(step, value):
 def test_checkpoint_fallback_skips_a_damaged_newest_checkpoint(tmp_path):
   """The newest checkpoint unreadable: the one before is restored and the bad one deleted."""
   workdir = str(tmp_path)
-  checkpoints = runs.Checkpoints(workdir, keep=3)
+  checkpoints = workdirs.Checkpoints(workdir, keep=3)
   for step in (1, 2):
     checkpoints.save_latest(_state(step, float(step)))
   checkpoints.save_best(_state(2, 2.0))
@@ -417,7 +417,7 @@ def test_checkpoint_fallback_skips_a_damaged_newest_checkpoint(tmp_path):
       if 'manifest' in name or name.endswith('.ocdbt') or len(name) == 32:
         os.remove(os.path.join(root, name))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0, 0.0))
-  checkpoints = runs.Checkpoints(workdir, keep=3)
+  checkpoints = workdirs.Checkpoints(workdir, keep=3)
   restored = checkpoints.restore_latest(target)
   assert int(restored.step) == 1 and float(restored.w[0]) == 1.0
   assert checkpoints.latest.all_steps() == [1]
@@ -427,7 +427,7 @@ def test_checkpoint_fallback_skips_a_damaged_newest_checkpoint(tmp_path):
 
 def test_no_readable_checkpoint_is_a_user_error(tmp_path):
   workdir = str(tmp_path)
-  checkpoints = runs.Checkpoints(workdir)
+  checkpoints = workdirs.Checkpoints(workdir)
   checkpoints.save_latest(_state(1, 1.0))
   checkpoints.close()
   for root, _, names in os.walk(tmp_path / 'checkpoints' / 'latest' / '1'):
@@ -435,7 +435,7 @@ def test_no_readable_checkpoint_is_a_user_error(tmp_path):
       if not name.startswith('_'):
         os.remove(os.path.join(root, name))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0, 0.0))
-  checkpoints = runs.Checkpoints(workdir)
+  checkpoints = workdirs.Checkpoints(workdir)
   with pytest.raises(errors.UserError, match='is readable'):
     checkpoints.restore_latest(target)
   checkpoints.close()
@@ -443,7 +443,7 @@ def test_no_readable_checkpoint_is_a_user_error(tmp_path):
 
 def test_best_and_latest_saves_of_one_step_use_their_own_barriers(tmp_path):
   """orbax names an async save's barrier after its step: each manager adds its own prefix."""
-  checkpoints = runs.Checkpoints(str(tmp_path))
+  checkpoints = workdirs.Checkpoints(str(tmp_path))
   prefixes = {m._multiprocessing_options.barrier_sync_key_prefix  # pylint: disable=protected-access
               for m in (checkpoints.latest, checkpoints.best)}
   checkpoints.close()
@@ -454,9 +454,9 @@ def test_a_run_resumes_from_its_url_workdir(memory_fs, data_dir):
   """kill -9 between checkpoints, then the same command: resumed from the stored step."""
   workdir = f'{SCHEME}://resume{os.getpid()}/pretrain'
   config = tiny_config(data_dir, 'pretrain', num_epochs=1, checkpoint_every_steps=2)
-  first = train.train_and_evaluate(config, workdir)
-  assert runs.latest_step(workdir) == first['total_steps']
-  again = train.train_and_evaluate(config, workdir)  # Finished: resumes at the end.
+  first = trainer.train_and_evaluate(config, workdir)
+  assert workdirs.latest_step(workdir) == first['total_steps']
+  again = trainer.train_and_evaluate(config, workdir)  # Finished: resumes at the end.
   assert again['chosen_step'] == first['chosen_step']
   np.testing.assert_allclose(again['knn1_accuracy'], first['knn1_accuracy'])
 
@@ -464,13 +464,13 @@ def test_a_run_resumes_from_its_url_workdir(memory_fs, data_dir):
 def test_no_two_checkpoint_saves_are_in_flight(tmp_path, monkeypatch):
   """Each save first waits for the other manager's: one background save at a time."""
   events = []
-  checkpoints = runs.Checkpoints(str(tmp_path))
+  checkpoints = workdirs.Checkpoints(str(tmp_path))
   for name in ('latest', 'best'):
     manager = getattr(checkpoints, name)
     wait = manager.wait_until_finished
     monkeypatch.setattr(manager, 'wait_until_finished',
                         lambda name=name, wait=wait: (events.append(f'wait {name}'), wait()))
-  monkeypatch.setattr(runs, '_save', lambda manager, state: events.append(
+  monkeypatch.setattr(workdirs, '_save', lambda manager, state: events.append(
       f'save {"latest" if manager is checkpoints.latest else "best"}'))
   checkpoints.save_best(_state(5, 1.0))
   checkpoints.save_latest(_state(5, 1.0))

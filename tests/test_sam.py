@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import sam
+from simclr_jax.model import sam
 
 RHO = 0.5
 LEARNING_RATE = 0.1

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from simclr_jax import splits as splits_lib
+from simclr_jax.data import splits as splits_lib
 from tests import fake_data
 
 

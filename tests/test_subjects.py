@@ -5,7 +5,7 @@ import logging
 
 import numpy as np
 
-from simclr_jax import subjects
+from simclr_jax.data import subjects
 from tests import fake_data
 
 

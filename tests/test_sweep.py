@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 
 from configs import sweep as sweep_config
-from simclr_jax import data as data_lib
-from simclr_jax import evaluate
-from simclr_jax import runs
-from simclr_jax import splits as splits_lib
-from simclr_jax import stats
-from simclr_jax import sweep
-from simclr_jax import sweep_markdown
-from simclr_jax import sweep_plan
-from simclr_jax import sweep_report
-from simclr_jax import sweep_results
+from simclr_jax.data import arrays as arrays_lib
+from simclr_jax.train import workdirs
+from simclr_jax.data import splits as splits_lib
+from simclr_jax.metrics import bootstrap
+from simclr_jax.study import sweep
+from simclr_jax.study import markdown as markdown_lib
+from simclr_jax.study import plan as plan_lib
+from simclr_jax.study import report as report_lib
+from simclr_jax.study import results as results_lib
+from simclr_jax.metrics import classification
+from simclr_jax import run
 from tests.conftest import tiny_config
 
 SWEEP_OVERRIDES = dict(
@@ -48,11 +49,11 @@ class FakeTraining:
     self.calls.append((config, workdir))
     if config.mode == 'pretrain':
       result = {'mode': 'pretrain', 'fold': config.fold, 'knn1_accuracy': 0.5}
-      runs.write_metrics(workdir, result)
+      workdirs.write_metrics(workdir, result)
       return result
     # The sweep pretrains the fold before it fine-tunes.
-    assert runs.is_finished(config.pretrained_workdir) or config.mode == 'baseline'
-    labels, class_names = data_lib.task_labels(self.arrays, config)
+    assert workdirs.is_finished(config.pretrained_workdir) or config.mode == 'baseline'
+    labels, class_names = arrays_lib.task_labels(self.arrays, config)
     splits = splits_lib.load_splits(config, self.arrays)
     test = splits['test']
     num_classes = len(class_names)
@@ -63,11 +64,11 @@ class FakeTraining:
                          (labels[test] + other) % num_classes)
     probabilities = np.full((len(test), num_classes), 0.2 / num_classes, np.float32)
     probabilities[np.arange(len(test)), predicted] += 0.8
-    predictions = evaluate.Predictions(np.asarray(test, np.int64),
+    predictions = classification.Predictions(np.asarray(test, np.int64),
                                        self.arrays.subject_ids[test], labels[test],
                                        probabilities)
-    runs.write_predictions(workdir, predictions)
-    result = evaluate.prediction_metrics(predictions, num_classes)
+    workdirs.write_predictions(workdir, predictions)
+    result = classification.prediction_metrics(predictions, num_classes)
     train_idx = splits_lib.label_subset(self.arrays.labels, splits['train'],
                                         config.label_fraction, config.label_seed)
     select = splits[config.selection_split]
@@ -77,19 +78,19 @@ class FakeTraining:
         selection_classes=[class_names[k] for k in np.unique(labels[select])],
         **{f'selection_{config.selection_split}_{config.selection_metric}':
            float(rng.uniform())})
-    runs.write_metrics(workdir, result)
+    workdirs.write_metrics(workdir, result)
     return result
 
 
 def run_fake_sweep(data_dir, workdir, monkeypatch, right=None, **overrides):
   """A sweep with training replaced by FakeTraining (both protocols by default)."""
   config = sweep_test_config(data_dir, **overrides)
-  fake = FakeTraining(data_lib.load_arrays(config), right)
-  monkeypatch.setattr(sweep.train, 'train_and_evaluate', fake)
+  fake = FakeTraining(arrays_lib.load_arrays(config), right)
+  monkeypatch.setattr(sweep.trainer, 'train_and_evaluate', fake)
   gradcam_calls = []
-  monkeypatch.setattr(sweep_report, 'write_gradcam_grid',
+  monkeypatch.setattr(report_lib, 'write_gradcam_grid',
                       lambda *args: gradcam_calls.append(args))
-  summary = sweep.run_sweep(config, workdir)
+  summary = run.run(config, workdir)
   return config, workdir, fake, summary, gradcam_calls
 
 
@@ -124,20 +125,20 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert len(gradcam_calls) == 1
   rows = read_rows(workdir)
-  assert list(rows[0]) == list(sweep_results.CSV_COLUMNS)
+  assert list(rows[0]) == list(results_lib.CSV_COLUMNS)
   keys = sorted((r['protocol'], r['task'], r['fold'], r['arm'], float(r['fraction']),
                  int(r['seed'])) for r in run_rows(rows))
   honest_cells = ((0.5, 0), (0.5, 1), (1.0, 0))  # Seed 1 only up to 50 %.
   expected = sorted(
       [('honest', task, str(fold), arm, f, s) for task in config.tasks for fold in (0, 1)
-       for arm in sweep_plan.ARMS for f, s in honest_cells]
+       for arm in plan_lib.ARMS for f, s in honest_cells]
       + [('reference', task, '', arm, f, 0) for task in config.tasks
-         for arm in sweep_plan.ARMS for f in (0.5, 1.0)])
+         for arm in plan_lib.ARMS for f in (0.5, 1.0)])
   assert keys == expected
   # One pooled row per honest (task, arm, fraction, seed); the reference has one split.
   assert sorted((r['protocol'], r['task'], r['arm'], float(r['fraction']), int(r['seed']))
                 for r in pooled_rows(rows)) == sorted(
-      ('honest', task, arm, f, s) for task in config.tasks for arm in sweep_plan.ARMS
+      ('honest', task, arm, f, s) for task in config.tasks for arm in plan_lib.ARMS
       for f, s in honest_cells)
   # Pretraining once per fold (2 honest + 1 reference), then 2 arms x 2 tasks x
   # (2 folds x 3 honest + 2 reference) runs.
@@ -147,8 +148,8 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
   for needle in ('## Protocol `honest`', '## Protocol `reference`', '### `honest`, task '
                  '`binary`', 'raw-pixel 1-NN', '50 % (', 'SimCLR − baseline',
                  'baseline − raw-pixel 1-NN', 'per subject', 'Balanced accuracy per fold',
-                 'inflation', sweep_plan.REFERENCE_DIFFERENCES,
-                 sweep_plan.PROTOCOL_DESCRIPTIONS['honest'][1:],
+                 'inflation', plan_lib.REFERENCE_DIFFERENCES,
+                 plan_lib.PROTOCOL_DESCRIPTIONS['honest'][1:],
                  '](label_fraction_curve.png)', '](confusion_matrices.png)', 'Wall time'):
     assert needle in markdown, needle
   # It opens with the three-sentence answer, generated from the numbers.
@@ -171,16 +172,16 @@ def test_label_subsets_are_nested_and_floor_scores_are_probabilities(fake_sweep)
       full = next(o for o in run_rows(rows) if float(o['fraction']) == 1.0 and
                   all(o[k] == r[k] for k in ('protocol', 'task', 'fold', 'arm')))
       assert int(r['num_labeled']) < int(full['num_labeled'])
-  arrays = data_lib.load_arrays(config)
+  arrays = arrays_lib.load_arrays(config)
   for fold in (0, 1):
-    train = sweep_plan.protocol_splits(config, 'honest', arrays, fold)['train']
+    train = plan_lib.protocol_splits(config, 'honest', arrays, fold)['train']
     half, full = (set(splits_lib.label_subset(arrays.labels, train, f, 0)) for f in (0.5, 1.0))
     assert half < full
   for r in run_rows(rows):
     if r['arm'] == 'floor':
-      for metric in sweep_plan.METRICS:
+      for metric in plan_lib.METRICS:
         assert 0.0 <= float(r[metric]) <= 1.0
-  floor = evaluate.Predictions.load(runs.predictions_path(
+  floor = classification.Predictions.load(workdirs.predictions_path(
       os.path.join(workdir, 'honest', 'binary', 'fold0', 'floor_f0.5_s0')))
   np.testing.assert_array_equal(floor.probabilities.sum(1), 1.0)
   assert set(np.unique(floor.probabilities)) <= {0.0, 1.0}
@@ -193,7 +194,7 @@ def test_label_subsets_are_nested_and_floor_scores_are_probabilities(fake_sweep)
 
 def test_pooled_rows_join_the_folds_and_hold_every_subject_once(fake_sweep):
   config, workdir, _, summary, _ = fake_sweep
-  arrays = data_lib.load_arrays(config)
+  arrays = arrays_lib.load_arrays(config)
   num_subjects = len(np.unique(arrays.subject_ids))
   rows = read_rows(workdir)
   for pooled in pooled_rows(rows):
@@ -205,10 +206,10 @@ def test_pooled_rows_join_the_folds_and_hold_every_subject_once(fake_sweep):
     assert int(pooled['num_test_slices']) == len(arrays.labels)
   # Every subject in exactly one fold's test predictions; the pooled metrics are theirs.
   run_dir = os.path.join(workdir, 'honest', 'four_class', 'fold{}', 'baseline_f0.5_s1')
-  parts = [evaluate.Predictions.load(runs.predictions_path(run_dir.format(k))) for k in (0, 1)]
+  parts = [classification.Predictions.load(workdirs.predictions_path(run_dir.format(k))) for k in (0, 1)]
   assert not set(parts[0].subject_ids) & set(parts[1].subject_ids)
-  joined = sweep_results._concatenate(parts)  # pylint: disable=protected-access
-  expected = evaluate.prediction_metrics(joined, 4)
+  joined = results_lib._concatenate(parts)  # pylint: disable=protected-access
+  expected = classification.prediction_metrics(joined, 4)
   row = next(r for r in pooled_rows(rows) if r['task'] == 'four_class' and
              r['arm'] == 'baseline' and float(r['fraction']) == 0.5 and r['seed'] == '1')
   assert float(row['balanced_accuracy']) == pytest.approx(expected['balanced_accuracy'])
@@ -233,7 +234,7 @@ def test_verdicts_in_results_md_follow_the_intervals(fake_sweep):
     for task in protocol['tasks'].values():
       for entry in task['fractions']:
         for comparison in entry['comparisons'].values():
-          for level in stats.LEVELS:
+          for level in bootstrap.LEVELS:
             for value in comparison[level].values():
               seen.add(value['outcome'])
               assert value['outcome'] == ('ahead' if value['low'] > 0 else 'behind'
@@ -278,7 +279,7 @@ def test_run_configs_follow_the_protocols_tasks_folds_and_seeds(fake_sweep):
   for config, run_dir in fake.calls:
     parts = os.path.relpath(run_dir, workdir).split(os.sep)
     protocol = parts[0]
-    for key, value in sweep_plan.PROTOCOLS[protocol].items():
+    for key, value in plan_lib.PROTOCOLS[protocol].items():
       assert config[key] == value
     assert 'fractions' not in config and 'protocols' not in config
     folds = [int(p[len('fold'):]) for p in parts if p.startswith('fold')]
@@ -302,64 +303,64 @@ def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_p
                                                protocols=('honest',), tasks=('binary',))
   before = read_rows(workdir)
   num_calls = len(fake.calls)
-  sweep.run_sweep(config, workdir)
+  run.run(config, workdir)
   assert len(fake.calls) == num_calls
   assert read_rows(workdir) == before
   # An interrupted run (no metrics.json) is run again, and only it.
   interrupted = os.path.join(workdir, 'honest', 'binary', 'fold1', 'baseline_f0.5_s1')
   os.remove(os.path.join(interrupted, 'metrics.json'))
   # Meanwhile the reports cover the finished runs: one fold pooled for that cell.
-  arrays = data_lib.load_arrays(config)
-  planned = sweep_plan.plan_runs(config, workdir, arrays)
-  summary = sweep_report.write_reports(config, workdir, planned, arrays, figures=False)
+  arrays = arrays_lib.load_arrays(config)
+  planned = plan_lib.plan_runs(config, workdir, arrays)
+  summary = report_lib.write_reports(config, workdir, planned, arrays, figures=False)
   arm = summary['protocols']['honest']['tasks']['binary']['fractions'][0]['arms']['baseline']
   assert arm['seeds'] == [0, 1] and arm['folds_pooled'] == 1 and arm['folds_planned'] == 2
   assert 'baseline (1 of 2 folds)' in read_text(workdir, 'results.md')
   assert len(run_rows(read_rows(workdir))) == len(run_rows(before)) - 1
-  sweep.run_sweep(config, workdir)
+  run.run(config, workdir)
   assert len(fake.calls) == num_calls + 1
   assert fake.calls[-1][1] == interrupted
   assert len(read_rows(workdir)) == len(before)
   # A finished run made with other settings is an error, not silently reused.
   config.num_epochs = 3
   with pytest.raises(ValueError, match='different config'):
-    sweep.run_sweep(config, workdir)
+    run.run(config, workdir)
 
 
 def test_schedule_caps_steps_and_spreads_evaluations(data_dir):
   config = sweep_test_config(data_dir, num_epochs=50, max_steps_per_run=40,
                              evals_per_run=5, batch_size=16)
   # 20 images: 2 steps per epoch, 50 epochs = 100 steps > 40: cut to 20 epochs.
-  assert sweep_plan.supervised_schedule(config, 20) == (20, 4)
+  assert plan_lib.supervised_schedule(config, 20) == (20, 4)
   # 4 images: 1 step per epoch, 50 epochs = 50 steps: cut to 40 epochs.
-  assert sweep_plan.supervised_schedule(config, 4) == (40, 8)
+  assert plan_lib.supervised_schedule(config, 4) == (40, 8)
   # 300 images: 19 steps per epoch: 2 whole epochs fit in 40 steps.
-  assert sweep_plan.supervised_schedule(config, 300) == (2, 1)
+  assert plan_lib.supervised_schedule(config, 300) == (2, 1)
   # 1000 images: 63 steps per epoch, more than the cap: one epoch all the same.
-  assert sweep_plan.supervised_schedule(config, 1000) == (1, 1)
+  assert plan_lib.supervised_schedule(config, 1000) == (1, 1)
   config.max_steps_per_run = None
   config.evals_per_run = None
-  assert sweep_plan.supervised_schedule(config, 20) == (50, config.eval_every_epochs)
-  assert sweep_plan.fraction_seeds(config, 'honest', 0.5) == (0, 1)
-  assert sweep_plan.fraction_seeds(config, 'honest', 1.0) == (0,)
-  assert sweep_plan.fraction_seeds(config, 'reference', 0.5) == (0,)
+  assert plan_lib.supervised_schedule(config, 20) == (50, config.eval_every_epochs)
+  assert plan_lib.fraction_seeds(config, 'honest', 0.5) == (0, 1)
+  assert plan_lib.fraction_seeds(config, 'honest', 1.0) == (0,)
+  assert plan_lib.fraction_seeds(config, 'reference', 0.5) == (0,)
 
 
 def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):
   config = sweep_test_config(data_dir, reference_tasks=('four_class',))
-  arrays = data_lib.load_arrays(config)
-  planned = sweep_plan.plan_runs(config, str(tmp_path), arrays)
+  arrays = arrays_lib.load_arrays(config)
+  planned = plan_lib.plan_runs(config, str(tmp_path), arrays)
   tasks = lambda protocol: {r.task for r in planned if r.protocol == protocol and r.task}
   assert tasks('honest') == {'four_class', 'binary'}
   assert tasks('reference') == {'four_class'}
   # The runs it keeps are the ones the full plan has, with the same configs.
   config.reference_tasks = None
-  full = {r.workdir: r.config for r in sweep_plan.plan_runs(config, str(tmp_path), arrays)}
+  full = {r.workdir: r.config for r in plan_lib.plan_runs(config, str(tmp_path), arrays)}
   assert len(full) > len(planned)
   for run in planned:
     assert run.config == full[run.workdir]
   config.reference_tasks = ('four_class',)
-  text = sweep_markdown.results_markdown(
+  text = markdown_lib.results_markdown(
       {'answer': [], 'bootstrap_samples': 10, 'bootstrap_seed': 0,
        'inflation': [],
        'protocols': {'reference': {'description': 'x', 'num_folds': None, 'tasks': {}}}},
@@ -376,17 +377,17 @@ def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):
 ])
 def test_bad_sweep_config_is_one_clear_error(data_dir, overrides, needle):
   with pytest.raises(ValueError, match=needle):
-    sweep_plan.check_sweep_config(sweep_test_config(data_dir, **overrides))
+    run.check_config(sweep_test_config(data_dir, **overrides))
 
 
 def test_presets_are_sweep_configs_and_runs_drop_sweep_fields():
   for preset in sweep_config.PRESETS:
     config = sweep_config.get_config(f'preset={preset}')
     assert config.mode == 'sweep'
-    sweep_plan.check_sweep_config(config)
-    run_config = sweep_plan.run_config(config, 'honest', 'baseline', seed=1, num_classes=4,
+    run.check_config(config)
+    run_config = plan_lib.run_config(config, 'honest', 'baseline', seed=1, num_classes=4,
                                        fraction=0.1, num_labeled=400)
-    assert not set(sweep_plan.SWEEP_FIELDS) & set(run_config)
+    assert not set(plan_lib.SWEEP_FIELDS) & set(run_config)
     assert run_config.label_seed == 1 and run_config.split_scheme == 'subject'
   assert sweep_config.get_config().dataset == 'synthetic_mri'  # runlocal by default.
   with pytest.raises(ValueError, match='preset'):
@@ -400,17 +401,17 @@ def test_tiny_real_sweep_trains_every_arm_and_reruns_nothing(data_dir, tmp_path,
                              fractions=(1.0,), seeds=(0,), pretrain_num_epochs=2,
                              num_epochs=1)
   workdir = str(tmp_path / 'sweep')
-  summary = sweep.run_sweep(config, workdir)
+  summary = run.run(config, workdir)
   entry = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]
-  assert set(entry['arms']) == set(sweep_plan.ARMS)
-  for arm in sweep_plan.ARMS:
+  assert set(entry['arms']) == set(plan_lib.ARMS)
+  for arm in plan_lib.ARMS:
     assert entry['arms'][arm]['folds_pooled'] == 2
-    for level in stats.LEVELS:
+    for level in bootstrap.LEVELS:
       assert 0.0 <= entry['arms'][arm][level]['balanced_accuracy']['value'] <= 1.0
   assert os.path.getsize(os.path.join(workdir, 'gradcam_grid.png')) > 0
   assert '](gradcam_grid.png)' in read_text(workdir, 'results.md')
 
   def fail(*args):
     raise AssertionError(f'finished run trained again: {args}')
-  monkeypatch.setattr(sweep.train, 'train_and_evaluate', fail)
-  sweep.run_sweep(config, workdir)  # Every run's config.json matches: all skipped.
+  monkeypatch.setattr(sweep.trainer, 'train_and_evaluate', fail)
+  run.run(config, workdir)  # Every run's config.json matches: all skipped.

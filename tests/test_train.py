@@ -16,24 +16,27 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import data as data_lib
-from simclr_jax import evaluate
-from simclr_jax import input_pipeline
+from simclr_jax.data import arrays as arrays_lib
+from simclr_jax.train import compile_cache
+from simclr_jax.train import evaluators
+from simclr_jax.data import batches
 from simclr_jax import run
-from simclr_jax import runs
-from simclr_jax import sam
-from simclr_jax import sharding
-from simclr_jax import splits as splits_lib
-from simclr_jax import state as state_lib
-from simclr_jax import tasks
-from simclr_jax import train
+from simclr_jax.train import workdirs
+from simclr_jax.model import sam
+from simclr_jax.parallel import sharding
+from simclr_jax.data import splits as splits_lib
+from simclr_jax.train import optimizers
+from simclr_jax.train import state as state_lib
+from simclr_jax.train import recipes
+from simclr_jax.train import steps as steps_lib
+from simclr_jax.train import trainer
 from tests.conftest import REPO, tiny_config
 
 
 @pytest.fixture(scope='module')
 def pretrain_workdir(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('pretrain'))
-  train.train_and_evaluate(tiny_config(data_dir, 'pretrain'), workdir)
+  trainer.train_and_evaluate(tiny_config(data_dir, 'pretrain'), workdir)
   return workdir
 
 
@@ -43,22 +46,22 @@ def test_pretrain_writes_outputs_and_knn_metrics(pretrain_workdir):
   assert 0.0 <= metrics['knn1_accuracy'] <= 1.0
   assert 'knn5_balanced_accuracy' in metrics
   assert metrics['chosen_step'] is not None
-  assert runs.latest_step(pretrain_workdir) == metrics['total_steps']
-  assert runs.latest_step(pretrain_workdir, 'best') == metrics['chosen_step']
+  assert workdirs.latest_step(pretrain_workdir) == metrics['total_steps']
+  assert workdirs.latest_step(pretrain_workdir, 'best') == metrics['chosen_step']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(pretrain_workdir))
 
 
 def test_finetune_loads_encoder_and_reports_test_metrics(pretrain_workdir, data_dir, tmp_path):
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
                        label_fraction=0.5)
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = trainer.train_and_evaluate(config, str(tmp_path))
   for key in ('accuracy', 'balanced_accuracy', 'macro_f1'):
     assert 0.0 <= result[key] <= 1.0
   assert len(result['per_class_recall']) == 4
   assert np.sum(result['confusion_matrix']) == result['num_examples']
   assert os.path.exists(tmp_path / 'confusion_matrix.png')
-  _, _, variables = runs.restore_for_inference(str(tmp_path), which='latest')
-  _, _, pretrained = runs.restore_for_inference(pretrain_workdir, which='latest')
+  _, _, variables = workdirs.restore_for_inference(str(tmp_path), which='latest')
+  _, _, pretrained = workdirs.restore_for_inference(pretrain_workdir, which='latest')
   kernel = variables['params']['encoder']['conv_init']['kernel']
   assert kernel.shape == pretrained['params']['encoder']['conv_init']['kernel'].shape
 
@@ -68,13 +71,13 @@ def test_finetune_starts_from_the_pretrained_encoder_exactly(pretrain_workdir, d
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
                        label_fraction=0.5)
   mesh = sharding.create_mesh()
-  task = tasks.create_task(config, mesh)
+  recipe = recipes.create_recipe(config, mesh, compile_cache.CompileCache())
   fresh = state_lib.create_train_state(
-      task.config, task.model, jax.random.key(config.seed),
-      state_lib.create_optimizer(task.config, state_lib.create_learning_rate_fn(
-          task.config, 10)), mesh)
-  started = task.start(fresh)
-  _, _, pretrained = runs.restore_for_inference(pretrain_workdir, which='latest')
+      recipe.config, recipe.model, jax.random.key(config.seed),
+      optimizers.create_optimizer(recipe.config, optimizers.create_learning_rate_fn(
+          recipe.config, 10)), mesh)
+  started = recipe.start(fresh)
+  _, _, pretrained = workdirs.restore_for_inference(pretrain_workdir, which='latest')
   for name, tree in (('params', started.params), ('batch_stats', started.batch_stats)):
     leaves = jax.tree.leaves(tree['encoder'])
     expected = jax.tree.leaves(pretrained[name]['encoder'])
@@ -91,9 +94,9 @@ def test_linear_probe_keeps_the_pretrained_encoder(pretrain_workdir, data_dir, t
   # Precise BN is on: a probe's frozen encoder must keep its statistics all the same.
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir,
                        linear_probe=True, num_epochs=1, precise_bn_batches=2)
-  train.train_and_evaluate(config, str(tmp_path))
-  _, _, probed = runs.restore_for_inference(str(tmp_path), which='latest')
-  _, _, pretrained = runs.restore_for_inference(pretrain_workdir, which='latest')
+  trainer.train_and_evaluate(config, str(tmp_path))
+  _, _, probed = workdirs.restore_for_inference(str(tmp_path), which='latest')
+  _, _, pretrained = workdirs.restore_for_inference(pretrain_workdir, which='latest')
   for name in ('params', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(probed[name]['encoder']),
                     jax.tree.leaves(pretrained[name]['encoder'])):
@@ -117,7 +120,7 @@ def _classifier_state(config):
   mesh = sharding.create_mesh()
   model = state_lib.create_model(config)
   state = state_lib.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1), mesh)
-  arrays = data_lib.load_arrays(config)
+  arrays = arrays_lib.load_arrays(config)
   train_idx = splits_lib.load_splits(config, arrays)['train']
   return arrays, train_idx, model, mesh, state
 
@@ -130,14 +133,14 @@ def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(d
   train_idx = train_idx[:16]
   # Running averages far from the data's, as after fast-moving training.
   state = state.replace(batch_stats=jax.tree.map(lambda s: s + 3.0, state.batch_stats))
-  images = input_pipeline.preprocess(arrays.images[train_idx], config)
+  images = batches.preprocess(arrays.images[train_idx], config)
   training_mode, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                                  images, train=True,
                                  mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
   stale = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
                       train=False)
-  device_data = input_pipeline.DeviceData(arrays, mesh)
-  stats = evaluate.PreciseBatchStats(device_data, train_idx, config, mesh)(state).batch_stats
+  device_data = batches.DeviceDataset(arrays, mesh)
+  stats = evaluators.PreciseBatchStats(device_data, train_idx, config, mesh)(state).batch_stats
   fresh = model.apply({'params': state.params, 'batch_stats': stats}, images, train=False)
   np.testing.assert_allclose(fresh, training_mode, rtol=1e-4, atol=1e-4)
   assert np.max(np.abs(stale - training_mode)) > 1e-2  # The stale statistics did differ.
@@ -146,12 +149,12 @@ def test_precise_batch_stats_make_inference_match_training_mode_on_their_batch(d
 def test_precise_batch_stats_average_the_batches(data_dir):
   config = tiny_config(data_dir, 'baseline', precise_bn_batches=2, batch_size=16)
   arrays, train_idx, _, mesh, state = _classifier_state(config)
-  precise = evaluate.PreciseBatchStats(input_pipeline.DeviceData(arrays, mesh), train_idx,
+  precise = evaluators.PreciseBatchStats(batches.DeviceDataset(arrays, mesh), train_idx,
                                        config, mesh)
   stats = precise(state).batch_stats
   order = np.random.default_rng(config.seed).permutation(train_idx)
-  per_batch = [jax.jit(evaluate.batch_stats_of)(
-      state, input_pipeline.preprocess(arrays.images[order[i:i + 16]], config))
+  per_batch = [jax.jit(evaluators.batch_stats_of)(
+      state, batches.preprocess(arrays.images[order[i:i + 16]], config))
       for i in (0, 16)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *per_batch)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected)):
@@ -171,10 +174,10 @@ def test_precise_batch_stats_average_the_batches(data_dir):
 def test_bad_config_is_one_clear_error_before_work(data_dir, overrides, needle):
   config = tiny_config(data_dir, overrides.pop('mode', 'pretrain'), **overrides)
   if needle is None:
-    tasks.check_config(config)
+    run.check_config(config)
     return
   with pytest.raises(ValueError, match=needle.replace('.', r'\.')):
-    tasks.check_config(config)
+    run.check_config(config)
 
 
 def test_unknown_mode_in_dispatch(data_dir):
@@ -185,13 +188,13 @@ def test_unknown_mode_in_dispatch(data_dir):
 def test_finetune_from_another_architecture_is_rejected(pretrain_workdir, data_dir):
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir, width=0.25)
   with pytest.raises(ValueError, match='another architecture.*--config.width=0.125'):
-    tasks.check_config(config)
+    run.check_config(config)
 
 
 def test_workdir_with_a_different_config_is_rejected(pretrain_workdir, data_dir):
   config = tiny_config(data_dir, 'pretrain', temperature=0.1)
   with pytest.raises(ValueError, match='different config.*temperature'):
-    train.train_and_evaluate(config, pretrain_workdir)
+    trainer.train_and_evaluate(config, pretrain_workdir)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(data_dir, tmp_path):
@@ -199,10 +202,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(data_dir,
                        log_every_steps=4)
   config.finetune_optimizer.learning_rate = 1e30  # Diverges within a few steps.
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
-    train.train_and_evaluate(config, str(tmp_path))
-  step = runs.latest_step(str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
+  step = workdirs.latest_step(str(tmp_path))
   if step is not None:
-    _, _, variables = runs.restore_for_inference(str(tmp_path), which='latest')
+    _, _, variables = workdirs.restore_for_inference(str(tmp_path), which='latest')
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
 
 
@@ -229,7 +232,7 @@ def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
-    if (runs.latest_step(str(killed)) or 0) >= 2:
+    if (workdirs.latest_step(str(killed)) or 0) >= 2:
       break
     time.sleep(0.2)
   assert process.poll() is None, 'the run ended before it could be killed'
@@ -276,7 +279,7 @@ def test_sam_train_step_keeps_the_clean_pass_loss_statistics_and_grad_norm():
     loss = jnp.mean((predictions - batch['y'])**2)
     return loss, (updates['batch_stats'], jnp.float32(0.0))
 
-  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, steps_per_epoch=100,
+  step = jax.jit(functools.partial(trainer.train_step, loss_fn=loss_fn, steps_per_epoch=100,
                                    epoch_end=lambda s: s))
   new_state, step_metrics = step(state, {'x': x, 'y': y}, jax.random.key(1))
   (clean_loss, (clean_stats, _)), clean_grads = jax.value_and_grad(
@@ -303,16 +306,11 @@ def test_linear_probe_step_neither_trains_nor_perturbs_the_encoder(data_dir):
   config.num_classes = 4
   mesh = sharding.create_mesh()
   model = state_lib.create_model(config)
-  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config, 10))
+  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 10))
   state = state_lib.create_train_state(config, model, jax.random.key(0), tx, mesh)
   before = jax.tree.map(np.asarray, state.params)
-  loss_fn, epoch_end = tasks.objective(config, model)
-  step = train.make_train_step(config, loss_fn, epoch_end, mesh, steps_per_epoch=10)
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.random((8, 32, 32, 1), np.float32),
-           'label': rng.integers(0, 4, 8).astype(np.int32)}
-  batch = sharding.to_global(batch, sharding.data_sharding(mesh))
-  new_state, _ = step(state, batch, jax.random.key(1))
+  step = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
+  new_state, _ = step(state, *steps_lib.example_arguments(config, mesh, 1))
   for a, b in zip(jax.tree.leaves(new_state.params['encoder']),
                   jax.tree.leaves(before['encoder'])):
     np.testing.assert_array_equal(a, b)
@@ -327,7 +325,7 @@ def test_unreadable_newest_checkpoint_resumes_from_the_one_before(data_dir, tmp_
   config = tiny_config(data_dir, 'baseline', num_epochs=2, checkpoint_every_steps=2,
                        label_fraction=0.5, num_summary_images=0)
   workdir = str(tmp_path)
-  first = train.train_and_evaluate(config, workdir)
+  first = trainer.train_and_evaluate(config, workdir)
   latest = tmp_path / 'checkpoints' / 'latest'
   steps = sorted(int(name) for name in os.listdir(latest) if name.isdigit())
   assert len(steps) >= 2 and steps[-1] == first['total_steps']
@@ -340,35 +338,35 @@ def test_unreadable_newest_checkpoint_resumes_from_the_one_before(data_dir, tmp_
   assert truncated
   os.remove(tmp_path / 'metrics.json')
   with caplog.at_level(logging.INFO):
-    second = train.train_and_evaluate(config, workdir)
+    second = trainer.train_and_evaluate(config, workdir)
   messages = [record.getMessage() for record in caplog.records]
   assert any(f'checkpoint of step {steps[-1]}' in m and 'unreadable' in m
              for m in messages), messages
   assert any(f'Resumed from step {steps[-2]}' in m for m in messages), messages
-  assert runs.latest_step(workdir) == first['total_steps']
-  _, _, variables = runs.restore_for_inference(workdir, which='latest')  # Readable again.
+  assert workdirs.latest_step(workdir) == first['total_steps']
+  _, _, variables = workdirs.restore_for_inference(workdir, which='latest')  # Readable again.
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
   for key in ('accuracy', 'balanced_accuracy', 'chosen_step'):
     assert second[key] == pytest.approx(first[key], abs=1e-6), key
   # A resumed run that reaches a saved step again (here: best) replaces that checkpoint.
-  checkpoints = runs.Checkpoints(workdir, config.keep_checkpoints)
+  checkpoints = workdirs.Checkpoints(workdir, config.keep_checkpoints)
   state = checkpoints.restore_latest(
-      state_lib.abstract_state(runs.load_config(workdir), sharding.create_mesh()))
+      state_lib.abstract_state(workdirs.load_config(workdir), sharding.create_mesh()))
   checkpoints.save_best(state)
   checkpoints.save_best(state)
   checkpoints.close()
-  assert runs.latest_step(workdir, 'best') == first['total_steps']
+  assert workdirs.latest_step(workdir, 'best') == first['total_steps']
 
 
 def test_balanced_class_weights_weigh_each_class_equally():
   config = tiny_config('/unused', 'baseline', class_weights='balanced')
   labels = np.array([0] * 6 + [1] * 2 + [3] * 4)
-  weights = tasks.class_weights(config, labels, 4)
+  weights = recipes.class_weights(config, labels, 4)
   # n / (K * n_class), and every present class then weighs n / K in total.
   np.testing.assert_allclose(weights, [12 / 24, 12 / 8, 0.0, 12 / 16])
   np.testing.assert_allclose(np.bincount(labels, weights=weights[labels]), [3, 3, 0, 3])
   config.class_weights = 'none'
-  np.testing.assert_array_equal(tasks.class_weights(config, labels, 4), np.ones(4))
+  np.testing.assert_array_equal(recipes.class_weights(config, labels, 4), np.ones(4))
 
 
 @pytest.mark.parametrize('overrides,needle', [
@@ -390,7 +388,7 @@ def test_finetune_refuses_a_pretraining_that_may_have_seen_its_test_subjects(
       json.dump(recorded, f)
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=source, **overrides)
   with pytest.raises(ValueError, match=needle):
-    tasks.check_config(config)
+    run.check_config(config)
 
 
 def test_finetune_refuses_an_unfinished_pretraining(pretrain_workdir, data_dir, tmp_path):
@@ -399,4 +397,4 @@ def test_finetune_refuses_an_unfinished_pretraining(pretrain_workdir, data_dir, 
   os.remove(os.path.join(unfinished, 'metrics.json'))
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=unfinished)
   with pytest.raises(ValueError, match='stopped before its last step'):
-    tasks.check_config(config)
+    run.check_config(config)

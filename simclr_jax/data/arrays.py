@@ -1,0 +1,161 @@
+"""The whole data set in memory: load a TFDS builder's single split into arrays.
+
+Every TFDS builder of `simclr_jax.data.datasets` has one split, `train`, holding the
+whole data set (6,400 x 128 x 128 x 1 uint8 = 105 MB for the Kaggle set); the
+project's own train/val/test splits are computed from its metadata by
+`splits.py`, and its subject ids may be recovered from the images by
+`subjects.py`.
+"""
+
+import dataclasses
+import json
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from simclr_jax.data import datasets
+from simclr_jax import errors
+from simclr_jax.parallel import distributed
+from simclr_jax.data import subjects
+
+# The config fields that decide which arrays `load_arrays` returns.
+_LOAD_FIELDS = ('dataset', 'data_dir', 'dataset_path', 'image_size', 'skip_unreadable',
+                'nifti_slice_selection', 'nifti_num_slices', 'nifti_slice_step',
+                'nifti_min_mask_fraction', 'subject_ids', 'subject_grouping_threshold',
+                'subject_grouping_k', 'subject_grouping_size')
+_LOADED = {}
+
+
+@dataclasses.dataclass
+class DatasetArrays:
+  """The whole data set in memory (6,400 x 128 x 128 x 1 uint8 = 105 MB).
+
+  Attributes:
+    images: uint8 [N, H, W, 1] at the stored size.
+    labels: int32 [N] class indices into `class_names`.
+    subject_ids: int64 [N], unique over the data set, -1 where unknown.
+    slice_index: int32 [N], -1 where unknown.
+    file_names: str [N].
+    class_names: names of the classes, indexed by label.
+    masks: uint8 [N, H, W, 1], 1 where the class signal lies (synthetic_mri
+      only), else None.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  subject_ids: np.ndarray
+  slice_index: np.ndarray
+  file_names: np.ndarray
+  class_names: list[str]
+  masks: np.ndarray | None = None
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def class_counts(labels, class_names):
+  """Returns 'name count, ...' for logging."""
+  counts = np.bincount(labels, minlength=len(class_names))
+  return ', '.join(f'{name} {count}' for name, count in zip(class_names, counts))
+
+
+def load_arrays(config):
+  """Builds the TFDS data set on first use and loads all of it into memory.
+
+  Loaded once per process for a given data set (a sweep's runs share it); treat
+  the arrays as read-only.
+
+  Args:
+    config: reads `dataset` (e.g. 'alzheimer_mri', 'synthetic_mri/small'),
+      `data_dir`, `dataset_path`, `image_size`, `skip_unreadable`, the
+      `nifti_*` slice settings and `subject_ids`.
+
+  Returns:
+    A `DatasetArrays` of the builder's single `train` split, in its stored order.
+  """
+  key = json.dumps({k: config.get(k) for k in _LOAD_FIELDS}, sort_keys=True)
+  if key not in _LOADED:
+    _LOADED.clear()  # One data set in memory at a time.
+    _LOADED[key] = _load_arrays(config)
+  return _LOADED[key]
+
+
+def _builder(config):
+  return datasets.get_builder(
+      config.dataset,
+      data_dir=config.data_dir,
+      dataset_path=config.dataset_path,
+      image_size=config.image_size,
+      skip_unreadable=config.skip_unreadable,
+      nifti_slice_selection=config.get('nifti_slice_selection', 'central'),
+      nifti_num_slices=config.get('nifti_num_slices', 32),
+      nifti_slice_step=config.get('nifti_slice_step', 1),
+      nifti_min_mask_fraction=config.get('nifti_min_mask_fraction', 0.5))
+
+
+def prepared_builder(config):
+  """The data set's TFDS builder, its files built on first use.
+
+  With several processes, process 0 builds the data set while the others wait
+  (`distributed.prepare_once`: no two processes write the same TFDS directory),
+  then every process reads it; a host whose data dir is on its own disk builds
+  its copy with one process.
+  """
+  builder = _builder(config)
+  distributed.prepare_once(builder.download_and_prepare, builder.is_prepared,
+                        f'prepare the data set {config.dataset}')
+  if jax.process_count() > 1:
+    builder = _builder(config)  # Its dataset_info read anew from the prepared files.
+  return builder
+
+
+def _load_arrays(config):
+  builder = prepared_builder(config)
+  records = tfds.as_numpy(builder.as_dataset(split='train', batch_size=-1))
+  class_names = list(builder.info.features['label'].names)
+  arrays = DatasetArrays(
+      images=records['image'],
+      labels=records['label'].astype(np.int32),
+      subject_ids=records['subject_id'].astype(np.int64),
+      slice_index=records['slice_index'].astype(np.int32),
+      file_names=np.array([name.decode('utf-8') for name in records['file_name']]),
+      class_names=class_names,
+      masks=records.get('mask'))
+  logging.info(
+      'Loaded %s: %d images of %s; per class: %s.', config.dataset,
+      len(arrays), 'x'.join(map(str, arrays.images.shape[1:])),
+      class_counts(arrays.labels, class_names))
+  if subjects.subject_id_source(config) == 'recovered':
+    arrays.subject_ids = subjects.recovered_subject_ids(arrays, config, builder.data_dir)
+  return arrays
+
+
+
+
+TASKS = ('four_class', 'binary')
+
+
+def task_labels(arrays, config):
+  """The labels and class names of `config.task` (four_class | binary).
+
+  binary: `config.binary_negative_class` (Non_Demented: CDR 0) is 0, every other
+  class (CDR 0.5, 1, 2) is 1, 'Demented'. Splits and label subsets are drawn on
+  the data set's own classes whatever the task, so both tasks see the same folds
+  and the same labeled images.
+
+  Returns:
+    (int32 [N] labels, class names).
+  """
+  task = config.get('task', 'four_class')
+  if task == 'four_class':
+    return arrays.labels, list(arrays.class_names)
+  if task != 'binary':
+    raise errors.UserError(f'Unknown task {task!r}; set --config.task to one of {TASKS}.')
+  negative = config.get('binary_negative_class', 'Non_Demented')
+  if negative not in arrays.class_names:
+    raise errors.UserError(
+        f'The binary task needs the class {negative!r}, which {config.dataset} does not '
+        f'have; set --config.binary_negative_class to one of {list(arrays.class_names)}.')
+  labels = (arrays.labels != arrays.class_names.index(negative)).astype(np.int32)
+  return labels, [negative, 'Demented']

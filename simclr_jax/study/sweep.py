@@ -1,0 +1,174 @@
+"""Sweep mode: runs the label-fraction study that `sweep_plan.py` plans.
+
+For each protocol the runs go in plan order: the raw-pixel floor arm (no
+training: 1-nearest-neighbour on pixels from the same labeled subset), the SimCLR
+pretraining, then the baseline and fine-tuning runs side by side, seed by seed.
+Each trained run is a `trainer.train_and_evaluate` workdir; running the same
+command again skips finished runs (their `metrics.json` exists, with the same
+config) and resumes unfinished ones from their checkpoints. After every run the
+reports (`sweep_report.py`) are rewritten from the finished runs.
+"""
+
+import json
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from simclr_jax import checks
+from simclr_jax import config_fields as fields
+from simclr_jax import errors
+from simclr_jax.data import arrays as arrays_lib
+from simclr_jax.metrics import neighbours
+from simclr_jax.train import workdirs
+from simclr_jax.data import splits as splits_lib
+from simclr_jax.study import plan as plan_lib
+from simclr_jax.study import report as report_lib
+from simclr_jax.study import results as results_lib
+from simclr_jax.train import compile_cache
+from simclr_jax.train import trainer
+from simclr_jax.metrics import classification
+
+
+def raw_pixel_floor(features, labels, subject_ids, train_idx, test_idx, num_classes):
+  """1-nearest-neighbour on raw pixels (correlation) from `train_idx`: Predictions of test."""
+  predicted = neighbours.knn_classify(features[train_idx], labels[train_idx],
+                                      features[test_idx], k=1, num_classes=num_classes,
+                                      metric='correlation')
+  return classification.Predictions(
+      rows=np.asarray(test_idx, np.int64), subject_ids=subject_ids[test_idx],
+      labels=labels[test_idx], probabilities=np.eye(num_classes, dtype=np.float32)[predicted])
+
+
+def _run_floor(run, config, arrays, features):
+  """Computes and writes one floor run; a finished one with the same settings is kept."""
+  settings = {'mode': 'floor', 'metric': 'correlation', 'k': 1,
+              'floor_image_size': config.floor_image_size, 'task': run.task, 'fold': run.fold,
+              'label_fraction': run.fraction, 'label_seed': run.seed,
+              **{k: v for k, v in plan_lib.PROTOCOLS[run.protocol].items()
+                 if k in ('split_scheme', 'include_test_in_pretrain', 'selection_split')}}
+  if run.finished:
+    previous = workdirs.read_metrics(run.workdir)
+    if all(previous.get(k) == v for k, v in settings.items()):
+      return False
+  splits = plan_lib.protocol_splits(config, run.protocol, arrays, run.fold)
+  train_idx = splits_lib.label_subset(arrays.labels, splits['train'], run.fraction, run.seed)
+  labels, class_names = arrays_lib.task_labels(arrays, plan_lib.task_config(config, run.task))
+  start = time.time()
+  predictions = raw_pixel_floor(features, labels, arrays.subject_ids, train_idx,
+                                splits['test'], len(class_names))
+  result = classification.prediction_metrics(predictions, len(class_names))
+  result.update(settings)
+  result.update({'chosen_step': None, 'num_train_images': int(len(train_idx)),
+                 'num_train_subjects': int(len(np.unique(arrays.subject_ids[train_idx]))),
+                 'class_names': class_names,
+                 'label_counts': np.bincount(labels[train_idx],
+                                             minlength=len(class_names)).tolist()})
+  workdirs.write_predictions(run.workdir, predictions)
+  workdirs.write_wall_time(run.workdir, time.time() - start)
+  workdirs.write_metrics(run.workdir, result)
+  return True
+
+
+def _run_training(run, counter, cache):
+  """Trains one run unless finished; returns whether it ran."""
+  workdirs.check_workdir_config(run.config, run.workdir)  # A finished run must match too.
+  if run.finished:
+    return False
+  logging.info('Sweep run %s: %s in %s.', counter, run.name, run.workdir)
+  start = time.time()
+  trainer.train_and_evaluate(run.config, run.workdir, cache)
+  workdirs.write_wall_time(run.workdir, time.time() - start)
+  return True
+
+
+def check_config(config):
+  """A sweep config: its runs' training fields, then the sweep's own."""
+  checks.check_mode(config, ('sweep',))
+  checks.check_training_fields(config)
+  protocols = fields.get(config, 'protocols')
+  unknown = [p for p in protocols if p not in plan_lib.PROTOCOLS]
+  if unknown or not protocols:
+    raise errors.UserError(
+        f'Unknown protocols {unknown or "(none)"}; set --config.protocols to some of '
+        f'{tuple(plan_lib.PROTOCOLS)}, e.g. "(\'honest\',)".')
+  fractions = config.fractions
+  if not fractions or any(not fields.is_real(f) or not 0.0 < f <= 1.0 for f in fractions):
+    raise errors.UserError(f'Label fractions must be in (0, 1], got {fractions}; set '
+                           '--config.fractions to e.g. "(0.01, 0.1, 1.0)".')
+  if not config.seeds or not config.reference_seeds:
+    raise errors.UserError('The sweep needs at least one seed; set --config.seeds and '
+                           '--config.reference_seeds to e.g. "(0,)".')
+  for name in ('seeds', 'reference_seeds'):
+    fields.integers(config, name, (0,), low=0, meaning=' (seeds)')
+  fields.real(config, 'multi_seed_max_fraction', 0, 1, example=0.2,
+              meaning=', the largest label fraction run with every seed')
+  fields.integer(config, 'pretrain_num_epochs', example=100)
+  fields.integer(config, 'max_steps_per_run', example=600, optional=True)
+  fields.integer(config, 'reference_num_epochs', example=100, optional=True)
+  fields.integer(config, 'evals_per_run', example=5, optional=True)
+  fields.integer(config, 'floor_image_size', example=64, optional=True)
+  fields.integer(config, 'bootstrap_samples', low=100, example=2000)
+  tasks = fields.get(config, 'tasks')
+  if tasks is not fields.MISSING and (not tasks or any(t not in arrays_lib.TASKS for t in tasks)):
+    raise errors.UserError(f'Unknown tasks {tasks}; set --config.tasks to some of '
+                           f'{arrays_lib.TASKS}, e.g. "(\'four_class\', \'binary\')".')
+  reference_tasks = fields.get(config, 'reference_tasks')
+  if reference_tasks not in (fields.MISSING, None) and (
+      not reference_tasks or any(t not in tasks for t in reference_tasks)):
+    raise errors.UserError(f'--config.reference_tasks={reference_tasks} must be some of '
+                           f'--config.tasks={tasks}, e.g. "(\'four_class\',)"; or None for all.')
+  checks.check_cam_fields(config)
+
+
+def main(config, workdir):
+  """Runs (or completes) the label-fraction study and writes its reports.
+
+  Args:
+    config: a sweep config (configs/sweep.py).
+    workdir: where the runs and the reports go.
+
+  Returns:
+    The aggregated results (also written to `workdir/sweep.json`).
+  """
+  start = time.time()
+  arrays = arrays_lib.load_arrays(config)
+  planned = plan_lib.plan_runs(config, workdir, arrays)
+  if jax.process_index() == 0:
+    workdirs.write_json(workdirs.output_path(workdir, workdirs.CONFIG_FILE),
+                    json.loads(config.to_json_best_effort()))
+
+  features = neighbours.pixel_features(arrays.images, config.floor_image_size)
+  for run in planned:
+    if run.arm == 'floor':
+      _run_floor(run, config, arrays, features)
+  del features
+
+  trained = [run for run in planned if run.config is not None]
+  cache = compile_cache.CompileCache()  # The sweep's: runs of equal shapes compile once.
+  remaining_work = sum(run.work for run in trained if not run.finished)
+  work_done, seconds_training = 0.0, 0.0
+  logging.info('Sweep: %d runs to train (%d finished already), %d floor runs, in %s.',
+               sum(not run.finished for run in trained),
+               sum(run.finished for run in trained), len(planned) - len(trained), workdir)
+  for i, run in enumerate(trained, 1):
+    run_start = time.time()
+    if not _run_training(run, f'{i}/{len(trained)}', cache):
+      continue
+    seconds_training += time.time() - run_start
+    work_done += run.work
+    remaining_work -= run.work
+    eta = seconds_training / work_done * remaining_work if work_done else 0.0
+    logging.info('Sweep run %d/%d done (%s) in %s; elapsed %s, ETA %s.', i, len(trained),
+                 run.name, results_lib.duration(time.time() - run_start),
+                 results_lib.duration(time.time() - start), results_lib.duration(eta))
+    report_lib.write_reports(config, workdir, planned, arrays,
+                               elapsed=time.time() - start, figures=False)
+  summary = report_lib.write_reports(config, workdir, planned, arrays,
+                                       elapsed=time.time() - start)
+  logging.info('Sweep finished in %s; results in %s.', results_lib.duration(time.time() - start),
+               workdirs.output_path(workdir, 'results.md'))
+  return summary
+
+

@@ -1,0 +1,262 @@
+"""The training modes (pretrain, finetune, baseline): their checks and the loop.
+
+`train_and_evaluate(config, workdir)` builds the mode's pieces once
+(`recipes.create_recipe`), then runs the same loop for pretrain, finetune and
+baseline: scanned steps (`steps.make_train_steps`), periodic training summaries,
+evaluation on the selection split with the best checkpoint kept, periodic
+checkpoints, and at the end the test metrics of the checkpoint chosen on the
+selection split. `check_config` and `main` are the mode's entry for `run.py`.
+
+The loop is written for the global batch (big_vision style): one `jax.jit` step over
+a device mesh, buffers donated, no host synchronisation between logging steps.
+"""
+
+import functools
+import math
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+import numpy as np
+
+from simclr_jax import checks
+from simclr_jax import errors
+from simclr_jax import plots
+from simclr_jax.data import batches
+from simclr_jax.metrics import classification
+from simclr_jax.parallel import sharding
+from simclr_jax.train import compile_cache
+from simclr_jax.train import evaluators
+from simclr_jax.train import kinds
+from simclr_jax.train import optimizers
+from simclr_jax.train import recipes
+from simclr_jax.train import state as state_lib
+from simclr_jax.train import steps as steps_lib
+from simclr_jax.train import workdirs
+
+
+def check_config(config):
+  """A pretrain, finetune or baseline config; for finetune, its pretraining run too."""
+  checks.check_mode(config, kinds.TRAIN_MODES)
+  checks.check_training_fields(config)
+  if config.mode == 'finetune':
+    workdirs.pretrained_config(config)  # The pretrain run exists and has the same architecture.
+
+
+def main(config, workdir):
+  """The mode's entry for run.py: trains and returns the test metrics."""
+  return train_and_evaluate(config, workdir)
+
+
+def itstime(step, every, total_steps):
+  """Whether periodic work with period `every` (steps; 0 or None: never) is due at `step`.
+
+  Due at multiples of `every` and always at the last step.
+  """
+  return bool(every) and step % every == 0 or step == total_steps
+
+
+def next_boundary(step, total_steps, periods):
+  """The first step after `step` at which periodic work with one of `periods` is due."""
+  candidates = [total_steps] + [(step // p + 1) * p for p in periods if p]
+  return min(c for c in candidates if c > step)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def write_train_summary(writer, step, train_metrics, lr_fn, state, workdir):
+  """Writes the training metrics since the last summary; stops a diverged run."""
+  summary = train_metrics.compute()
+  loss = float(summary['loss'])
+  if not math.isfinite(loss):
+    raise errors.TrainingDivergedError(
+        f'Training diverged: the loss is {loss} at step {step}; the last good '
+        f'checkpoint is kept in {workdir}. Lower the learning rate (or sam_rho) and run '
+        'the same command again with a new --workdir.')
+  scalars = {f'train/{k}': float(v) for k, v in summary.items()}
+  scalars['train/learning_rate'] = float(lr_fn(step - 1))
+  scalars['train/temperature'] = float(state.temperature)
+  writer.write_scalars(step, scalars)
+
+
+def evaluate_and_keep_best(recipe, state, best, writer, step, checkpoints, mesh):
+  """Evaluates the selection split; keeps and saves the state when it is the best so far.
+
+  Returns:
+    (state, best): the state (its bookkeeping updated) and the best state so far
+    as a host copy (`best` unchanged when this evaluation did not improve on it).
+  """
+  state = recipe.before_eval(state)
+  selection = recipe.selection.run(state)
+  split = recipe.config.selection_split
+  writer.write_scalars(step, {f'{split}/{k}': v for k, v in selection.items()
+                              if isinstance(v, (int, float))})
+  value = np.float32(selection[recipe.selection_key])
+  if value > np.float32(state.best_metric):
+    state = state.replace(best_metric=sharding.replicate(value, mesh),
+                          best_step=sharding.replicate(np.int32(step), mesh))
+    checkpoints.save_best(state)
+    best = jax.device_get(state)
+  return state, best
+
+
+def train_and_evaluate(config, workdir, cache=None):
+  """Trains `config.mode` in `workdir`, resuming if a checkpoint exists.
+
+  Args:
+    config: a checked pretrain, finetune or baseline config.
+    workdir: the run's directory.
+    cache: the compile_cache.CompileCache to share compiled steps with other runs
+      (a sweep passes its own); None: the run's own.
+
+  Returns:
+    The test metrics of the checkpoint chosen on the selection split (also written
+    to `workdir/metrics.json`).
+  """
+  mesh = sharding.create_mesh()
+  cache = compile_cache.CompileCache() if cache is None else cache
+  recipe = recipes.create_recipe(config, mesh, cache)
+  config = recipe.config
+  workdirs.check_workdir_config(config, workdir)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  per_epoch = recipe.rows.steps_per_epoch
+  total_steps = per_epoch * config.num_epochs
+  eval_every = per_epoch * config.eval_every_epochs
+  logging.info('%s: %d training images, batches of %d, %d steps per epoch, %d steps.',
+               config.mode, len(recipe.rows.rows), recipe.rows.batch_size, per_epoch, total_steps)
+
+  lr_fn = optimizers.create_learning_rate_fn(config, total_steps)
+  # The init key is config.seed itself, shared by both arms; dropout draws from the rest.
+  rng = jax.random.key(config.seed)
+  rngs = sharding.replicate_tree({'dropout': jax.random.split(rng)[1],
+                                  'augment': batches.augment_key(config.seed)}, mesh)
+  tx = cache.get('optimizer', recipe.key,
+                          lambda: optimizers.create_optimizer(config, lr_fn))
+  state = state_lib.create_train_state(config, recipe.model, rng, tx, mesh, cache=cache,
+                                       key=recipe.key)
+  checkpoints = workdirs.Checkpoints(workdir, config.keep_checkpoints)
+  restored = checkpoints.restore_latest(state)
+  state = recipe.start(state) if restored is None else restored
+  start_step = int(state.step)
+  if restored is not None:
+    logging.info('Resumed from step %d of %s.', start_step, workdir)
+  else:
+    writer.write_hparams(hparams(config))
+    write_views(writer, recipe, rngs, config.num_summary_images, cache)
+
+  p_train_steps = steps_lib.make_train_steps(config, recipe.objective, mesh, cache, recipe.key)
+  k = steps_lib.steps_per_dispatch(config)
+  periods = (config.log_every_steps, eval_every, config.checkpoint_every_steps)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,
+      every_secs=None)
+  train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
+  best = None  # The best state so far, on the host (the steps donate the device copy).
+  step = start_step
+  while step < total_steps:
+    # Up to k steps per dispatch, never past the next summary, evaluation or checkpoint.
+    num_steps = min(k, next_boundary(step, total_steps, periods) - step)
+    state, train_metrics = p_train_steps(
+        state, train_metrics, dispatch_inputs(recipe, step, num_steps, k),
+        recipe.device_data.arrays, rngs,
+        sharding.replicate_tree({'num_steps': np.int32(num_steps),
+                                 'steps_per_epoch': np.int32(per_epoch), **recipe.run_values},
+                                mesh))
+    for step in range(step + 1, step + num_steps + 1):
+      report_progress(step)  # clu's periodic actions want every step.
+    # Batches are a function of (seed, step) and evaluations of the state, so a run
+    # resumed from any checkpoint replays the same steps and the same choices of best.
+    checkpoint_now = itstime(step, config.checkpoint_every_steps, total_steps)
+    if checkpoint_now or itstime(step, config.log_every_steps, total_steps):
+      write_train_summary(writer, step, train_metrics, lr_fn, state, workdir)
+      train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
+    if itstime(step, eval_every, total_steps):
+      with report_progress.timed('eval'):
+        state, best = evaluate_and_keep_best(recipe, state, best, writer, step, checkpoints,
+                                             mesh)
+    if checkpoint_now:
+      checkpoints.save_latest(state)
+  return write_final(recipe, checkpoints, state, best, writer, workdir, total_steps)
+
+
+def write_final(recipe, checkpoints, state, best, writer, workdir, total_steps):
+  """Test metrics of the checkpoint chosen on the selection split -> metrics.json.
+
+  `best` is the best state of this call, if it found one; a resumed run whose
+  best came before the resumption reads it from its checkpoint.
+  """
+  config = recipe.config
+  if best is None or int(best.best_step) < int(state.best_step):
+    best = checkpoints.restore_best(state)
+  chosen = state if best is None else best
+  checkpoints.close()
+  if isinstance(recipe.test, evaluators.ClassifierEvaluator):
+    predictions = recipe.test.predictions(chosen)
+    workdirs.write_predictions(workdir, predictions)
+    test_metrics = classification.prediction_metrics(predictions, config.num_classes)
+  else:
+    test_metrics = recipe.test.run(chosen)
+  rows_of = recipe.rows_of
+  result = dict(test_metrics)
+  result.update({
+      'mode': config.mode, 'task': config.task, 'fold': config.get('fold'),
+      'chosen_step': int(chosen.best_step),
+      f'selection_{config.selection_split}_{recipe.selection_key}': float(chosen.best_metric),
+      'selection_classes': rows_of.selection_classes,
+      'num_train_images': int(len(rows_of.train_idx)),
+      'num_train_subjects': int(len(np.unique(rows_of.arrays.subject_ids[rows_of.train_idx]))),
+      'total_steps': total_steps, 'class_names': list(rows_of.class_names),
+      'label_counts': np.bincount(rows_of.labels[rows_of.train_idx],
+                                  minlength=config.num_classes).tolist(),
+  })
+  writer.write_scalars(total_steps, {f'test/{k}': v for k, v in test_metrics.items()
+                                     if isinstance(v, (int, float))})
+  if 'confusion_matrix' in test_metrics and jax.process_index() == 0:
+    image = plots.plot_confusion_matrix(
+        np.asarray(test_metrics['confusion_matrix']), result['class_names'],
+        workdirs.output_path(workdir, 'confusion_matrix.png'),
+        title=f'{config.mode} (test, checkpoint chosen on {config.selection_split})')
+    writer.write_images(total_steps, {'test/confusion_matrix': image[None]})
+  workdirs.write_metrics(workdir, result)
+  writer.flush()
+  logging.info('Test metrics of the step-%d checkpoint: %s', result['chosen_step'],
+               {k: v for k, v in test_metrics.items() if isinstance(v, float)})
+  return result
+
+
+def hparams(config):
+  """The config as flat TensorBoard hyperparameters."""
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+def dispatch_inputs(recipe, step, num_steps, k):
+  """Inputs of steps step .. step + num_steps - 1, padded to k steps, as global arrays."""
+  steps = [recipe.rows.step_inputs(s) for s in range(step, step + num_steps)]
+  steps += [steps[-1]] * (k - num_steps)  # Skipped inside the dispatch.
+  stacked = {name: np.stack([s[name] for s in steps]) for name in steps[0]}
+  return recipe.device_data.inputs(stacked, batch_axis=1)
+
+
+def write_views(writer, recipe, rngs, num_images, cache):
+  """The first training batch's augmented images, once, to TensorBoard."""
+  if not num_images:
+    return
+  inputs = recipe.device_data.inputs(recipe.rows.step_inputs(0))
+
+  def first_batch(data, inputs, key, run_values):
+    images, labels = batches.DeviceDataset.images(data, inputs)
+    return recipe.objective.make_batch(images, labels, inputs['position'], key, run_values)
+
+  views = cache.get('views', recipe.key, lambda: jax.jit(first_batch))
+  host = sharding.to_host(views(recipe.device_data.arrays, inputs, rngs['augment'],
+                                recipe.run_values))
+  if 'image1' in host:
+    images = np.concatenate([host['image1'][:num_images], host['image2'][:num_images]], axis=2)
+  else:
+    images = host['image'][:num_images]
+  writer.write_images(1, {'train/input_views': np.clip(images, 0, 1)})
