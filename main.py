@@ -3,7 +3,7 @@
 The config's `mode` picks what runs: pretrain, finetune, baseline (training),
 predict (classification + Grad-CAM of new images), sweep (the label-fraction study)
 or audit (near-duplicate leakage audit). Any config field can be overridden with
-`--config.field=value`.
+`--config.section.field=value` (e.g. `--config.train.batch_size=64`).
 
 A mistake of the user's (a flag, a config value, a path, a data set, a run
 directory, a full disk) is one line on stderr, `error: <what and how to fix
@@ -27,6 +27,7 @@ from clu import platform
 import jax
 from ml_collections import config_flags
 
+from configs import default as default_config
 from simclr_jax import errors
 
 FLAGS = flags.FLAGS
@@ -49,7 +50,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'Unexpected arguments {argv[1:]}; pass settings as '
-                           '--config.field=value (quote values with spaces or brackets).')
+                           '--config.section.field=value (quote values with spaces or brackets).')
   # Imported here so that `--help` is fast; TensorFlow loads only after the checks
   # (run.setup_runtime) and never grabs an accelerator.
   from simclr_jax import run  # pylint: disable=g-import-not-at-top
@@ -88,7 +89,7 @@ def parse_flags(argv):
     remaining = FLAGS(argv)
     FLAGS.config.get('mode')  # A config file that could not be loaded raises here.
   except Exception as error:  # pylint: disable=broad-except
-    message = errors.flag_error_message(error, argv)
+    message = errors.flag_error_message(error, argv, moved=default_config.FLAT_NAMES)
     if message is None:
       raise
     _fail(message, error, _verbose_in(argv))

@@ -57,16 +57,16 @@ def random_arrays(num_images, image_size):
 def main(argv):
   del argv
   config = default.get_config()
-  config.image_size = _IMAGE_SIZE.value
-  config.channels = 3
-  config.batch_size = _BATCH_SIZE.value
+  config.data.image_size = _IMAGE_SIZE.value
+  config.data.channels = 3
+  config.train.batch_size = _BATCH_SIZE.value
   if _ALL_AUGMENTATIONS.value:
     config.augment.update(dict(flip=True, rotation_degrees=10.0,
                                brightness=0.2, contrast=0.2, blur=True))
   if _DATASET_PATH.value:
-    config.dataset = 'alzheimer_mri'
-    config.dataset_path = _DATASET_PATH.value
-    config.data_dir = _DATA_DIR.value
+    config.data.name = 'alzheimer_mri'
+    config.data.path = _DATASET_PATH.value
+    config.data.dir = _DATA_DIR.value
     # TensorFlow only where the data set is read: random images need none.
     from simclr_jax.data import arrays as arrays_lib  # pylint: disable=g-import-not-at-top
     arrays = arrays_lib.load_arrays(config)
@@ -77,7 +77,7 @@ def main(argv):
 
   mesh = sharding.create_mesh()
   data = batches.DeviceDataset(arrays, mesh, on_device=True)
-  rows = batches.TrainingRows(np.arange(len(arrays.labels)), config.batch_size, seed=0)
+  rows = batches.TrainingRows(np.arange(len(arrays.labels)), config.train.batch_size, seed=0)
   key = sharding.replicate_tree(batches.augment_key(0), mesh)
 
   def make(data, inputs, key):
@@ -102,13 +102,13 @@ def main(argv):
   result = {
       'benchmark': 'batches.simclr_batch',
       'source': source,
-      'image_size': config.image_size,
-      'channels': config.channels,
-      'batch_size': config.batch_size,
+      'image_size': config.data.image_size,
+      'channels': config.data.channels,
+      'batch_size': config.train.batch_size,
       'all_augmentations': _ALL_AUGMENTATIONS.value,
       'batches_per_s': round(batches_per_s, 2),
-      'images_per_s': round(batches_per_s * config.batch_size, 1),
-      'views_per_s': round(2 * batches_per_s * config.batch_size, 1),
+      'images_per_s': round(batches_per_s * config.train.batch_size, 1),
+      'views_per_s': round(2 * batches_per_s * config.train.batch_size, 1),
   }
   print(f'median: {result["batches_per_s"]} two-view batches/s = '
         f'{result["images_per_s"]} images/s ({result["views_per_s"]} views/s)')

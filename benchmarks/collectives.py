@@ -85,10 +85,10 @@ def main(argv=None):
   args = parse_args(argv)
   config = default.get_config()
   config.mode = args.mode
-  config.model = args.model
-  config.image_size, config.channels = args.image_size, args.channels
-  config.batch_size = args.batch_size
-  config.sam = args.sam
+  config.model.name = args.model
+  config.data.image_size, config.data.channels = args.image_size, args.channels
+  config.train.batch_size = args.batch_size
+  config.pretrain.sam = args.sam
   devices = jax.devices()[:args.num_devices]
   mesh = Mesh(np.asarray(devices), ('data',))
   model = state_lib.create_model(config)
@@ -105,7 +105,7 @@ def main(argv=None):
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   result = {
       'mode': args.mode, 'model': args.model, 'sam': args.sam if args.mode == 'pretrain' else
-      config.finetune_sam, 'joint_views': config.joint_views, 'batch_size': args.batch_size,
+      config.supervised.sam, 'joint_views': config.pretrain.joint_views, 'batch_size': args.batch_size,
       'image_size': args.image_size, 'devices': len(devices),
       'batchnorm_layers': batchnorm_layers(abstract.batch_stats),
       'batchnorm_channels': sum(int(np.prod(x.shape)) for x in

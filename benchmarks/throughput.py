@@ -97,19 +97,19 @@ def benchmark_config(args):
   """The default (reference) config with the command line's overrides."""
   config = default.get_config()
   config.mode = args.mode
-  config.model = args.model
-  config.width = args.width
-  config.encoder_output = args.encoder_output
-  config.batch_size = args.batch_size
-  config.image_size = args.image_size
-  config.channels = args.channels
-  config.dtype = args.dtype
-  config.joint_views = args.joint_views
+  config.model.name = args.model
+  config.model.width = args.width
+  config.model.encoder_output = args.encoder_output
+  config.train.batch_size = args.batch_size
+  config.data.image_size = args.image_size
+  config.data.channels = args.channels
+  config.model.dtype = args.dtype
+  config.pretrain.joint_views = args.joint_views
   if args.sam is not None:
     if args.mode == 'pretrain':
-      config.sam = args.sam
+      config.pretrain.sam = args.sam
     else:
-      config.finetune_sam = args.sam
+      config.supervised.sam = args.sam
   return config
 
 
@@ -170,8 +170,8 @@ def run_benchmark(args):
         f'--num_devices={args.num_devices} but only {len(jax.devices())} devices exist; on '
         'CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N.')
   devices = jax.devices()[:args.num_devices or None]
-  if config.batch_size % len(devices):
-    raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
+  if config.train.batch_size % len(devices):
+    raise ValueError(f'--batch_size={config.train.batch_size} is not divisible by the '
                      f'{len(devices)} devices; pick a multiple.')
   mesh = Mesh(np.asarray(devices), ('data',))
 
@@ -211,15 +211,15 @@ def run_benchmark(args):
   return {
       'benchmark': 'train_step',
       'mode': config.mode,
-      'model': config.model,
-      'width': config.width,
-      'encoder_output': config.encoder_output,
-      'batch_size': config.batch_size,
-      'image_size': config.image_size,
-      'channels': config.channels,
-      'dtype': config.dtype,
-      'joint_views': bool(config.joint_views) if config.mode == 'pretrain' else None,
-      'sam': config.sam if config.mode == 'pretrain' else config.finetune_sam,
+      'model': config.model.name,
+      'width': config.model.width,
+      'encoder_output': config.model.encoder_output,
+      'batch_size': config.train.batch_size,
+      'image_size': config.data.image_size,
+      'channels': config.data.channels,
+      'dtype': config.model.dtype,
+      'joint_views': bool(config.pretrain.joint_views) if config.mode == 'pretrain' else None,
+      'sam': config.pretrain.sam if config.mode == 'pretrain' else config.supervised.sam,
       'num_devices': len(devices),
       'device_kind': devices[0].device_kind,
       'platform': devices[0].platform,
@@ -231,7 +231,7 @@ def run_benchmark(args):
       'warmup_steps': args.warmup_steps,
       'timed_steps': args.steps,
       'window': args.window,
-      'images_per_s': config.batch_size / median,
+      'images_per_s': config.train.batch_size / median,
       'step_s_median': median,
       'step_s_min': min(step_seconds),
       'step_s_max': max(step_seconds),
@@ -248,7 +248,7 @@ def run_benchmark(args):
       'peak_memory_source': memory_source,
       'xla_temp_bytes': getattr(memory_analysis, 'temp_size_in_bytes', None),
       'flops_per_step': flops_per_step,
-      'flops_per_image': flops_per_step / config.batch_size,
+      'flops_per_image': flops_per_step / config.train.batch_size,
       'achieved_flops': achieved_flops,
       'peak_flops': args.peak_flops,
       'peak_fraction': achieved_flops / args.peak_flops,

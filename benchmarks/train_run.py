@@ -67,11 +67,11 @@ def benchmark_config(args):
   """The preset's run config for the mode, sized to `args.epochs` or about `args.steps` steps."""
   preset = sweep_config.get_config(f'preset={args.preset}')
   if args.dataset_path:
-    preset.dataset_path = args.dataset_path
+    preset.data.path = args.dataset_path
   else:
-    preset.dataset = 'synthetic_mri'
-  preset.data_dir = args.data_dir
-  preset.steps_per_dispatch = args.steps_per_dispatch
+    preset.data.name = 'synthetic_mri'
+  preset.data.dir = args.data_dir
+  preset.train.steps_per_dispatch = args.steps_per_dispatch
   arrays = arrays_lib.load_arrays(preset)
   splits = plan_lib.protocol_splits(preset, 'honest', arrays)
   num_images = (len(splits['train']) + len(splits['val']) if args.mode == 'pretrain'
@@ -79,9 +79,9 @@ def benchmark_config(args):
   config = plan_lib.run_config(preset, 'honest', args.mode, seed=0,
                                  num_classes=len(arrays.class_names), fraction=1.0,
                                  num_labeled=num_images)
-  per_epoch = batches.steps_per_epoch(num_images, config.batch_size)
-  config.num_epochs = args.epochs or max(1, math.ceil(args.steps / per_epoch))
-  config.eval_every_epochs = max(1, config.num_epochs // (preset.evals_per_run or 1))
+  per_epoch = batches.steps_per_epoch(num_images, config.train.batch_size)
+  config.train.num_epochs = args.epochs or max(1, math.ceil(args.steps / per_epoch))
+  config.eval.every_epochs = max(1, config.train.num_epochs // (preset.sweep.evals_per_run or 1))
   return config
 
 
@@ -91,7 +91,7 @@ def time_steps(config, num_dispatches):
   cache = compile_cache.CompileCache()
   recipe = recipes.create_recipe(config, mesh, cache)
   per_epoch = recipe.rows.steps_per_epoch
-  lr_fn = optimizers.create_learning_rate_fn(config, per_epoch * config.num_epochs)
+  lr_fn = optimizers.create_learning_rate_fn(config, per_epoch * config.train.num_epochs)
   tx = optimizers.create_optimizer(config, lr_fn)
   state = state_lib.create_train_state(config, recipe.model, jax.random.key(0), tx, mesh)
   p_train_steps = steps_lib.make_train_steps(config, recipe.objective, mesh)
@@ -127,9 +127,9 @@ def run_benchmark(args):
   return {
       'benchmark': 'train_run',
       'mode': config.mode,
-      'dataset': config.dataset,
-      'model': config.model, 'width': config.width, 'image_size': config.image_size,
-      'channels': config.channels, 'batch_size': batch_size,
+      'dataset': config.data.name,
+      'model': config.model.name, 'width': config.model.width, 'image_size': config.data.image_size,
+      'channels': config.data.channels, 'batch_size': batch_size,
       'steps_per_dispatch': trainer.steps_per_dispatch(config),
       'num_devices': jax.device_count(), 'platform': jax.default_backend(),
       'cpu_count': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),

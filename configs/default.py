@@ -1,18 +1,77 @@
-"""Default configuration of the training modes: the reference study's settings.
+"""Default configuration of the training modes, in sections: the reference study's settings.
+
+Sections (each a nested ConfigDict, as big_vision's `config.input`, `config.model`):
+`data` (the data set and its subjects), `split` (train / val / test), `labels` (the
+label task and the labeled subset), `augment` (views and labeled-image
+augmentation), `model`, `train` (run length, batch, logging, checkpoints),
+`pretrain` (SimCLR: projection head, optimizer with SAM/ASAM, NT-Xent),
+`supervised` (finetune and baseline: head and optimizer), `finetune` (the
+pretraining run it starts from), `eval` (model selection and monitors).
 
 The training mode files (pretrain.py, finetune.py, baseline.py) and sweep.py
 start from `get_config()` and override a few fields; audit.py takes only the
-input and split sections (`add_input_fields`, `add_split_fields`), predict.py
-only `base_config()`, so that each config holds the fields its mode reads.
-Config arguments follow big_vision: `configs/pretrain.py:runlocal` shrinks
-everything for a CPU demo, `configs/finetune.py:label_fraction=0.1` sets a
-field, and any field can be overridden with `--config.field=value`.
+`data` and `split` sections, predict.py only `base_config()`, so that each config
+holds the sections its mode reads. Config arguments follow big_vision:
+`configs/pretrain.py:runlocal` shrinks everything for a CPU demo,
+`configs/finetune.py:label_fraction=0.1` sets a field, and any field can be
+overridden with `--config.section.field=value` (e.g. `--config.model.name=resnet18`).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 from simclr_jax import errors
+
+# Where each field of the flat config (before the sections) went: the one-line
+# error for an old `--config.field` flag or an old run's config.json names it.
+FLAT_NAMES = {
+    'dataset': 'data.name', 'data_dir': 'data.dir', 'dataset_path': 'data.path',
+    'image_size': 'data.image_size', 'channels': 'data.channels',
+    'skip_unreadable': 'data.skip_unreadable', 'data_on_device': 'data.on_device',
+    'subject_ids': 'data.subject_ids', 'subject_grouping_threshold': 'data.grouping.threshold',
+    'subject_grouping_k': 'data.grouping.k', 'subject_grouping_size': 'data.grouping.size',
+    'nifti_slice_selection': 'data.nifti.slice_selection',
+    'nifti_num_slices': 'data.nifti.num_slices', 'nifti_slice_step': 'data.nifti.slice_step',
+    'nifti_min_mask_fraction': 'data.nifti.min_mask_fraction',
+    'split_scheme': 'split.scheme', 'split_seed': 'split.seed',
+    'test_fraction': 'split.test_fraction', 'val_fraction': 'split.val_fraction',
+    'num_folds': 'split.num_folds', 'fold': 'split.fold',
+    'include_test_in_pretrain': 'split.include_test_in_pretrain',
+    'task': 'labels.task', 'binary_negative_class': 'labels.binary_negative_class',
+    'label_fraction': 'labels.fraction', 'label_seed': 'labels.seed',
+    'class_weights': 'labels.class_weights', 'train_augment': 'augment.labeled',
+    'model': 'model.name', 'width': 'model.width', 'encoder_output': 'model.encoder_output',
+    'dtype': 'model.dtype', 'num_classes': 'model.num_classes',
+    'num_epochs': 'train.num_epochs', 'batch_size': 'train.batch_size',
+    'steps_per_dispatch': 'train.steps_per_dispatch', 'log_every_steps': 'train.log_every_steps',
+    'checkpoint_every_steps': 'train.checkpoint_every_steps',
+    'keep_checkpoints': 'train.keep_checkpoints', 'num_summary_images': 'train.num_summary_images',
+    'projection_dims': 'pretrain.projection_dims', 'projection_dropout': 'pretrain.projection_dropout',
+    'pretrain_optimizer': 'pretrain.optimizer', 'sam': 'pretrain.sam', 'sam_rho': 'pretrain.sam_rho',
+    'sam_eta': 'pretrain.sam_eta', 'joint_views': 'pretrain.joint_views',
+    'temperature': 'pretrain.temperature', 'temperature_schedule': 'pretrain.temperature_schedule',
+    'temperature_steps': 'pretrain.temperature_steps', 'head_dropout': 'supervised.head_dropout',
+    'finetune_optimizer': 'supervised.optimizer', 'finetune_sam': 'supervised.sam',
+    'pretrained_workdir': 'finetune.pretrained_workdir', 'linear_probe': 'finetune.linear_probe',
+    'selection_metric': 'eval.selection_metric', 'selection_split': 'eval.selection_split',
+    'eval_every_epochs': 'eval.every_epochs', 'eval_batch_size': 'eval.batch_size',
+    'precise_bn_batches': 'eval.precise_bn_batches', 'knn_k': 'eval.knn_k',
+    'protocols': 'sweep.protocols', 'tasks': 'sweep.tasks', 'reference_tasks': 'sweep.reference_tasks',
+    'fractions': 'sweep.fractions', 'seeds': 'sweep.seeds',
+    'multi_seed_max_fraction': 'sweep.multi_seed_max_fraction',
+    'reference_seeds': 'sweep.reference_seeds', 'pretrain_num_epochs': 'sweep.pretrain_num_epochs',
+    'max_steps_per_run': 'sweep.max_steps_per_run',
+    'reference_num_epochs': 'sweep.reference_num_epochs', 'evals_per_run': 'sweep.evals_per_run',
+    'floor_image_size': 'sweep.floor_image_size', 'bootstrap_samples': 'sweep.bootstrap_samples',
+    'cam_method': 'cam.method', 'cam_layer': 'cam.layer', 'evaluate_cam': 'cam.evaluate',
+    'deletion_fractions': 'cam.deletion_fractions',
+    'checkpoint_workdir': 'predict.checkpoint_workdir', 'inputs': 'predict.inputs',
+    'audit_image_size': 'audit.image_size', 'audit_metric': 'audit.metric',
+    'audit_threshold': 'audit.threshold', 'audit_default_threshold': 'audit.default_threshold',
+    'audit_chunk_size': 'audit.chunk_size', 'audit_num_pairs_shown': 'audit.num_pairs_shown',
+    'grouping_threshold': 'audit.grouping_threshold', 'grouping_k': 'audit.grouping_k',
+    'grouping_max_size': 'audit.grouping_max_size',
+}
 
 
 def parse_arg(arg, **defaults):
@@ -56,33 +115,48 @@ def base_config(mode):
   return config
 
 
-def add_input_fields(config):
+def data_section():
   """The data set a mode reads, and how its subjects are known."""
-  config.dataset = 'alzheimer_mri'  # alzheimer_mri | synthetic_mri | image_folder | nifti_folder.
-  config.data_dir = config_dict.placeholder(str)  # TFDS data dir (None: ~/tensorflow_datasets).
-  config.dataset_path = config_dict.placeholder(str)  # Kaggle zip, its Dataset/ folder, or an image_folder / nifti_folder root.
-  config.image_size = 128  # Images are resized to image_size x image_size.
-  config.skip_unreadable = False  # image_folder / nifti_folder: skip unreadable files with a warning instead of failing.
-  config.nifti_slice_selection = 'central'  # nifti_folder: central (num_slices around the middle) | every (slice_step) | mask (brain area).
-  config.nifti_num_slices = 32  # nifti_folder central: axial slices per volume (the Kaggle set has 32).
-  config.nifti_slice_step = 1  # nifti_folder every: step between kept slices.
-  config.nifti_min_mask_fraction = 0.5  # nifti_folder mask: smallest brain area kept, as a share of the largest slice's.
-  config.subject_ids = 'auto'  # auto | dataset (the builder's ids) | recovered (near-duplicate chains); auto: dataset for synthetic_mri and nifti_folder.
-  config.subject_grouping_threshold = 0.98  # recovered: correlation of 64 px pixels that links two slices.
-  config.subject_grouping_k = 10  # recovered: a link needs each slice among the other's k nearest.
-  config.subject_grouping_size = 64  # recovered: side of the downsampled images compared.
-  return config
+  data = ml_collections.ConfigDict()
+  data.name = 'alzheimer_mri'  # alzheimer_mri | synthetic_mri | image_folder | nifti_folder.
+  data.dir = config_dict.placeholder(str)  # TFDS data dir (None: ~/tensorflow_datasets).
+  data.path = config_dict.placeholder(str)  # Kaggle zip or its Dataset/ folder, or an image_folder / nifti_folder root.
+  data.image_size = 128  # Images are resized to image_size x image_size.
+  data.channels = 3  # 1, or 3 by repeating the gray channel (the reference used 3).
+  data.skip_unreadable = False  # image_folder / nifti_folder: skip unreadable files with a warning.
+  data.on_device = 'auto'  # uint8 data set on the devices, batches gathered there: auto (under 2 GiB) | True | False.
+  data.subject_ids = 'auto'  # auto | dataset (the builder's ids) | recovered (near-duplicate chains).
+  data.grouping = ml_collections.ConfigDict()  # subject_ids=recovered: near-duplicate chains.
+  data.grouping.threshold = 0.98  # Correlation of downsampled pixels that links two slices.
+  data.grouping.k = 10  # A link needs each slice among the other's k nearest.
+  data.grouping.size = 64  # Side of the downsampled images compared.
+  data.nifti = ml_collections.ConfigDict()  # nifti_folder: which axial slices of a volume.
+  data.nifti.slice_selection = 'central'  # central (num_slices around the middle) | every (slice_step) | mask.
+  data.nifti.num_slices = 32  # central: slices per volume (the Kaggle set has 32).
+  data.nifti.slice_step = 1  # every: step between kept slices.
+  data.nifti.min_mask_fraction = 0.5  # mask: smallest brain area kept, a share of the largest slice's.
+  return data
 
 
-def add_split_fields(config):
+def split_section():
   """How the data set is split into train, val and test."""
-  config.split_scheme = 'subject'  # subject (honest, default) | slice (the reference's leaky split).
-  config.split_seed = 0  # Seed of the train/val/test split.
-  config.test_fraction = 0.2  # Share of each class's subjects (or slices) in test.
-  config.val_fraction = 0.1  # Share of each class's train subjects (or slices) held out for model selection.
-  config.num_folds = config_dict.placeholder(int)  # K-fold cross-validation over subjects (stratified, grouped): None for one split by test_fraction.
-  config.fold = 0  # With num_folds: the fold whose subjects are the test split, 0 .. num_folds - 1.
-  return config
+  split = ml_collections.ConfigDict()
+  split.scheme = 'subject'  # subject (honest, default) | slice (the reference's leaky split).
+  split.seed = 0  # Seed of the train/val/test split.
+  split.test_fraction = 0.2  # Share of each class's subjects (or slices) in test.
+  split.val_fraction = 0.1  # Share of each class's train subjects (or slices) held out for model selection.
+  split.num_folds = config_dict.placeholder(int)  # K-fold cross-validation over subjects; None: one split by test_fraction.
+  split.fold = 0  # With num_folds: the fold whose subjects are the test split, 0 .. num_folds - 1.
+  split.include_test_in_pretrain = False  # The reference's transductive setting: pretrain on test images too.
+  return split
+
+
+def cam_section():
+  """The Grad-CAM of predict's overlays and of the sweep's gradcam_grid.png."""
+  cam = ml_collections.ConfigDict()
+  cam.method = 'gradcam'  # gradcam | gradcam++ | hirescam.
+  cam.layer = 'stage4'  # Explained stage: stage4 (the last convolutional one) .. stage1.
+  return cam
 
 
 def get_config(arg=None):
@@ -91,17 +165,18 @@ def get_config(arg=None):
   config = base_config('pretrain')
 
   # ---------------------------------------------------------------- Input.
-  add_input_fields(config)
-  config.channels = 3  # 1, or 3 by repeating the gray channel (the reference used 3).
-  add_split_fields(config)
-  config.task = 'four_class'  # Label task: four_class (the four stages) | binary (binary_negative_class vs every other class: CDR 0 vs CDR > 0).
-  config.binary_negative_class = 'Non_Demented'  # binary: the class that is label 0; the others become 'Demented'.
-  config.label_fraction = 1.0  # Share of the labeled train split used by finetune/baseline, in (0, 1].
-  config.label_seed = 0  # Seed of the nested, stratified label subsets.
-  config.include_test_in_pretrain = False  # The reference's transductive setting: pretrain on test images too.
-  config.data_on_device = 'auto'  # Keep the uint8 data set on the devices and gather batches there: auto (if under 2 GiB) | True | False (gather on the host).
+  config.data = data_section()
+  config.split = split_section()
+  config.labels = ml_collections.ConfigDict()
+  config.labels.task = 'four_class'  # four_class (the four stages) | binary (binary_negative_class vs the rest: CDR 0 vs CDR > 0).
+  config.labels.binary_negative_class = 'Non_Demented'  # binary: the class that is label 0; the others become 'Demented'.
+  config.labels.fraction = 1.0  # Share of the labeled train split used by finetune/baseline, in (0, 1].
+  config.labels.seed = 0  # Seed of the nested, stratified label subsets.
+  # Cross entropy: none (the reference) | balanced (class k weighs n / (K * n_k) of the labeled images).
+  # balanced chosen on validation: 62.2 vs 48.4 % validation balanced accuracy (docs/results/README.md).
+  config.labels.class_weights = 'balanced'
 
-  # SimCLR view augmentation (pretraining) and training augmentation (finetune/baseline).
+  # SimCLR view augmentation (pretraining) and labeled-image augmentation (finetune/baseline).
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_scale = (0.5, 1.0)  # RandomResizedCrop area range (reference: (0.5, 1)).
   config.augment.crop_ratio = (1.0, 1.0)  # RandomResizedCrop aspect-ratio range (reference: (1, 1)).
@@ -110,56 +185,63 @@ def get_config(arg=None):
   config.augment.brightness = 0.0  # Maximum brightness jitter (added, images in [0, 1]).
   config.augment.contrast = 0.0  # Maximum contrast jitter (factor in [1 - c, 1 + c]).
   config.augment.blur = False  # Random Gaussian blur.
-  config.train_augment = True  # finetune/baseline: apply the crop augmentation to labeled images.
+  config.augment.labeled = True  # finetune/baseline: apply the crop augmentation to labeled images.
 
   # ---------------------------------------------------------------- Model.
-  config.model = 'resnet50'  # resnet18 | resnet34 | resnet50.
-  config.width = 1.0  # Width multiplier of every ResNet stage (1.0: 64 filters in the stem).
-  config.encoder_output = 'flatten'  # flatten (the reference: 2048 x 4 x 4 map) | avgpool (standard SimCLR).
-  config.projection_dims = (256, 128)  # Projection head: hidden sizes then output size.
-  config.projection_dropout = 0.5  # Dropout before each projection Dense (the reference: 0.5).
-  config.head_dropout = 0.5  # Dropout before the classification Dense (the reference: 0.5).
-  config.num_classes = 4  # Output classes of the classifier (set from the data set).
-  config.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (parameters and BatchNorm stay float32).
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet50'  # resnet18 | resnet34 | resnet50.
+  config.model.width = 1.0  # Width multiplier of every ResNet stage (1.0: 64 filters in the stem).
+  config.model.encoder_output = 'flatten'  # flatten (the reference: 2048 x 4 x 4 map) | avgpool (standard SimCLR).
+  config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (parameters and BatchNorm stay float32).
+  config.model.num_classes = 4  # Output classes of the classifier (set from the data set).
 
-  # ---------------------------------------------------------------- Optimisation.
-  config.num_epochs = 100  # Passes over the (labeled) train split.
-  config.batch_size = 32  # Global batch size (images, not views), divisible by the device count; fewer images than this: one batch of all of them.
-  config.steps_per_dispatch = 0  # Train steps per dispatch to the devices (lax.scan); 0: the platform's default (1 on CPU, 16 on GPU/TPU).
-  # Pretraining: SGD + momentum inside SAM/ASAM with a one-cycle cosine schedule.
-  config.pretrain_optimizer = ml_collections.ConfigDict()
-  config.pretrain_optimizer.learning_rate = 1e-2  # Peak learning rate of the one-cycle schedule.
-  config.pretrain_optimizer.momentum = 0.9  # SGD momentum.
-  config.pretrain_optimizer.weight_decay = 0.0  # Decoupled weight decay (the reference: none).
-  config.pretrain_optimizer.warmup_fraction = 0.3  # One-cycle: share of steps spent rising to the peak.
-  config.sam = 'asam'  # none | sam | asam.
-  config.sam_rho = 2.0  # SAM neighbourhood radius (the reference: ASAM with rho 2).
-  config.sam_eta = 0.0  # ASAM offset: |w| + eta scales the perturbation (0: davda54/sam, as the reference; 0.01: the ASAM paper's code).
-  config.joint_views = True  # Both views in one forward pass (BatchNorm over 2N views, as SimCLR); False: the reference's two calls.
-  config.temperature = 0.5  # NT-Xent temperature.
-  config.temperature_schedule = False  # The reference's step-down (0.5 -> 0.3 -> 0.1 -> 0.05 as the loss falls).
-  config.temperature_steps = ((3.0, 0.3), (2.0, 0.1), (1.0, 0.05))  # (epoch-loss threshold, temperature) pairs.
-  # Fine-tuning and the supervised baseline: AdamW with a constant learning rate.
-  config.finetune_optimizer = ml_collections.ConfigDict()
-  config.finetune_optimizer.learning_rate = 1e-4  # AdamW learning rate (the reference: 1e-4).
-  config.finetune_optimizer.weight_decay = 1e-8  # AdamW weight decay (the reference: 1e-8).
-  config.pretrained_workdir = config_dict.placeholder(str)  # finetune: workdir of a pretrain run.
-  config.linear_probe = False  # finetune: freeze the encoder and train only the head.
-  config.finetune_sam = 'none'  # finetune/baseline: none | sam | asam (the reference: none).
-  # finetune/baseline cross entropy: none (the reference) | balanced (each class weighs n / (K * n_class) of the labeled images).
-  # balanced chosen on validation: 62.2 vs 48.4 % validation balanced accuracy (cpu preset baseline, honest fold 0, all labels; docs/results/README.md).
-  config.class_weights = 'balanced'
+  # ---------------------------------------------------------------- Training runs.
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 100  # Passes over the (labeled) train split.
+  config.train.batch_size = 32  # Global batch (images, not views), divisible by the device count.
+  config.train.steps_per_dispatch = 0  # Train steps per dispatch (lax.scan); 0: the platform's default (1 on CPU, 16 on GPU/TPU).
+  config.train.log_every_steps = 10  # Training metrics period in steps.
+  config.train.checkpoint_every_steps = 200  # Checkpoint period in steps (and at the end; the best whenever it improves).
+  config.train.keep_checkpoints = 2  # Latest checkpoints kept besides the best one.
+  config.train.num_summary_images = 8  # Augmented views written to TensorBoard once.
 
-  # ---------------------------------------------------------------- Evaluation, logging, checkpoints.
-  config.selection_metric = 'balanced_accuracy'  # Validation metric that picks the best checkpoint.
-  config.selection_split = 'val'  # Split that picks the best checkpoint: val (honest) | test (the reference's protocol only).
-  config.eval_every_epochs = 1  # Validation (and kNN monitor) period in epochs.
-  config.eval_batch_size = 128  # Global batch size of evaluation.
-  config.precise_bn_batches = config_dict.placeholder(int)  # Before each evaluation, recompute BatchNorm statistics over this many batches of unaugmented train images (None: running averages, as the reference).
-  config.knn_k = (1, 10, 50, 100)  # k of the pretraining kNN monitor.
-  config.log_every_steps = 10  # Training metrics period in steps.
-  config.checkpoint_every_steps = 200  # Checkpoint period in steps (and at the end; the best checkpoint is saved whenever the selection metric improves).
-  config.keep_checkpoints = 2  # Latest checkpoints kept besides the best one.
-  config.num_summary_images = 8  # Augmented views written to TensorBoard once.
+  # ---------------------------------------------------------------- SimCLR pretraining.
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.projection_dims = (256, 128)  # Projection head: hidden sizes then output size.
+  config.pretrain.projection_dropout = 0.5  # Dropout before each projection Dense (the reference: 0.5).
+  # SGD + momentum inside SAM/ASAM with a one-cycle cosine schedule.
+  config.pretrain.optimizer = ml_collections.ConfigDict()
+  config.pretrain.optimizer.learning_rate = 1e-2  # Peak learning rate of the one-cycle schedule.
+  config.pretrain.optimizer.momentum = 0.9  # SGD momentum.
+  config.pretrain.optimizer.weight_decay = 0.0  # Decoupled weight decay (the reference: none).
+  config.pretrain.optimizer.warmup_fraction = 0.3  # One-cycle: share of steps spent rising to the peak.
+  config.pretrain.sam = 'asam'  # none | sam | asam.
+  config.pretrain.sam_rho = 2.0  # SAM neighbourhood radius (the reference: ASAM with rho 2).
+  config.pretrain.sam_eta = 0.0  # ASAM offset: |w| + eta scales the perturbation (0: davda54/sam, as the reference).
+  config.pretrain.joint_views = True  # Both views in one pass (BatchNorm over 2N, as SimCLR); False: the reference's two calls.
+  config.pretrain.temperature = 0.5  # NT-Xent temperature.
+  config.pretrain.temperature_schedule = False  # The reference's step-down (0.5 -> 0.3 -> 0.1 -> 0.05 as the loss falls).
+  config.pretrain.temperature_steps = ((3.0, 0.3), (2.0, 0.1), (1.0, 0.05))  # (epoch-loss threshold, temperature) pairs.
 
+  # ---------------------------------------------------------------- Fine-tuning and the baseline.
+  config.supervised = ml_collections.ConfigDict()
+  config.supervised.head_dropout = 0.5  # Dropout before the classification Dense (the reference: 0.5).
+  config.supervised.optimizer = ml_collections.ConfigDict()  # AdamW, constant learning rate.
+  config.supervised.optimizer.learning_rate = 1e-4  # AdamW learning rate (the reference: 1e-4).
+  config.supervised.optimizer.weight_decay = 1e-8  # AdamW weight decay (the reference: 1e-8).
+  config.supervised.sam = 'none'  # none | sam | asam (the reference: none).
+  config.supervised.sam_rho = 2.0  # SAM neighbourhood radius, where sam is on.
+  config.supervised.sam_eta = 0.0  # ASAM offset, where sam is asam.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.pretrained_workdir = config_dict.placeholder(str)  # finetune: workdir of a pretrain run.
+  config.finetune.linear_probe = False  # finetune: freeze the encoder and train only the head.
+
+  # ---------------------------------------------------------------- Evaluation.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.selection_metric = 'balanced_accuracy'  # Validation metric that picks the best checkpoint.
+  config.eval.selection_split = 'val'  # Split that picks the best checkpoint: val (honest) | test (the reference protocol only).
+  config.eval.every_epochs = 1  # Validation (and kNN monitor) period in epochs.
+  config.eval.batch_size = 128  # Global batch size of evaluation.
+  config.eval.precise_bn_batches = config_dict.placeholder(int)  # Recompute BatchNorm statistics over this many train batches before each evaluation (None: running averages).
+  config.eval.knn_k = (1, 10, 50, 100)  # k of the pretraining kNN monitor.
   return config

@@ -11,23 +11,23 @@ from configs import default
 
 def runlocal(config):
   """Shrinks a config to a CPU demo: synthetic data, tiny ResNet-18, small images."""
-  config.dataset = 'synthetic_mri'
-  config.image_size = 64
-  config.channels = 1
-  config.model = 'resnet18'
-  config.width = 0.25
-  config.encoder_output = 'avgpool'
-  config.projection_dims = (64, 32)
-  config.projection_dropout = 0.0
-  config.head_dropout = 0.0
-  config.batch_size = 32
-  config.eval_batch_size = 128
-  config.num_epochs = 3
-  config.log_every_steps = 10
-  config.checkpoint_every_steps = 50
-  config.knn_k = (1, 10, 50)
-  # Short runs: recompute BatchNorm statistics before each evaluation (train.py).
-  config.precise_bn_batches = 8
+  config.data.name = 'synthetic_mri'
+  config.data.image_size = 64
+  config.data.channels = 1
+  config.model.name = 'resnet18'
+  config.model.width = 0.25
+  config.model.encoder_output = 'avgpool'
+  config.pretrain.projection_dims = (64, 32)
+  config.pretrain.projection_dropout = 0.0
+  config.supervised.head_dropout = 0.0
+  config.train.batch_size = 32
+  config.eval.batch_size = 128
+  config.train.num_epochs = 3
+  config.train.log_every_steps = 10
+  config.train.checkpoint_every_steps = 50
+  config.eval.knn_k = (1, 10, 50)
+  # Short runs: recompute BatchNorm statistics before each evaluation (train/evaluators.py).
+  config.eval.precise_bn_batches = 8
   return config
 
 

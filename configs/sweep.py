@@ -12,17 +12,18 @@ Presets (`:preset=NAME`):
     reference protocol: 25 epochs), one seed, 5 folds, both tasks and protocols;
     sized for about 2.5 hours of a quiet 2-core CPU (docs/results/README.md):
       python main.py --config=configs/sweep.py:preset=cpu \
-        --config.dataset_path=/path/to/alzheimer-mri-dataset.zip --workdir=runs/sweep_cpu
+        --config.data.path=/path/to/alzheimer-mri-dataset.zip --workdir=runs/sweep_cpu
   full: the reference's settings (ResNet-50, 128 px, 3 channels, batch 32, flatten
     head, ASAM rho 2, 100 epochs, float32) for GPUs and TPUs, validating every 5
     epochs (the reference protocol: every epoch); add `,dtype=bfloat16` for
     bfloat16 compute:
       python main.py --config=configs/sweep.py:preset=full,dtype=bfloat16 \
-        --config.dataset_path=/path/to/alzheimer-mri-dataset.zip --workdir=gs://bucket/sweep
+        --config.data.path=/path/to/alzheimer-mri-dataset.zip --workdir=gs://bucket/sweep
 Writes results.md, results.csv, sweep.json, label_fraction_curve.png,
 confusion_matrices.png and gradcam_grid.png to the workdir.
 """
 
+import ml_collections
 from ml_collections import config_dict
 
 from configs import default
@@ -36,12 +37,12 @@ PRESETS = ('runlocal', 'cpu', 'full')
 def _small(config):
   """What the CPU presets share: pretrain.py's runlocal model, sweep-sized runs."""
   config = pretrain.runlocal(config)
-  config.eval_batch_size = 256
+  config.eval.batch_size = 256
   # A few hundred steps from scratch need a larger step than the reference's 1e-4.
-  config.finetune_optimizer.learning_rate = 1e-3
-  config.knn_k = (1, 10)
-  config.checkpoint_every_steps = 1000
-  config.num_summary_images = 0
+  config.supervised.optimizer.learning_rate = 1e-3
+  config.eval.knn_k = (1, 10)
+  config.train.checkpoint_every_steps = 1000
+  config.train.num_summary_images = 0
   return config
 
 
@@ -50,15 +51,16 @@ def runlocal(config):
 
   Every code path of the study on a small scale: both protocols, both label tasks,
   2 cross-validation folds, 10 and 100 % of the labels, one seed, about 200 steps
-  per run; add folds, fractions or seeds with e.g. `--config.num_folds=5`.
+  per run; add folds, fractions or seeds with e.g. `--config.split.num_folds=5`.
   """
   config = _small(config)
-  config.image_size = 32
-  config.update(seeds=(0,), num_folds=2, fractions=(0.1, 1.0), bootstrap_samples=500)
+  config.data.image_size = 32
+  config.split.num_folds = 2
+  config.sweep.update(seeds=(0,), fractions=(0.1, 1.0), bootstrap_samples=500)
   # Run lengths: 3 pretraining epochs, supervised runs of about 200 steps.
-  config.update(pretrain_num_epochs=3, num_epochs=15, max_steps_per_run=200,
-                evals_per_run=3, log_every_steps=20)
-  config.cam_layer = 'stage2'  # 4 x 4 at 32 px (stage4 is 1 x 1).
+  config.sweep.update(pretrain_num_epochs=3, max_steps_per_run=200, evals_per_run=3)
+  config.train.update(num_epochs=15, log_every_steps=20)
+  config.cam.layer = 'stage2'  # 4 x 4 at 32 px (stage4 is 1 x 1).
   return config
 
 
@@ -82,14 +84,16 @@ def cpu(config):
   - the learning rate is 10x the reference's because the runs are far shorter.
   """
   config = _small(config)
-  config.dataset = 'alzheimer_mri'
-  config.projection_dims = (128, 64)
-  config.update(train_augment=False, precise_bn_batches=8)
+  config.data.name = 'alzheimer_mri'
+  config.pretrain.projection_dims = (128, 64)
+  config.augment.labeled = False
+  config.eval.precise_bn_batches = 8
   # Run lengths: 6 pretraining epochs, supervised runs of about 600 steps (the
   # reference protocol: 25 epochs).
-  config.update(pretrain_num_epochs=6, num_epochs=300, max_steps_per_run=600,
-                reference_num_epochs=25, evals_per_run=6, log_every_steps=50)
-  config.cam_layer = 'stage3'  # 4 x 4 at 64 px.
+  config.sweep.update(pretrain_num_epochs=6, max_steps_per_run=600, reference_num_epochs=25,
+                      evals_per_run=6)
+  config.train.update(num_epochs=300, log_every_steps=50)
+  config.cam.layer = 'stage3'  # 4 x 4 at 64 px.
   return config
 
 
@@ -108,10 +112,10 @@ def full(config):
   to the sweep; the reference protocol keeps its check of the test split every
   epoch (sweep_plan.PROTOCOLS), as the reference did. No cap on a run's steps.
   """
-  config.dataset = 'alzheimer_mri'
-  config.pretrain_num_epochs = 100
-  config.num_epochs = 100
-  config.evals_per_run = 20
+  config.data.name = 'alzheimer_mri'
+  config.sweep.pretrain_num_epochs = 100
+  config.train.num_epochs = 100
+  config.sweep.evals_per_run = 20
   return config
 
 
@@ -132,24 +136,24 @@ def get_config(arg=None):
   config.mode = 'sweep'
 
   # ---------------------------------------------------------------- Sweep.
-  config.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
-  config.tasks = ('four_class', 'binary')  # Label tasks of the fine-tuning and baseline runs (a pretraining serves both).
-  config.reference_tasks = config_dict.placeholder(tuple)  # reference protocol: only these of the tasks (None: all).
-  config.num_folds = 5  # honest: folds of the subject-grouped, stratified cross-validation.
-  config.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions, nested subsets of the train split.
-  config.seeds = (0,)  # Seeds of the honest protocol (label subset, init and data order together), in every fold.
-  config.multi_seed_max_fraction = 0.2  # Larger fractions run with the first seed only.
-  config.reference_seeds = (0,)  # Seeds of the reference protocol.
-  config.pretrain_num_epochs = 100  # SimCLR pretraining epochs (num_epochs is for finetune/baseline).
-  config.max_steps_per_run = config_dict.placeholder(int)  # Cap: a run's epochs are cut to about this many steps (None: no cap).
-  config.reference_num_epochs = config_dict.placeholder(int)  # reference protocol: every fraction trains this many epochs, no cap (None: as the other protocols).
-  config.evals_per_run = config_dict.placeholder(int)  # Validations per run (None: every eval_every_epochs).
-  config.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
-  config.cam_method = 'gradcam'  # gradcam_grid.png: gradcam | gradcam++ | hirescam.
-  config.cam_layer = 'stage4'  # gradcam_grid.png: the explained stage, stage4 (the last) .. stage1.
-  config.bootstrap_samples = 2000  # Resamples of subjects behind each 95 % confidence interval.
+  config.split.num_folds = 5  # honest: folds of the subject-grouped, stratified cross-validation.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
+  config.sweep.tasks = ('four_class', 'binary')  # Label tasks of the fine-tuning and baseline runs (a pretraining serves both).
+  config.sweep.reference_tasks = config_dict.placeholder(tuple)  # reference protocol: only these of the tasks (None: all).
+  config.sweep.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions, nested subsets of the train split.
+  config.sweep.seeds = (0,)  # Seeds of the honest protocol (label subset, init and data order together), in every fold.
+  config.sweep.multi_seed_max_fraction = 0.2  # Larger fractions run with the first seed only.
+  config.sweep.reference_seeds = (0,)  # Seeds of the reference protocol.
+  config.sweep.pretrain_num_epochs = 100  # SimCLR pretraining epochs (train.num_epochs is for finetune/baseline).
+  config.sweep.max_steps_per_run = config_dict.placeholder(int)  # Cap: a run's epochs are cut to about this many steps (None: no cap).
+  config.sweep.reference_num_epochs = config_dict.placeholder(int)  # reference protocol: every fraction trains this many epochs, no cap (None: as the other protocols).
+  config.sweep.evals_per_run = config_dict.placeholder(int)  # Validations per run (None: every eval.every_epochs).
+  config.sweep.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
+  config.sweep.bootstrap_samples = 2000  # Resamples of subjects behind each 95 % confidence interval.
+  config.cam = default.cam_section()  # gradcam_grid.png.
 
   config = {'runlocal': runlocal, 'cpu': cpu, 'full': full}[args.preset](config)
   if args.dtype is not None:
-    config.dtype = args.dtype
+    config.model.dtype = args.dtype
   return config

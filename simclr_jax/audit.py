@@ -9,7 +9,7 @@ measures this on the pixels (area-downsampled, compared by correlation):
    subject ids, the threshold is calibrated: each image's most similar other
    slice of its own subject (positives) against its most similar slice of any
    other subject (negatives), picking the threshold of best balanced accuracy.
-   Without ids, `config.audit_default_threshold` is used.
+   Without ids, `config.audit.default_threshold` is used.
 2. Subject grouping. Chains of mutual near-duplicates are grouped
    (`neighbours.group_near_duplicates`). Without ids the groups stand in for
    subjects; with ids their agreement with the ids (adjusted Rand index,
@@ -67,19 +67,19 @@ def check_config(config):
   fields.seeds(config, 'seed')
   checks.check_input_fields(config, 1)
   checks.check_split_fields(config)
-  fields.choice(config, 'audit_metric', neighbours.METRICS)
-  for name in ('audit_threshold', 'audit_default_threshold', 'grouping_threshold'):
+  fields.choice(config, 'audit.metric', neighbours.METRICS)
+  for name in ('audit.threshold', 'audit.default_threshold', 'audit.grouping_threshold'):
     value = fields.get(config, name)
     if value is not fields.MISSING and value is not None and not (
         fields.is_real(value) and -1.0 < value <= 1.0):
       raise errors.UserError(
           f'--config.{name}={value} is outside (-1, 1], the range of a '
-          f'{config.audit_metric} similarity; set a value such as 0.98.')
-  for name in ('audit_image_size', 'audit_chunk_size', 'grouping_k'):
-    fields.integer(config, name, example={'audit_image_size': 64, 'audit_chunk_size': 1024,
-                   'grouping_k': 10}[name])
-  fields.integer(config, 'audit_num_pairs_shown', low=0, example=6)
-  fields.integer(config, 'grouping_max_size', low=2, example=64, optional=True)
+          f'{config.audit.metric} similarity; set a value such as 0.98.')
+  for name in ('audit.image_size', 'audit.chunk_size', 'audit.grouping_k'):
+    fields.integer(config, name, example={'audit.image_size': 64, 'audit.chunk_size': 1024,
+                   'audit.grouping_k': 10}[name])
+  fields.integer(config, 'audit.num_pairs_shown', low=0, example=6)
+  fields.integer(config, 'audit.grouping_max_size', low=2, example=64, optional=True)
 
 
 def progress_logger(name, total):
@@ -131,13 +131,13 @@ def _quantiles(values):
 def _threshold_report(config, arrays, features, all_indices, all_similarities,
                       has_ids):
   """Chooses the near-duplicate threshold: configured, calibrated or default."""
-  if config.audit_threshold is not None:
-    return dict(value=float(config.audit_threshold), source='config')
+  if config.audit.threshold is not None:
+    return dict(value=float(config.audit.threshold), source='config')
   if not has_ids or len(np.unique(arrays.subject_ids)) < 2:
     logging.warning(
         'No subject ids to calibrate the near-duplicate threshold on; using '
-        'config.audit_default_threshold=%s.', config.audit_default_threshold)
-    return dict(value=float(config.audit_default_threshold), source='default')
+        'config.audit.default_threshold=%s.', config.audit.default_threshold)
+    return dict(value=float(config.audit.default_threshold), source='default')
   subjects = arrays.subject_ids
   # Positives: each image's most similar slice of its own subject among its
   # nearest neighbours (almost always the neighbouring slice).
@@ -147,15 +147,15 @@ def _threshold_report(config, arrays, features, all_indices, all_similarities,
   positives = all_similarities[has_same, first_same[has_same]]
   # Negatives: each image's most similar slice of any other subject.
   _, other = neighbours.nearest_neighbours(
-      features, features, k=1, metric=config.audit_metric,
+      features, features, k=1, metric=config.audit.metric,
       query_groups=subjects, key_groups=subjects,
-      chunk_size=config.audit_chunk_size,
+      chunk_size=config.audit.chunk_size,
       progress=progress_logger('Nearest other-subject slices', len(features)))
   negatives = other[:, 0][np.isfinite(other[:, 0])]
   if not len(positives) or not len(negatives):
     logging.warning('Too few subjects to calibrate; using the default '
-                    'threshold %s.', config.audit_default_threshold)
-    return dict(value=float(config.audit_default_threshold), source='default')
+                    'threshold %s.', config.audit.default_threshold)
+    return dict(value=float(config.audit.default_threshold), source='default')
   value, balanced_accuracy = calibrate_threshold(positives, negatives)
   logging.info('Calibrated near-duplicate threshold %.4f (balanced accuracy '
                '%.3f on %d same-subject vs %d other-subject nearest pairs).',
@@ -177,8 +177,8 @@ def _grouping_report(groups, arrays, has_ids, threshold, config):
   labels_per_group = np.zeros((len(sizes), len(arrays.class_names)), np.int64)
   np.add.at(labels_per_group, (groups, arrays.labels), 1)
   report = dict(
-      threshold=float(threshold), k=int(config.grouping_k),
-      max_group_size=config.grouping_max_size,
+      threshold=float(threshold), k=int(config.audit.grouping_k),
+      max_group_size=config.audit.grouping_max_size,
       num_groups=int(len(sizes)),
       group_size=dict(min=int(sizes.min()), median=float(np.median(sizes)),
                       mean=float(sizes.mean()), max=int(sizes.max())),
@@ -198,7 +198,7 @@ def _grouping_report(groups, arrays, has_ids, threshold, config):
   if len(groups) >= 20 and sizes.max() > 0.5 * len(groups):
     logging.warning(
         'One recovered group holds %d of %d images; raise '
-        'config.grouping_threshold or set config.grouping_max_size.',
+        'config.audit.grouping_threshold or set config.audit.grouping_max_size.',
         sizes.max(), len(groups))
   return report
 
@@ -232,8 +232,8 @@ def _scheme_report(scheme_name, arrays, features, splits, threshold, config,
 
   nearest, similarity = neighbours.nearest_neighbours(
       RowSubset(features, test), RowSubset(features, reference), k=1,
-      metric=config.audit_metric,
-      chunk_size=config.audit_chunk_size,
+      metric=config.audit.metric,
+      chunk_size=config.audit.chunk_size,
       progress=progress_logger(f'{scheme_name} split: test vs train+val',
                                len(test)))
   nearest = reference[nearest[:, 0]]
@@ -275,7 +275,7 @@ def _scheme_report(scheme_name, arrays, features, splits, threshold, config,
       '1-NN accuracy %.3f, balanced accuracy %.3f.', scheme_name, twin.sum(),
       len(test), metrics['accuracy'], metrics['balanced_accuracy'])
 
-  closest = np.argsort(-similarity, kind='stable')[:config.audit_num_pairs_shown]
+  closest = np.argsort(-similarity, kind='stable')[:config.audit.num_pairs_shown]
   report['closest_pairs'] = [
       dict(test_file=str(arrays.file_names[test[i]]),
            train_file=str(arrays.file_names[nearest[i]]),
@@ -311,10 +311,10 @@ def main(config, workdir):
   arrays = arrays_lib.load_arrays(config)
   if len(arrays) < 2:
     raise errors.UserError(f'The audit needs at least 2 images to compare; '
-                     f'{config.dataset} has {len(arrays)}.')
+                     f'{config.data.name} has {len(arrays)}.')
   has_ids = bool(np.all(arrays.subject_ids >= 0))
 
-  size = config.audit_image_size or arrays.images.shape[1]
+  size = config.audit.image_size or arrays.images.shape[1]
   shape = (len(arrays), size * size * arrays.images.shape[-1])
   spill = np.prod(shape) * 4 > FEATURES_IN_MEMORY_BYTES
   spill_dir = None
@@ -327,29 +327,29 @@ def main(config, workdir):
     logging.info('Features of %s bytes go to %s.', np.prod(shape) * 4,
                  features_path)
   features = neighbours.pixel_features(
-      arrays.images, size, chunk_size=config.audit_chunk_size,
+      arrays.images, size, chunk_size=config.audit.chunk_size,
       out=np.memmap(features_path, np.float32, 'w+', shape=shape)
       if spill else None)
-  k = min(config.grouping_k, len(arrays) - 1)
+  k = min(config.audit.grouping_k, len(arrays) - 1)
   all_indices, all_similarities = neighbours.nearest_neighbours(
-      features, features, k=k, metric=config.audit_metric, exclude_self=True,
-      chunk_size=config.audit_chunk_size,
+      features, features, k=k, metric=config.audit.metric, exclude_self=True,
+      chunk_size=config.audit.chunk_size,
       progress=progress_logger('Nearest neighbours of every image',
                                len(features)))
   threshold = _threshold_report(config, arrays, features, all_indices,
                                 all_similarities, has_ids)
-  grouping_threshold = (threshold['value'] if config.grouping_threshold is None
-                        else config.grouping_threshold)
+  grouping_threshold = (threshold['value'] if config.audit.grouping_threshold is None
+                        else config.audit.grouping_threshold)
   groups = neighbours.groups_from_neighbours(
       all_indices, all_similarities, grouping_threshold,
-      max_group_size=config.grouping_max_size)
+      max_group_size=config.audit.grouping_max_size)
 
   report = dict(
-      dataset=config.dataset, num_images=int(len(arrays)),
+      dataset=config.data.name, num_images=int(len(arrays)),
       class_names=list(arrays.class_names),
       images_per_class=np.bincount(
           arrays.labels, minlength=len(arrays.class_names)).tolist(),
-      metric=config.audit_metric,
+      metric=config.audit.metric,
       image_size=int(size),
       subject_ids='given' if has_ids else 'recovered',
       threshold=threshold,
@@ -398,8 +398,8 @@ def main(config, workdir):
   plots.plot_audit_pairs(
       {name: pairs for name, pairs in shown.items() if pairs},
       workdirs.output_path(workdir, 'audit_pairs.png'),
-      title=(f'{config.dataset}: closest test images to train+val by '
-             f'{config.audit_metric} of {report["image_size"]} px pixels'))
+      title=(f'{config.data.name}: closest test images to train+val by '
+             f'{config.audit.metric} of {report["image_size"]} px pixels'))
   logging.info('Wrote %s/audit.json and audit_pairs.png in %.0f s.', workdir,
                time.time() - start)
   return report

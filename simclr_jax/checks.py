@@ -8,8 +8,8 @@ does not have is skipped (the predict and audit configs are small). Every
 failure is an `errors.UserError` naming the flag, what was expected and an
 example, e.g.
 
-  --config.batch_size=0 must be a positive multiple of the 1 device(s); set e.g.
-  --config.batch_size=32.
+  --config.train.batch_size=0 must be a positive multiple of the 1 device(s); set e.g.
+  --config.train.batch_size=32.
 """
 
 import importlib.util
@@ -89,7 +89,7 @@ def check_workdir(workdir):
 
 def _check_dataset(config):
   """dataset names a data set; dataset_path, when given, exists and suits it."""
-  name = fields.get(config, 'dataset')
+  name = fields.get(config, 'data.name')
   if name is fields.MISSING:
     return
   family, _, variant = str(name).partition('/')
@@ -99,9 +99,9 @@ def _check_dataset(config):
     configs = ', '.join(f'synthetic_mri/{c}'
                         for c in synthetic_mri.SyntheticMri.builder_configs)
     raise errors.UserError(
-        f'Unknown data set {name!r}; set --config.dataset to one of '
+        f'Unknown data set {name!r}; set --config.data.name to one of '
         f'{", ".join(n for n in DATASET_NAMES if "/" not in n)} (or {configs}).')
-  path = fields.get(config, 'dataset_path')
+  path = fields.get(config, 'data.path')
   folders = ('image_folder', 'nifti_folder')
   what = {'alzheimer_mri': 'the Kaggle zip or its extracted Dataset/ folder',
           'image_folder': 'a folder with one subfolder of images per class',
@@ -110,71 +110,73 @@ def _check_dataset(config):
                                              '(synthetic_mri reads no files)')
   if path is fields.MISSING or path is None or path == '':
     if name in folders and path is not fields.MISSING:
-      raise errors.UserError(f'The {name} data set needs dataset_path, {what}; set '
-                             '--config.dataset_path.')
+      raise errors.UserError(f'The {name} data set needs data.path, {what}; set '
+                             '--config.data.path.')
     return
   if '://' in str(path):
     return
   local = os.path.expanduser(str(path))
   if not os.path.exists(local):
     raise errors.MissingPathError(
-        f'--config.dataset_path={path} does not exist; point it at {what}.')
+        f'--config.data.path={path} does not exist; point it at {what}.')
   if name in folders and not os.path.isdir(local):
-    raise errors.UserError(f'--config.dataset_path={path} is a file; the {name} data set '
+    raise errors.UserError(f'--config.data.path={path} is a file; the {name} data set '
                            f'reads {what}.')
   if name == 'alzheimer_mri' and os.path.isfile(local) and not zipfile.is_zipfile(local):
     raise errors.UserError(
-        f'--config.dataset_path={path} is not a readable zip file (damaged or '
+        f'--config.data.path={path} is not a readable zip file (damaged or '
         f'incomplete?); download the Kaggle zip again, or point it at {what}.')
 
 
 def check_input_fields(config, min_image_size):
   """The data set fields (configs/default.py's add_input_fields)."""
   _check_dataset(config)
-  data_dir = fields.get(config, 'data_dir')
+  data_dir = fields.get(config, 'data.dir')
   if (data_dir not in (fields.MISSING, None) and '://' not in str(data_dir)
       and os.path.isfile(os.path.expanduser(str(data_dir)))):
-    raise errors.UserError(f'--config.data_dir={data_dir} is a file; point it at a '
+    raise errors.UserError(f'--config.data.dir={data_dir} is a file; point it at a '
                            'directory for the TFDS data sets (or leave it unset).')
-  image_size = fields.get(config, 'image_size')
+  image_size = fields.get(config, 'data.image_size')
   if min_image_size == 1:
-    fields.integer(config, 'image_size', example=64)
+    fields.integer(config, 'data.image_size', example=64)
   elif image_size is not fields.MISSING and (not fields.is_int(image_size)
                                        or image_size < min_image_size):
-    fields.fail('image_size', image_size,
+    fields.fail('data.image_size', image_size,
                 f'is too small for a ResNet: its stem and 4 stages downsample {MIN_IMAGE_SIZE}x, '
                 f'so image_size must be a whole number >= {MIN_IMAGE_SIZE}', 64)
-  fields.boolean(config, 'skip_unreadable')
-  if fields.get(config, 'nifti_slice_selection') is not fields.MISSING:
-    fields.choice(config, 'nifti_slice_selection', nifti_folder.SLICE_SELECTIONS)
-    fields.integer(config, 'nifti_num_slices', example=32)
-    fields.integer(config, 'nifti_slice_step', example=1)
-    fields.real(config, 'nifti_min_mask_fraction', 0, 1, low_open=True, example=0.5,
+  fields.boolean(config, 'data.skip_unreadable')
+  if fields.get(config, 'data.nifti.slice_selection') is not fields.MISSING:
+    fields.choice(config, 'data.nifti.slice_selection', nifti_folder.SLICE_SELECTIONS)
+    fields.integer(config, 'data.nifti.num_slices', example=32)
+    fields.integer(config, 'data.nifti.slice_step', example=1)
+    fields.real(config, 'data.nifti.min_mask_fraction', 0, 1, low_open=True, example=0.5,
                 meaning=', a share of the largest slice\'s brain area')
-  fields.choice(config, 'subject_ids', SUBJECT_ID_SOURCES)
-  fields.real(config, 'subject_grouping_threshold', -1, 1, low_open=True, example=0.98,
+  fields.choice(config, 'data.subject_ids', SUBJECT_ID_SOURCES)
+  fields.real(config, 'data.grouping.threshold', -1, 1, low_open=True, example=0.98,
               meaning=', a correlation')
-  fields.integer(config, 'subject_grouping_k', example=10)
-  fields.integer(config, 'subject_grouping_size', example=64)
+  fields.integer(config, 'data.grouping.k', example=10)
+  fields.integer(config, 'data.grouping.size', example=64)
 
 
 def check_split_fields(config):
   """configs/default.py's add_split_fields."""
-  fields.choice(config, 'split_scheme', splits_lib.SPLIT_SCHEMES,
-                'set --config.split_scheme to subject (honest) or slice (the reference\'s '
+  fields.choice(config, 'split.scheme', splits_lib.SPLIT_SCHEMES,
+                'set --config.split.scheme to subject (honest) or slice (the reference\'s '
                 'leaky split)')
-  fields.seeds(config, 'split_seed')
-  for name in ('test_fraction', 'val_fraction'):
-    fields.real(config, name, 0, 1, high_open=True, example=0.1 if name == 'val_fraction' else 0.2,
+  fields.seeds(config, 'split.seed')
+  for name in ('split.test_fraction', 'split.val_fraction'):
+    fields.real(config, name, 0, 1, high_open=True,
+                example=0.1 if name == 'split.val_fraction' else 0.2,
                 meaning=', a share of each class\'s subjects')
   # K-fold splits, where a config has them; the upper bound (subjects per class)
   # needs the data and is checked by splits.py.
-  fields.integer(config, 'num_folds', low=2, example=5, optional=True)
-  num_folds, fold = fields.get(config, 'num_folds'), fields.get(config, 'fold')
+  fields.integer(config, 'split.num_folds', low=2, example=5, optional=True)
+  num_folds, fold = fields.get(config, 'split.num_folds'), fields.get(config, 'split.fold')
   if fold is not fields.MISSING and fold is not None:
-    fields.integer(config, 'fold', low=0, example=0)
+    fields.integer(config, 'split.fold', low=0, example=0)
     if fields.is_int(num_folds) and fold >= num_folds:
-      fields.fail('fold', fold, f'is not one of the {num_folds} folds 0 .. {num_folds - 1}', 0)
+      fields.fail('split.fold', fold,
+                  f'is not one of the {num_folds} folds 0 .. {num_folds - 1}', 0)
 
 
 # ----------------------------------------------------------------------------- modes
@@ -192,17 +194,19 @@ def check_training_fields(config):
   """The fields that pretrain, finetune and baseline runs (and the sweep's) read."""
   fields.seeds(config, 'seed')
   check_input_fields(config, MIN_IMAGE_SIZE)
-  channels = fields.get(config, 'channels')
+  channels = fields.get(config, 'data.channels')
   if channels is not fields.MISSING and channels not in CHANNELS:
-    fields.fail('channels', channels, 'must be 1 (gray) or 3 (gray repeated, as the reference)', 1)
+    fields.fail('data.channels', channels,
+                'must be 1 (gray) or 3 (gray repeated, as the reference)', 1)
   check_split_fields(config)
-  fields.real(config, 'label_fraction', 0, 1, low_open=True, example=0.1,
+  fields.real(config, 'labels.fraction', 0, 1, low_open=True, example=0.1,
               meaning=', the share of the labeled train split used')
-  fields.seeds(config, 'label_seed')
-  fields.boolean(config, 'include_test_in_pretrain', 'train_augment', 'augment.flip',
-                 'augment.blur', 'joint_views', 'temperature_schedule', 'linear_probe')
-  fields.choice(config, 'data_on_device', ('auto', True, False, 'True', 'False', 'true', 'false'),
-                'set --config.data_on_device to auto, True or False')
+  fields.seeds(config, 'labels.seed')
+  fields.boolean(config, 'split.include_test_in_pretrain', 'augment.labeled', 'augment.flip',
+                 'augment.blur', 'pretrain.joint_views', 'pretrain.temperature_schedule',
+                 'finetune.linear_probe')
+  fields.choice(config, 'data.on_device', ('auto', True, False, 'True', 'False', 'true', 'false'),
+                'set --config.data.on_device to auto, True or False')
 
   fields.range_pair(config, 'augment.crop_scale', 1.0, (0.5, 1.0),
                     'the share of the image area a crop keeps')
@@ -212,58 +216,59 @@ def check_training_fields(config):
                         ('augment.contrast', 0.1)):
     fields.real(config, name, 0, example=example)
 
-  fields.choice(config, 'model', sorted(resnet.STAGE_SIZES))
-  fields.real(config, 'width', 0, low_open=True, example=1.0,
+  fields.choice(config, 'model.name', sorted(resnet.STAGE_SIZES))
+  fields.real(config, 'model.width', 0, low_open=True, example=1.0,
               meaning=' (the multiplier of every stage\'s filters)')
-  fields.choice(config, 'encoder_output', heads.ENCODER_OUTPUTS)
-  fields.integers(config, 'projection_dims', (256, 128),
+  fields.choice(config, 'model.encoder_output', heads.ENCODER_OUTPUTS)
+  fields.integers(config, 'pretrain.projection_dims', (256, 128),
                   meaning=' (hidden sizes, then the output size)')
-  for name in ('projection_dropout', 'head_dropout'):
+  for name in ('pretrain.projection_dropout', 'supervised.head_dropout'):
     fields.real(config, name, 0, 1, high_open=True, example=0.5, meaning=', a dropout rate')
-  fields.choice(config, 'dtype', DTYPES)
-  fields.choice(config, 'task', arrays_lib.TASKS)
-  fields.choice(config, 'class_weights', ('none', 'balanced'))
+  fields.choice(config, 'model.dtype', DTYPES)
+  fields.choice(config, 'labels.task', arrays_lib.TASKS)
+  fields.choice(config, 'labels.class_weights', ('none', 'balanced'))
 
-  fields.integer(config, 'num_epochs', example=10)
-  fields.integer(config, 'steps_per_dispatch', low=0, example=0)
-  fields.device_batch(config, 'batch_size', 32)
-  fields.device_batch(config, 'eval_batch_size', 128)
-  fields.real(config, 'pretrain_optimizer.learning_rate', 0, low_open=True, example=0.01)
-  fields.real(config, 'pretrain_optimizer.momentum', 0, 1, high_open=True, example=0.9)
-  fields.real(config, 'pretrain_optimizer.weight_decay', 0, example=0.0)
-  fields.real(config, 'pretrain_optimizer.warmup_fraction', 0, 1, high_open=True, example=0.3,
+  fields.integer(config, 'train.num_epochs', example=10)
+  fields.integer(config, 'train.steps_per_dispatch', low=0, example=0)
+  fields.device_batch(config, 'train.batch_size', 32)
+  fields.device_batch(config, 'eval.batch_size', 128)
+  fields.real(config, 'pretrain.optimizer.learning_rate', 0, low_open=True, example=0.01)
+  fields.real(config, 'pretrain.optimizer.momentum', 0, 1, high_open=True, example=0.9)
+  fields.real(config, 'pretrain.optimizer.weight_decay', 0, example=0.0)
+  fields.real(config, 'pretrain.optimizer.warmup_fraction', 0, 1, high_open=True, example=0.3,
               meaning=', the share of steps rising to the peak learning rate')
-  for name in ('sam', 'finetune_sam'):
+  for name in ('pretrain.sam', 'supervised.sam'):
     fields.choice(config, name, sam.MODES)
-  fields.real(config, 'sam_rho', 0, example=2.0)
-  fields.real(config, 'sam_eta', 0, example=0.0)
-  fields.real(config, 'temperature', 0, low_open=True, example=0.5)
-  steps = fields.get(config, 'temperature_steps')
+  for section in ('pretrain', 'supervised'):
+    fields.real(config, f'{section}.sam_rho', 0, example=2.0)
+    fields.real(config, f'{section}.sam_eta', 0, example=0.0)
+  fields.real(config, 'pretrain.temperature', 0, low_open=True, example=0.5)
+  steps = fields.get(config, 'pretrain.temperature_steps')
   if steps is not fields.MISSING and not (
       isinstance(steps, (tuple, list)) and all(
           isinstance(s, (tuple, list)) and len(s) == 2 and fields.is_real(s[0])
           and fields.is_real(s[1]) and s[1] > 0 for s in steps)):
-    fields.fail('temperature_steps', steps, 'must be a tuple of (epoch-loss threshold, '
+    fields.fail('pretrain.temperature_steps', steps, 'must be a tuple of (epoch-loss threshold, '
                 'temperature) pairs with positive temperatures',
                 ((3.0, 0.3), (2.0, 0.1), (1.0, 0.05)))
-  fields.real(config, 'finetune_optimizer.learning_rate', 0, low_open=True, example=1e-4)
-  fields.real(config, 'finetune_optimizer.weight_decay', 0, example=1e-8)
+  fields.real(config, 'supervised.optimizer.learning_rate', 0, low_open=True, example=1e-4)
+  fields.real(config, 'supervised.optimizer.weight_decay', 0, example=1e-8)
 
-  fields.choice(config, 'selection_metric', SELECTION_METRICS)
-  fields.choice(config, 'selection_split', SELECTION_SPLITS,
-                'set --config.selection_split to val (or test only to reproduce the '
+  fields.choice(config, 'eval.selection_metric', SELECTION_METRICS)
+  fields.choice(config, 'eval.selection_split', SELECTION_SPLITS,
+                'set --config.eval.selection_split to val (or test only to reproduce the '
                 'reference protocol)')
-  fields.integer(config, 'eval_every_epochs', example=1)
-  fields.integer(config, 'precise_bn_batches', example=8, optional=True)
-  fields.integers(config, 'knn_k', (1, 10), meaning=' (the k of the kNN monitor)')
-  fields.integer(config, 'log_every_steps', example=10)
-  fields.integer(config, 'checkpoint_every_steps', example=200)
-  fields.integer(config, 'keep_checkpoints', example=2)
-  fields.integer(config, 'num_summary_images', low=0, example=8)
+  fields.integer(config, 'eval.every_epochs', example=1)
+  fields.integer(config, 'eval.precise_bn_batches', example=8, optional=True)
+  fields.integers(config, 'eval.knn_k', (1, 10), meaning=' (the k of the kNN monitor)')
+  fields.integer(config, 'train.log_every_steps', example=10)
+  fields.integer(config, 'train.checkpoint_every_steps', example=200)
+  fields.integer(config, 'train.keep_checkpoints', example=2)
+  fields.integer(config, 'train.num_summary_images', low=0, example=8)
 
 
 def check_cam_fields(config):
-  fields.choice(config, 'cam_method', gradcam.CAM_METHODS)
-  fields.choice(config, 'cam_layer', ('stage1', 'stage2', 'stage3', 'stage4'),
-                'set --config.cam_layer to one of stage1, stage2, stage3, stage4 (the last '
+  fields.choice(config, 'cam.method', gradcam.CAM_METHODS)
+  fields.choice(config, 'cam.layer', ('stage1', 'stage2', 'stage3', 'stage4'),
+                'set --config.cam.layer to one of stage1, stage2, stage3, stage4 (the last '
                 'convolutional stage)')

@@ -4,7 +4,7 @@ The building blocks of `checks.py`: `integer(config, 'batch_size')`,
 `real(...)`, `choice(...)` and the others read one (possibly dotted) field and
 raise an `errors.UserError` such as
 
-  --config.num_epochs=0 must be a positive whole number; set e.g. --config.num_epochs=1.
+  --config.train.num_epochs=0 must be a positive whole number; set e.g. --config.train.num_epochs=1.
 
 A field the config does not have reads as MISSING and passes: the predict and
 audit configs hold only some fields.

@@ -119,17 +119,19 @@ def _override_with(argv, field):
   return None, None
 
 
-def flag_error_message(error, argv):
+def flag_error_message(error, argv, moved=None):
   """One line for a mistake on the command line, or None for a programming error.
 
   Handles absl's flag errors (a value of the wrong type, a missing or unknown
   flag), a misspelled `--config.field` (ml_collections' "did you mean"
-  suggestion becomes the message), a config file that cannot be found, and a
-  config file whose `get_config(arg)` rejects its argument.
+  suggestion becomes the message; a field of the flat config that moved into a
+  section names its new place), a config file that cannot be found, and a config
+  file whose `get_config(arg)` rejects its argument.
 
   Args:
     error: what `flags.FLAGS(argv)` (or the first access of the config) raised.
     argv: the command line.
+    moved: {old flat field name: its dotted place now} (configs/default.FLAT_NAMES).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   config_arg = _argument(argv, 'config')
@@ -141,14 +143,17 @@ def flag_error_message(error, argv):
     flag, position = _override_with(argv, field)
     if flag is None:
       return None  # Not an override's: a config file's own bug.
+    if position == 1 and field in (moved or {}):
+      return (f'{flag} is now --config.{moved[field]} (the config is in sections); '
+              f'set --config.{moved[field]}=... instead.')
     if match:
       names = flag.split('.')
       suggestion = '.'.join(names[:position] + [match.group(1)] + names[position + 1:])
       return (f'{flag} is not a field of the config; did you mean {suggestion}? '
-              '(configs/default.py lists every field of the training modes).')
+              '(configs/default.py lists every section and field of the training modes).')
     return (f'{flag} is not a field of the config {config_arg or ""}; check its '
-            'spelling against the config file (configs/default.py lists every field of '
-            'the training modes).')
+            'spelling against the config file (configs/default.py lists every section '
+            'and field of the training modes).')
   if isinstance(error, OSError) and ('Failed loading config file' in text
                                      or 'Configuration is not available' in text):
     # ml_collections: the config file could not be loaded (raised on first access).
@@ -172,7 +177,7 @@ def flag_error_message(error, argv):
       return f'--{name} is required; set {fix.get(name, f"--{name}")}.'
     if isinstance(error, flags.UnrecognizedFlagError):
       return (f'{message.rstrip(".")}; python main.py --helpshort lists the flags (config '
-              'fields are set with --config.field=value).')
+              'fields are set with --config.section.field=value).')
     message = re.sub(r'^flag ', '', message).rstrip('.')
     return (f'{message}; give the flag a value of its type (a config field: of its '
             'default in the config file).')

@@ -1,7 +1,7 @@
 """Predict mode: classify new images with a trained run and show where it looked.
 
-  python main.py --config=configs/predict.py --config.checkpoint_workdir=runs/ft10 \
-    --config.inputs=PATH --workdir=out
+  python main.py --config=configs/predict.py --config.predict.checkpoint_workdir=runs/ft10 \
+    --config.predict.inputs=PATH --workdir=out
 
 PATH is an image file, a folder (searched recursively for image files), a glob,
 or `test_split`, the test split of the run's own data set with its labels and,
@@ -60,23 +60,23 @@ MIN_USEFUL_LAYER_SIZE = 4
 def check_run(checkpoint_workdir):
   """Returns the config of a run that can classify, or raises a one-sentence error."""
   if not checkpoint_workdir:
-    raise errors.UserError('predict needs a trained classifier; set --config.checkpoint_workdir '
+    raise errors.UserError('predict needs a trained classifier; set --config.predict.checkpoint_workdir '
                            'to the --workdir of a finetune or baseline run.')
   if not workdirs.has_config(checkpoint_workdir):
     raise errors.UserError(f'No run found in {checkpoint_workdir} (it has no config.json); set '
-                           '--config.checkpoint_workdir to the --workdir of a finetune or '
+                           '--config.predict.checkpoint_workdir to the --workdir of a finetune or '
                            'baseline run.')
   run_config = workdirs.load_config(checkpoint_workdir)
   if run_config.mode not in CLASSIFIER_MODES:
     raise errors.UserError(
         f'{checkpoint_workdir} holds a {run_config.mode} run, whose model has no '
         'classifier head; fine-tune it first (configs/finetune.py) and point '
-        '--config.checkpoint_workdir at the finetune or baseline run.')
+        '--config.predict.checkpoint_workdir at the finetune or baseline run.')
   if (workdirs.latest_step(checkpoint_workdir, 'best') is None
       and workdirs.latest_step(checkpoint_workdir, 'latest') is None):
     raise errors.UserError(f'The run in {checkpoint_workdir} has no checkpoint yet; let it '
                            'train until its first evaluation, or point '
-                           '--config.checkpoint_workdir at a finished run.')
+                           '--config.predict.checkpoint_workdir at a finished run.')
   return run_config
 
 
@@ -92,7 +92,7 @@ def find_inputs(inputs):
     errors.UserError: if `inputs` is empty or matches no file.
   """
   if not inputs:
-    raise errors.UserError('Set --config.inputs to an image file, a folder of images, a quoted '
+    raise errors.UserError('Set --config.predict.inputs to an image file, a folder of images, a quoted '
                            f"glob such as 'scans/*.png', or {TEST_SPLIT}.")
   path = os.path.expanduser(inputs)
   if os.path.isdir(path):
@@ -108,7 +108,7 @@ def find_inputs(inputs):
   else:
     files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
   if not files:
-    raise errors.UserError(f'--config.inputs={inputs!r} matches no image file; give an image '
+    raise errors.UserError(f'--config.predict.inputs={inputs!r} matches no image file; give an image '
                            f"file, a folder of images, a quoted glob such as 'scans/*.png', or "
                            f'{TEST_SPLIT}.')
   # The .img half of an Analyze pair is read through its .hdr.
@@ -126,18 +126,18 @@ def check_config(config):
   checks.check_mode(config, ('predict',))
   fields.seeds(config, 'seed')
   checks.check_cam_fields(config)
-  fields.integer(config, 'batch_size', example=32)
-  fields.boolean(config, 'evaluate_cam')
-  fractions = fields.get(config, 'deletion_fractions')
+  fields.integer(config, 'predict.batch_size', example=32)
+  fields.boolean(config, 'cam.evaluate')
+  fractions = fields.get(config, 'cam.deletion_fractions')
   if fractions is not fields.MISSING and not (
       isinstance(fractions, (tuple, list)) and fractions
       and all(fields.is_real(f) and 0.0 < f < 1.0 for f in fractions)):
-    fields.fail('deletion_fractions', fractions, 'must be a non-empty tuple of shares in (0, 1)',
+    fields.fail('cam.deletion_fractions', fractions, 'must be a non-empty tuple of shares in (0, 1)',
                 (0.05, 0.1, 0.2))
-  inputs = fields.get(config, 'inputs')
+  inputs = fields.get(config, 'predict.inputs')
   if inputs != TEST_SPLIT:
     find_inputs(None if inputs is fields.MISSING else inputs)
-  workdir = fields.get(config, 'checkpoint_workdir')
+  workdir = fields.get(config, 'predict.checkpoint_workdir')
   check_run(None if workdir is fields.MISSING else workdir)
 
 
@@ -146,8 +146,8 @@ def check_config(config):
 
 def stored_size(run_config):
   """Height and width at which the run's data set stores its images."""
-  if run_config.dataset in ('image_folder', 'nifti_folder'):
-    return int(run_config.image_size)
+  if run_config.data.name in ('image_folder', 'nifti_folder'):
+    return int(run_config.data.image_size)
   return alzheimer_mri.IMAGE_SIZE  # alzheimer_mri and synthetic_mri: 128 x 128.
 
 
@@ -176,9 +176,9 @@ def read_images(files, size, run_config=None):
     try:
       if is_volume(path):
         slices, indices = nifti_folder.read_volume_slices(
-            path, size, run_config.get('nifti_slice_selection', 'central'),
-            run_config.get('nifti_num_slices', 32), run_config.get('nifti_slice_step', 1),
-            run_config.get('nifti_min_mask_fraction', 0.5))
+            path, size, run_config.data.nifti.slice_selection,
+            run_config.data.nifti.num_slices, run_config.data.nifti.slice_step,
+            run_config.data.nifti.min_mask_fraction)
         images += list(slices)
         names += [f'{path}#{k:03d}' for k in indices]
         volumes += [path] * len(slices)
@@ -208,11 +208,11 @@ def class_names_of_run(checkpoint_workdir, run_config):
     names = workdirs.read_metrics(checkpoint_workdir).get('class_names')
     if names:
       return list(names)
-  if run_config.dataset.startswith(('alzheimer_mri', 'synthetic_mri')):
+  if run_config.data.name.startswith(('alzheimer_mri', 'synthetic_mri')):
     return list(alzheimer_mri.CLASS_NAMES)
   logging.warning('The run in %s has no metrics.json with class names yet; classes are '
                   'shown by index.', checkpoint_workdir)
-  return [f'class_{k}' for k in range(run_config.num_classes)]
+  return [f'class_{k}' for k in range(run_config.model.num_classes)]
 
 
 def folder_labels(files, class_names):
@@ -266,7 +266,7 @@ def predictions_csv(files, probabilities, class_names, overlays, labels=None):
 
 
 def main(config, workdir):
-  """Classifies `config.inputs` with `config.checkpoint_workdir`'s best checkpoint.
+  """Classifies `config.predict.inputs` with `config.predict.checkpoint_workdir`'s best checkpoint.
 
   Args:
     config: the predict config (configs/predict.py).
@@ -281,9 +281,9 @@ def main(config, workdir):
       (pretrain), inputs that match no file, or unknown CAM settings; after
       reading, if no input image could be read.
   """
-  run_dir = config.checkpoint_workdir
-  use_test_split = config.inputs == TEST_SPLIT
-  files = None if use_test_split else find_inputs(config.inputs)
+  run_dir = config.predict.checkpoint_workdir
+  use_test_split = config.predict.inputs == TEST_SPLIT
+  files = None if use_test_split else find_inputs(config.predict.inputs)
 
   run_config, model, variables = workdirs.restore_for_inference(run_dir)
   class_names = class_names_of_run(run_dir, run_config)
@@ -296,24 +296,24 @@ def main(config, workdir):
     names, stored, unreadable, volumes = read_images(files, stored_size(run_config),
                                                      run_config)
     if not names:
-      raise errors.UserError(f'None of the {len(files)} files of --config.inputs='
-                             f'{config.inputs!r} is a readable image.')
+      raise errors.UserError(f'None of the {len(files)} files of --config.predict.inputs='
+                             f'{config.predict.inputs!r} is a readable image.')
     labels = folder_labels(names, class_names)
-  input_shape = (run_config.image_size, run_config.image_size, run_config.channels)
-  layer_size = gradcam.layer_shape(model, variables, input_shape, config.cam_layer)[:2]
+  input_shape = (run_config.data.image_size, run_config.data.image_size, run_config.data.channels)
+  layer_size = gradcam.layer_shape(model, variables, input_shape, config.cam.layer)[:2]
   if min(layer_size) < MIN_USEFUL_LAYER_SIZE:
     # Each earlier stage doubles the resolution.
-    finer = int(config.cam_layer[-1]) - int(np.ceil(np.log2(
+    finer = int(config.cam.layer[-1]) - int(np.ceil(np.log2(
         MIN_USEFUL_LAYER_SIZE / min(layer_size))))
     logging.warning(
         'The %s activations of this run are only %d x %d cells, too coarse to show '
-        'where the model looked; --config.cam_layer=stage%d gives %d x %d.',
-        config.cam_layer, layer_size[0], layer_size[1], max(1, finer),
-        *(np.asarray(layer_size) * 2**(int(config.cam_layer[-1]) - max(1, finer))))
+        'where the model looked; --config.cam.layer=stage%d gives %d x %d.',
+        config.cam.layer, layer_size[0], layer_size[1], max(1, finer),
+        *(np.asarray(layer_size) * 2**(int(config.cam.layer[-1]) - max(1, finer))))
   logging.info('Explaining %d images with %s at %s (%d x %d cells).', len(names),
-               config.cam_method, config.cam_layer, *layer_size)
-  explanation = cam_grid.explain(model, variables, stored, run_config, config.cam_method,
-                                config.cam_layer, batch_size=config.batch_size)
+               config.cam.method, config.cam.layer, *layer_size)
+  explanation = cam_grid.explain(model, variables, stored, run_config, config.cam.method,
+                                config.cam.layer, batch_size=config.train.batch_size)
   probabilities = explanation.probabilities
   predicted = probabilities.argmax(-1)
 
@@ -321,7 +321,7 @@ def main(config, workdir):
   overlays = [name if show else '' for name, show in zip(overlay_names(names), shown)]
   workdirs.write_text(workdirs.output_path(workdir, 'predictions.csv'),
                   predictions_csv(names, probabilities, class_names, overlays, labels))
-  cam_name = f'{cam_grid.CAM_NAMES[config.cam_method]} ({config.cam_layer})'
+  cam_name = f'{cam_grid.CAM_NAMES[config.cam.method]} ({config.cam.layer})'
   for i, name in enumerate(names):
     if not overlays[i]:
       continue
@@ -339,10 +339,10 @@ def main(config, workdir):
   summary = {
       'checkpoint_workdir': workdirs.workdir_path(run_dir),
       'run_mode': run_config.mode,
-      'inputs': config.inputs,
+      'inputs': config.predict.inputs,
       'class_names': class_names,
-      'cam_method': config.cam_method,
-      'cam_layer': config.cam_layer,
+      'cam_method': config.cam.method,
+      'cam_layer': config.cam.layer,
       'cam_cells': list(layer_size),
       'num_inputs': len(names) + len(unreadable),
       'num_predicted': len(names),
@@ -359,15 +359,15 @@ def main(config, workdir):
     summary['labels_from'] = 'test split' if use_test_split else 'class folder names'
     summary['metrics'] = classification.classification_metrics(labels, predicted,
                                                               len(class_names))
-  if config.evaluate_cam:
+  if config.cam.evaluate:
     if masks is None:
       logging.warning('No class-signal masks come with these inputs (only '
                       'inputs=%s of a synthetic_mri run has them): the heatmap quality '
                       'has deletion faithfulness but no mask energy.', TEST_SPLIT)
     quality = gradcam.evaluate_heatmaps(
-        model, variables, explanation.inputs, explanation.heatmaps, masks, method=config.cam_method,
-        layer=config.cam_layer, fractions=tuple(config.deletion_fractions),
-        seed=config.seed, batch_size=config.batch_size)
+        model, variables, explanation.inputs, explanation.heatmaps, masks, method=config.cam.method,
+        layer=config.cam.layer, fractions=tuple(config.cam.deletion_fractions),
+        seed=config.seed, batch_size=config.train.batch_size)
     summary['cam_quality'] = quality
     plots.plot_cam_quality(quality, workdirs.output_path(workdir, 'cam_quality.png'),
                            title=cam_name)

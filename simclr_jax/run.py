@@ -107,7 +107,7 @@ def run(config, workdir, setup=None):
     config: a config of any mode (configs/*.py).
     workdir: the run's directory.
     setup: called after the checks, before any work (main.py: `setup_runtime`),
-      so that a mistake is reported before TensorFlow even loads.
+      so that a mistake is reported before any data set or device is touched.
 
   Raises:
     errors.UserError: for any config value, path or run a mode cannot use.
@@ -121,11 +121,16 @@ def run(config, workdir, setup=None):
 
 
 def mode_module(config):
-  """The module of `config.mode` (imported on demand: `--help` and checks stay fast)."""
+  """The module of `config.mode`, imported on demand (`--help` stays fast).
+
+  The modes write summaries through clu, which imports TensorFlow: it is imported
+  first, quietly, so that its start-up notices never reach the user.
+  """
   mode = config.get('mode')
   if mode not in MODES:
     raise errors.UserError(f'Unknown mode {mode!r}; set --config.mode to one of '
                            f'{sorted(MODES)} (or pick a file in configs/).')
+  import_tensorflow_quietly()
   return importlib.import_module(MODES[mode])
 
 

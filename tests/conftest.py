@@ -3,6 +3,7 @@
 import os
 
 import jax
+import ml_collections
 import pytest
 
 from configs import default
@@ -12,20 +13,34 @@ KAGGLE_ZIP = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'alzheimer-mr
 
 
 def tiny_config(data_dir, mode='pretrain', **overrides):
-  """A config whose runs take seconds on a CPU: ResNet-18 at 1/8 width, 32 px."""
+  """A config whose runs take seconds on a CPU: ResNet-18 at 1/8 width, 32 px.
+
+  `overrides` name fields by their dotted path (`**{'train.batch_size': 8}`) or, for
+  brevity, by their name before the config had sections (`batch_size=8`, mapped
+  through configs/default.FLAT_NAMES); a section the config lacks is created.
+  """
   config = default.get_config()
   config.mode = mode
-  config.dataset = 'synthetic_mri/small'
-  config.data_dir = data_dir
-  config.update(image_size=32, channels=1)  # Images.
-  config.update(model='resnet18', width=0.125, encoder_output='avgpool',
-                projection_dims=(32, 16))  # Model.
-  config.update(batch_size=16, eval_batch_size=32, num_epochs=2)  # Run length.
-  config.update(log_every_steps=4, checkpoint_every_steps=5, knn_k=(1, 5),
-                num_summary_images=2)  # Reports.
+  config.data.update(name='synthetic_mri/small', dir=data_dir, image_size=32, channels=1)
+  config.model.update(name='resnet18', width=0.125, encoder_output='avgpool')
+  config.pretrain.projection_dims = (32, 16)
+  config.train.update(batch_size=16, num_epochs=2)  # Run length.
+  config.eval.update(batch_size=32, knn_k=(1, 5))
+  config.train.update(log_every_steps=4, checkpoint_every_steps=5,
+                      num_summary_images=2)  # Reports.
   for key, value in overrides.items():
-    config[key] = value
+    set_field(config, default.FLAT_NAMES.get(key, key), value)
   return config
+
+
+def set_field(config, path, value):
+  """config.a.b = value for path 'a.b', creating missing sections."""
+  *sections, name = path.split('.')
+  for section in sections:
+    if section not in config:
+      config[section] = ml_collections.ConfigDict()
+    config = config[section]
+  config[name] = value
 
 
 @pytest.fixture(scope='session', autouse=True)

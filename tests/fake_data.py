@@ -22,9 +22,9 @@ def config(**overrides):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config.image_size = IMAGE_SIZE
-  config.channels = 3
-  config.batch_size = 8
+  config.data.image_size = IMAGE_SIZE
+  config.data.channels = 3
+  config.train.batch_size = 8
   config.update(overrides)
   return config
 

@@ -159,7 +159,7 @@ def test_calibrate_threshold_separates_positives_from_negatives():
 
 def test_config_file_loads_through_config_flags():
   argv = ['main.py', f'--config={AUDIT_CONFIG}:runlocal',
-          '--config.audit_threshold=0.97']
+          '--config.audit.threshold=0.97']
   flag_values = flags.FlagValues()
   # As main.py defines it; override flags are read from argv at definition.
   config_flags.DEFINE_config_file('config', None, 'Config file.',
@@ -168,8 +168,8 @@ def test_config_file_loads_through_config_flags():
   flag_values(argv)
   config = flag_values.config
   assert config.mode == 'audit'
-  assert config.dataset == 'synthetic_mri/small'
-  assert config.audit_threshold == 0.97 and config.grouping_threshold is None
+  assert config.data.name == 'synthetic_mri/small'
+  assert config.audit.threshold == 0.97 and config.audit.grouping_threshold is None
 
 
 @pytest.mark.skipif(not os.path.exists(KAGGLE_ZIP),

@@ -141,8 +141,8 @@ def test_jit_compiles_once_and_makes_keys_inside():
 def test_model_input_matches_tf_preprocess(image_size):
   images = _images(8)
   config = default.get_config()
-  config.image_size = image_size
-  config.channels = 3
+  config.data.image_size = image_size
+  config.data.channels = 3
   expected = tf_augment.preprocess(images, config)
   actual = np.asarray(augment.model_input(images, image_size, 3))
   assert actual.shape == expected.shape

@@ -41,5 +41,5 @@ def test_binary_task_is_the_negative_class_against_every_other():
   np.testing.assert_array_equal(labels, (arrays.labels != 2).astype(np.int32))
   same, names = arrays_lib.task_labels(arrays, fake_data.config(task='four_class'))
   assert same is arrays.labels and names == list(arrays.class_names)
-  with pytest.raises(ValueError, match='--config.binary_negative_class'):
+  with pytest.raises(ValueError, match='--config.labels.binary_negative_class'):
     arrays_lib.task_labels(arrays, fake_data.config(task='binary'))  # No Non_Demented here.

@@ -20,6 +20,7 @@ import PIL.Image
 import pytest
 
 from configs import audit as audit_config
+from configs import default as default_config
 from configs import predict as predict_config
 from configs import sweep as sweep_config
 from simclr_jax import checks
@@ -27,14 +28,14 @@ from simclr_jax import errors
 from simclr_jax import run
 from simclr_jax.train import workdirs
 from simclr_jax import predict
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, set_field, tiny_config
 
 MAIN = os.path.join(REPO, 'main.py')
-TINY = ('--config.dataset=synthetic_mri/small', '--config.image_size=32',
-        '--config.channels=1', '--config.model=resnet18', '--config.width=0.125',
-        '--config.encoder_output=avgpool', '--config.batch_size=16',
-        '--config.eval_batch_size=32', '--config.num_epochs=1',
-        '--config.label_fraction=0.5', '--config.num_summary_images=0')
+TINY = ('--config.data.name=synthetic_mri/small', '--config.data.image_size=32',
+        '--config.data.channels=1', '--config.model.name=resnet18', '--config.model.width=0.125',
+        '--config.model.encoder_output=avgpool', '--config.train.batch_size=16',
+        '--config.eval.batch_size=32', '--config.train.num_epochs=1',
+        '--config.labels.fraction=0.5', '--config.train.num_summary_images=0')
 # What TensorFlow, TFDS and JAX printed at every start before these were silenced.
 NOISE = ('oneDNN custom operations', 'absl::InitializeLog', 'cpu_feature_guard',
          "Unable to initialize backend 'tpu'", '\x1b[A', '\r')
@@ -50,7 +51,7 @@ def _main(workdir, *args, config='baseline.py', data_dir=None, tiny=True, env=No
   if tiny:
     command += list(TINY)
   if data_dir:
-    command.append(f'--config.data_dir={data_dir}')
+    command.append(f'--config.data.dir={data_dir}')
   return subprocess.run(command + list(args), cwd=REPO, capture_output=True, text=True,
                         timeout=300, env=env or dict(os.environ))
 
@@ -73,30 +74,32 @@ def assert_user_error(result, *words):
 
 @pytest.mark.parametrize('args,words', [
     # The issue's list.
-    (['--config.label_fraction=1.5'], ['--config.label_fraction=1.5', '(0, 1]']),
+    (['--config.labels.fraction=1.5'], ['--config.labels.fraction=1.5', '(0, 1]']),
     (['--config.mode=finetun'], ['Unknown mode', '--config.mode', 'finetune']),
-    (['--config.num_epochs=-1'], ['--config.num_epochs=-1', 'positive']),
-    (['--config.batch_size=0'], ['--config.batch_size=0', 'positive multiple of the',
-                                 'device(s)', 'set e.g. --config.batch_size=']),
-    (['--config.image_size=7'], ['--config.image_size=7', 'downsample 32x', '>= 32']),
-    (['--config.label_fractoin=0.1'], ['--config.label_fractoin', 'did you mean',
-                                       '--config.label_fraction']),
+    (['--config.train.num_epochs=-1'], ['--config.train.num_epochs=-1', 'positive']),
+    (['--config.train.batch_size=0'], ['--config.train.batch_size=0', 'positive multiple of the',
+                                 'device(s)', 'set e.g. --config.train.batch_size=']),
+    (['--config.data.image_size=7'], ['--config.data.image_size=7', 'downsample 32x', '>= 32']),
+    (['--config.labels.fractoin=0.1'], ['--config.labels.fractoin', 'did you mean',
+                                        '--config.labels.fraction']),
+    (['--config.label_fraction=0.1'], ['--config.label_fraction is now',
+                                       '--config.labels.fraction']),
     (['--config.augment.crop_scal=(0.5,1.0)'], ['did you mean --config.augment.crop_scale']),
-    (['--config.batch_size=abc'], ['--config.batch_size=abc', 'int()']),
-    (['--config.dataset_path=/nonexistent/x.zip'], ['--config.dataset_path=/nonexistent/x.zip',
+    (['--config.train.batch_size=abc'], ['--config.train.batch_size=abc', 'int()']),
+    (['--config.data.path=/nonexistent/x.zip'], ['--config.data.path=/nonexistent/x.zip',
                                                     'does not exist']),
-    (['--config.dataset=cifar10'], ['Unknown data set', 'synthetic_mri']),
-    (['unexpected'], ['Unexpected arguments', '--config.field=value']),
+    (['--config.data.name=cifar10'], ['Unknown data set', 'synthetic_mri']),
+    (['unexpected'], ['Unexpected arguments', '--config.section.field=value']),
     (['--no_such_flag'], ['no_such_flag', '--helpshort']),
     # One per config check family.
-    (['--config.sam=samm'], ['Unknown sam', 'asam']),
+    (['--config.pretrain.sam=samm'], ['Unknown pretrain.sam', 'asam']),
     (['--config.augment.crop_scale=(0.5,1.5)'], ['--config.augment.crop_scale', 'low <= high']),
-    (['--config.pretrain_optimizer.momentum=1.0'], ['momentum=1.0', '[0, 1)']),
-    (['--config.log_every_steps=0'], ['--config.log_every_steps=0', 'positive whole number']),
-    (['--config.knn_k=(0,5)'], ['--config.knn_k', 'tuple of positive whole numbers']),
-    (['--config.eval_batch_size=0'], ['--config.eval_batch_size=0', 'device(s)']),
-    (['--config.channels=2'], ['--config.channels=2', '1 (gray) or 3']),
-    (['--config.test_fraction=1.0'], ['--config.test_fraction=1.0', '[0, 1)']),
+    (['--config.pretrain.optimizer.momentum=1.0'], ['momentum=1.0', '[0, 1)']),
+    (['--config.train.log_every_steps=0'], ['--config.train.log_every_steps=0', 'positive whole number']),
+    (['--config.eval.knn_k=(0,5)'], ['--config.eval.knn_k', 'tuple of positive whole numbers']),
+    (['--config.eval.batch_size=0'], ['--config.eval.batch_size=0', 'device(s)']),
+    (['--config.data.channels=2'], ['--config.data.channels=2', '1 (gray) or 3']),
+    (['--config.split.test_fraction=1.0'], ['--config.split.test_fraction=1.0', '[0, 1)']),
 ])
 def test_bad_training_flags_are_one_line(tmp_path, args, words):
   assert_user_error(_main(tmp_path / 'run', *args), *words)
@@ -108,17 +111,17 @@ def test_bad_training_flags_are_one_line(tmp_path, args, words):
     ('baseline.py:runlocl', [], ['Unknown config argument', "'runlocl'"]),
     ('sweep.py:preset=gpu', [], ['Unknown preset', 'runlocal']),
     ('finetune.py:runlocal', [], ['finetune needs a pretrain run',
-                                  '--config.pretrained_workdir']),
-    ('finetune.py:runlocal', ['--config.pretrained_workdir=/nonexistent'],
+                                  '--config.finetune.pretrained_workdir']),
+    ('finetune.py:runlocal', ['--config.finetune.pretrained_workdir=/nonexistent'],
      ['No pretrain checkpoint found in /nonexistent']),
-    ('sweep.py', ['--config.fractions=(0.0,0.5)'], ['fractions', '(0, 1]']),
-    ('sweep.py', ['--config.protocols=(\'leaky\',)'], ['Unknown protocols', 'honest']),
-    ('predict.py', ['--config.inputs=/nonexistent/*.png'], ['matches no image file']),
-    ('predict.py', ['--config.inputs=test_split'], ['--config.checkpoint_workdir']),
-    ('predict.py', ['--config.cam_layer=stage5'], ['Unknown cam_layer', 'stage4']),
-    ('audit.py:runlocal', ['--config.audit_threshold=1.5'], ['audit_threshold=1.5',
+    ('sweep.py', ['--config.sweep.fractions=(0.0,0.5)'], ['fractions', '(0, 1]']),
+    ('sweep.py', ['--config.sweep.protocols=(\'leaky\',)'], ['Unknown protocols', 'honest']),
+    ('predict.py', ['--config.predict.inputs=/nonexistent/*.png'], ['matches no image file']),
+    ('predict.py', ['--config.predict.inputs=test_split'], ['--config.predict.checkpoint_workdir']),
+    ('predict.py', ['--config.cam.layer=stage5'], ['Unknown cam.layer', 'stage4']),
+    ('audit.py:runlocal', ['--config.audit.threshold=1.5'], ['audit.threshold=1.5',
                                                              '(-1, 1]']),
-    ('audit.py:runlocal', ['--config.split_scheme=person'], ['Unknown split_scheme',
+    ('audit.py:runlocal', ['--config.split.scheme=person'], ['Unknown split.scheme',
                                                              'subject']),
 ])
 def test_bad_configs_of_every_mode_are_one_line(tmp_path, config, args, words):
@@ -135,10 +138,10 @@ def test_missing_flags_are_one_line(tmp_path):
 
 
 def test_verbose_adds_the_traceback(tmp_path):
-  result = _main(tmp_path / 'run', '--config.num_epochs=0', '--verbose')
+  result = _main(tmp_path / 'run', '--config.train.num_epochs=0', '--verbose')
   assert result.returncode == errors.EXIT_STATUS
   assert 'Traceback' in result.stderr and 'UserError' in result.stderr
-  assert result.stderr.splitlines()[-1].startswith('error: --config.num_epochs=0')
+  assert result.stderr.splitlines()[-1].startswith('error: --config.train.num_epochs=0')
   result = _main(tmp_path / 'run', '--config.label_fractoin=0.1', '--verbose')
   assert 'Traceback' in result.stderr
   assert result.stderr.splitlines()[-1].startswith('error: --config.label_fractoin')
@@ -162,8 +165,8 @@ def test_broken_dataset_zip_is_one_line(tmp_path):
   broken = tmp_path / 'alzheimer-mri-dataset.zip'
   broken.write_bytes(b'PK\x03\x04 only the first bytes of a download')
   assert_user_error(
-      _main(tmp_path / 'run', '--config.dataset=alzheimer_mri',
-            f'--config.dataset_path={broken}'),
+      _main(tmp_path / 'run', '--config.data.name=alzheimer_mri',
+            f'--config.data.path={broken}'),
       'not a readable zip file', str(broken))
 
 
@@ -174,8 +177,8 @@ def test_wrong_kaggle_zip_is_one_line_after_tensorflow_loads(tmp_path, data_dir)
     archive.writestr('Dataset/cats/1.jpg', b'not an image')
   env = dict(os.environ)
   env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # main.py's own default.
-  result = _main(tmp_path / 'run', '--config.dataset=alzheimer_mri',
-                 f'--config.dataset_path={wrong}', data_dir=str(tmp_path / 'tfds'), env=env)
+  result = _main(tmp_path / 'run', '--config.data.name=alzheimer_mri',
+                 f'--config.data.path={wrong}', data_dir=str(tmp_path / 'tfds'), env=env)
   assert_user_error(result, 'No class folder', 'Mild_Demented', str(wrong))
   for noise in NOISE:
     assert noise not in result.stdout + result.stderr, noise
@@ -183,7 +186,7 @@ def test_wrong_kaggle_zip_is_one_line_after_tensorflow_loads(tmp_path, data_dir)
 
 def test_missing_kaggle_data_is_one_line(tmp_path):
   """The default data set without the zip (a fresh machine) names where to put it."""
-  result = _main(tmp_path / 'run', '--config.dataset=alzheimer_mri',
+  result = _main(tmp_path / 'run', '--config.data.name=alzheimer_mri',
                  data_dir=str(tmp_path / 'tfds'))
   assert_user_error(result, 'Kaggle Alzheimer MRI data was not found', 'dataset_path')
 
@@ -197,8 +200,8 @@ def test_empty_class_folder_is_one_line_and_a_good_folder_logs_cleanly(tmp_path)
       PIL.Image.fromarray(rng.integers(0, 256, (32, 32), np.uint8)).save(
           folder / name / f'{i}.png')
   os.makedirs(folder / 'MCI')
-  args = ['--config.dataset=image_folder', f'--config.dataset_path={folder}',
-          '--config.image_size=32', f'--config.data_dir={tmp_path / "tfds"}']
+  args = ['--config.data.name=image_folder', f'--config.data.path={folder}',
+          '--config.data.image_size=32', f'--config.data.dir={tmp_path / "tfds"}']
   assert_user_error(_main(tmp_path / 'audit', *args, config='audit.py', tiny=False),
                     'MCI holds no images', 'remove the folder')
   # Without the empty folder the audit builds the data set and runs: progress bars
@@ -226,8 +229,8 @@ def test_invalid_config_json_is_one_line_naming_the_file(tmp_path, data_dir):
   os.makedirs(broken)
   (broken / 'config.json').write_text('{"mode": "finetune", "seed": 0,,}')
   assert_user_error(
-      _main(tmp_path / 'predict', f'--config.checkpoint_workdir={broken}',
-            '--config.inputs=test_split', config='predict.py', tiny=False),
+      _main(tmp_path / 'predict', f'--config.predict.checkpoint_workdir={broken}',
+            '--config.predict.inputs=test_split', config='predict.py', tiny=False),
       str(broken / 'config.json'), 'not valid JSON', 'new --workdir')
   # A training workdir: refused once the data set is loaded, before training.
   assert_user_error(_main(broken, data_dir=data_dir), str(broken / 'config.json'),
@@ -279,46 +282,49 @@ def _nested(config, name, value):
   return config
 
 
-def _sweep(**overrides):
-  config = sweep_config.get_config('preset=runlocal')
-  config.update(overrides)
+def _overridden(config, overrides):
+  for name, value in overrides.items():
+    set_field(config, default_config.FLAT_NAMES.get(name, name), value)
   return config
+
+
+def _sweep(**overrides):
+  return _overridden(sweep_config.get_config('preset=runlocal'), overrides)
 
 
 def _predict(tmp_path, **overrides):
   config = predict_config.get_config()
-  config.checkpoint_workdir = str(tmp_path)
-  config.inputs = predict.TEST_SPLIT
-  config.update(overrides)
-  return config
+  config.predict.checkpoint_workdir = str(tmp_path)
+  config.predict.inputs = predict.TEST_SPLIT
+  if 'batch_size' in overrides:  # predict's own batch, not a training run's.
+    config.predict.batch_size = overrides.pop('batch_size')
+  return _overridden(config, overrides)
 
 
 def _audit(**overrides):
-  config = audit_config.get_config('runlocal')
-  config.update(overrides)
-  return config
+  return _overridden(audit_config.get_config('runlocal'), overrides)
 
 
 TRAIN_CASES = [
     ('mode', 'pretrian', 'Unknown mode'),
     ('seed', -1, r'--config\.seed=-1 must be a whole number >= 0'),
-    ('dataset', 'synthetic_mri/huge', 'Unknown data set'),
-    ('image_size', 16, 'downsample 32x'),
-    ('nifti_slice_selection', 'all', 'Unknown nifti_slice_selection'),
-    ('nifti_num_slices', 0, 'nifti_num_slices=0'),
-    ('nifti_min_mask_fraction', 0.0, r'nifti_min_mask_fraction=0\.0 must be in \(0, 1\]'),
-    ('subject_ids', 'some', 'Unknown subject_ids'),
-    ('subject_grouping_threshold', 1.5, r'\(-1, 1\]'),
-    ('subject_grouping_k', 0, 'subject_grouping_k=0'),
-    ('channels', 4, '1 \\(gray\\) or 3'),
-    ('split_scheme', 'random', 'Unknown split_scheme'),
-    ('split_seed', -3, 'split_seed=-3'),
-    ('test_fraction', -0.1, r'\[0, 1\)'),
-    ('val_fraction', 1.0, r'\[0, 1\)'),
-    ('num_folds', 1, 'num_folds=1 must be a whole number >= 2'),  # Where K-fold is set up.
-    ('fold', -1, 'fold=-1'),
-    ('label_fraction', 0.0, r'label_fraction=0\.0 must be in \(0, 1\]'),
-    ('label_seed', -1, 'label_seed=-1'),
+    ('data.name', 'synthetic_mri/huge', 'Unknown data set'),
+    ('data.image_size', 16, 'downsample 32x'),
+    ('data.nifti.slice_selection', 'all', r'Unknown data\.nifti\.slice_selection'),
+    ('data.nifti.num_slices', 0, r'data\.nifti\.num_slices=0'),
+    ('data.nifti.min_mask_fraction', 0.0, r'data\.nifti\.min_mask_fraction=0\.0 must be in \(0, 1\]'),
+    ('data.subject_ids', 'some', r'Unknown data\.subject_ids'),
+    ('data.grouping.threshold', 1.5, r'\(-1, 1\]'),
+    ('data.grouping.k', 0, r'data\.grouping\.k=0'),
+    ('data.channels', 4, '1 \\(gray\\) or 3'),
+    ('split.scheme', 'random', r'Unknown split\.scheme'),
+    ('split.seed', -3, r'split\.seed=-3'),
+    ('split.test_fraction', -0.1, r'\[0, 1\)'),
+    ('split.val_fraction', 1.0, r'\[0, 1\)'),
+    ('split.num_folds', 1, r'split\.num_folds=1 must be a whole number >= 2'),  # Where K-fold is set up.
+    ('split.fold', -1, r'split\.fold=-1'),
+    ('labels.fraction', 0.0, r'labels\.fraction=0\.0 must be in \(0, 1\]'),
+    ('labels.seed', -1, r'labels\.seed=-1'),
     ('augment.crop_scale', (0.0, 1.0), 'low <= high <= 1'),
     ('augment.crop_scale', (0.8, 0.5), 'low <= high <= 1'),
     ('augment.crop_scale', (0.5,), 'pair'),
@@ -326,41 +332,42 @@ TRAIN_CASES = [
     ('augment.rotation_degrees', -5.0, 'rotation_degrees=-5.0 must be a number >= 0'),
     ('augment.brightness', -0.1, 'brightness'),
     ('augment.contrast', -0.1, 'contrast'),
-    ('model', 'resnet101', '--config.model'),
-    ('width', 0.0, r'width=0\.0 must be a positive number'),
-    ('encoder_output', 'max', 'Unknown encoder_output'),
-    ('projection_dims', (), 'projection_dims'),
-    ('projection_dims', (64, 0), 'projection_dims'),
-    ('projection_dropout', 1.0, r'\[0, 1\)'),
-    ('head_dropout', -0.5, r'\[0, 1\)'),
-    ('dtype', 'float16', 'Unknown dtype'),
-    ('num_epochs', 0, 'num_epochs=0'),
-    ('batch_size', 0, 'positive multiple'),
-    ('batch_size', -16, 'positive multiple'),
-    ('eval_batch_size', 0, 'positive multiple'),
-    ('pretrain_optimizer.learning_rate', 0.0, 'learning_rate=0.0 must be a positive'),
-    ('pretrain_optimizer.learning_rate', float('nan'), 'learning_rate=nan'),
-    ('pretrain_optimizer.momentum', -0.1, r'\[0, 1\)'),
-    ('pretrain_optimizer.weight_decay', -1.0, '>= 0'),
-    ('pretrain_optimizer.warmup_fraction', 1.0, r'\[0, 1\)'),
-    ('sam', 'adam', 'Unknown sam'),
-    ('finetune_sam', 'adam', 'Unknown finetune_sam'),
-    ('sam_rho', -1.0, 'sam_rho=-1.0 must be a number >= 0'),
-    ('sam_eta', -0.01, 'sam_eta'),
-    ('temperature', 0.0, 'temperature=0.0 must be a positive number'),
-    ('temperature_steps', ((3.0, 0.0),), 'positive temperatures'),
-    ('finetune_optimizer.learning_rate', -1e-4, 'learning_rate'),
-    ('finetune_optimizer.weight_decay', -1e-8, 'weight_decay'),
-    ('selection_metric', 'loss', 'Unknown selection_metric'),
-    ('selection_split', 'train', 'Unknown selection_split'),
-    ('eval_every_epochs', 0, 'eval_every_epochs=0'),
-    ('precise_bn_batches', 0, 'precise_bn_batches'),
-    ('knn_k', (), 'knn_k'),
-    ('knn_k', (1, -5), 'knn_k'),
-    ('log_every_steps', 0, 'log_every_steps=0'),
-    ('checkpoint_every_steps', -1, 'checkpoint_every_steps=-1'),
-    ('keep_checkpoints', 0, 'keep_checkpoints=0'),
-    ('num_summary_images', -1, 'num_summary_images=-1'),
+    ('model.name', 'resnet101', '--config.model.name'),
+    ('model.width', 0.0, r'model\.width=0\.0 must be a positive number'),
+    ('model.encoder_output', 'max', r'Unknown model\.encoder_output'),
+    ('pretrain.projection_dims', (), r'pretrain\.projection_dims'),
+    ('pretrain.projection_dims', (64, 0), r'pretrain\.projection_dims'),
+    ('pretrain.projection_dropout', 1.0, r'\[0, 1\)'),
+    ('supervised.head_dropout', -0.5, r'\[0, 1\)'),
+    ('model.dtype', 'float16', r'Unknown model\.dtype'),
+    ('train.num_epochs', 0, r'train\.num_epochs=0'),
+    ('train.batch_size', 0, 'positive multiple'),
+    ('train.batch_size', -16, 'positive multiple'),
+    ('eval.batch_size', 0, 'positive multiple'),
+    ('pretrain.optimizer.learning_rate', 0.0, 'learning_rate=0.0 must be a positive'),
+    ('pretrain.optimizer.learning_rate', float('nan'), 'learning_rate=nan'),
+    ('pretrain.optimizer.momentum', -0.1, r'\[0, 1\)'),
+    ('pretrain.optimizer.weight_decay', -1.0, '>= 0'),
+    ('pretrain.optimizer.warmup_fraction', 1.0, r'\[0, 1\)'),
+    ('pretrain.sam', 'adam', r'Unknown pretrain\.sam'),
+    ('supervised.sam', 'adam', r'Unknown supervised\.sam'),
+    ('pretrain.sam_rho', -1.0, r'pretrain\.sam_rho=-1.0 must be a number >= 0'),
+    ('pretrain.sam_eta', -0.01, r'pretrain\.sam_eta'),
+    ('supervised.sam_rho', -1.0, r'supervised\.sam_rho=-1.0 must be a number >= 0'),
+    ('pretrain.temperature', 0.0, r'pretrain\.temperature=0.0 must be a positive number'),
+    ('pretrain.temperature_steps', ((3.0, 0.0),), 'positive temperatures'),
+    ('supervised.optimizer.learning_rate', -1e-4, 'learning_rate'),
+    ('supervised.optimizer.weight_decay', -1e-8, 'weight_decay'),
+    ('eval.selection_metric', 'loss', r'Unknown eval\.selection_metric'),
+    ('eval.selection_split', 'train', r'Unknown eval\.selection_split'),
+    ('eval.every_epochs', 0, r'eval\.every_epochs=0'),
+    ('eval.precise_bn_batches', 0, r'eval\.precise_bn_batches'),
+    ('eval.knn_k', (), r'eval\.knn_k'),
+    ('eval.knn_k', (1, -5), r'eval\.knn_k'),
+    ('train.log_every_steps', 0, r'train\.log_every_steps=0'),
+    ('train.checkpoint_every_steps', -1, r'train\.checkpoint_every_steps=-1'),
+    ('train.keep_checkpoints', 0, r'train\.keep_checkpoints=0'),
+    ('train.num_summary_images', -1, r'train\.num_summary_images=-1'),
 ]
 
 
@@ -381,30 +388,30 @@ def test_sweep_predict_and_audit_fields(tmp_path):
       (dict(multi_seed_max_fraction=1.5), r'\[0, 1\]'),
       (dict(pretrain_num_epochs=0), 'pretrain_num_epochs'),
       (dict(evals_per_run=0), 'evals_per_run'), (dict(floor_image_size=0), 'floor_image_size'),
-      (dict(cam_method='scorecam'), 'Unknown cam_method'),
+      (dict(cam_method='scorecam'), r'Unknown cam\.method'),
       (dict(batch_size=0), 'positive multiple'), (dict(image_size=8), 'downsample 32x')]:
     with pytest.raises(errors.UserError, match=needle):
       run.check_config(_sweep(**overrides))
   for overrides, needle in [
-      (dict(cam_method='scorecam'), 'Unknown cam_method'),
-      (dict(cam_layer='conv1'), 'Unknown cam_layer'), (dict(batch_size=0), 'batch_size=0'),
+      (dict(cam_method='scorecam'), r'Unknown cam\.method'),
+      (dict(cam_layer='conv1'), r'Unknown cam\.layer'), (dict(batch_size=0), 'batch_size=0'),
       (dict(deletion_fractions=(0.1, 1.0)), 'deletion_fractions'),
       (dict(deletion_fractions=()), 'deletion_fractions'),
       (dict(inputs=str(tmp_path / 'none' / '*.png')), 'matches no image file'),
-      (dict(inputs=None), 'Set --config.inputs'),
-      (dict(checkpoint_workdir=None), 'set --config.checkpoint_workdir'),
+      (dict(inputs=None), 'Set --config.predict.inputs'),
+      (dict(checkpoint_workdir=None), 'set --config.predict.checkpoint_workdir'),
       (dict(), 'No run found')]:
     with pytest.raises(errors.UserError, match=needle):
       run.check_config(_predict(tmp_path, **overrides))
   run.check_config(_audit())
   for overrides, needle in [
-      (dict(audit_metric='euclidean'), 'Unknown audit_metric'),
+      (dict(audit_metric='euclidean'), r'Unknown audit\.metric'),
       (dict(grouping_threshold=-1.0), r'\(-1, 1\]'),
-      (dict(audit_image_size=0), 'audit_image_size=0'),
-      (dict(audit_num_pairs_shown=-1), 'audit_num_pairs_shown'),
-      (dict(grouping_max_size=1), 'grouping_max_size'),
+      (dict(audit_image_size=0), r'audit\.image_size=0'),
+      (dict(audit_num_pairs_shown=-1), r'audit\.num_pairs_shown'),
+      (dict(grouping_max_size=1), r'audit\.grouping_max_size'),
       (dict(image_size=0), 'image_size=0'), (dict(val_fraction=1.0), r'\[0, 1\)'),
-      (dict(dataset='image_folder'), 'needs dataset_path'),
+      (dict(dataset='image_folder'), r'needs data\.path'),
       (dict(dataset='image_folder', dataset_path=str(tmp_path / 'nowhere')),
        'does not exist')]:
     with pytest.raises(errors.UserError, match=needle):
@@ -428,7 +435,7 @@ def test_dispatch_checks_before_work_and_knows_every_mode(data_dir, tmp_path):
     module = importlib.import_module(run.MODES[mode])
     assert callable(module.check_config) and callable(module.main), mode
   setups = []
-  with pytest.raises(errors.UserError, match='label_fraction'):
+  with pytest.raises(errors.UserError, match=r'labels\.fraction'):
     run.run(_train(data_dir, label_fraction=2.0), str(tmp_path / 'run'),
             setup=lambda: setups.append(1))
   assert not setups and not os.path.exists(tmp_path / 'run')
@@ -458,7 +465,7 @@ def test_unwritable_workdir_file_is_one_line():
 
 
 def test_diverged_training_is_one_line(tmp_path, data_dir):
-  result = _main(tmp_path / 'run', '--config.finetune_optimizer.learning_rate=1e30',
-                 '--config.num_epochs=3', '--config.log_every_steps=4',
-                 '--config.checkpoint_every_steps=4', data_dir=data_dir)
+  result = _main(tmp_path / 'run', '--config.supervised.optimizer.learning_rate=1e30',
+                 '--config.train.num_epochs=3', '--config.train.log_every_steps=4',
+                 '--config.train.checkpoint_every_steps=4', data_dir=data_dir)
   assert_user_error(result, 'Training diverged', 'Lower the learning rate')

@@ -85,9 +85,9 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 @pytest.mark.parametrize('field,value,needle', [
-    ('model', 'resnet101', '--config.model'),
-    ('dtype', 'float16', '--config.dtype'),
-    ('encoder_output', 'gap', '--config.encoder_output'),
+    ('model', 'resnet101', '--config.model.name'),
+    ('dtype', 'float16', '--config.model.dtype'),
+    ('encoder_output', 'gap', '--config.model.encoder_output'),
 ])
 def test_bad_architecture_is_one_clear_error(field, value, needle):
   with pytest.raises(ValueError, match=needle):

@@ -189,7 +189,7 @@ def test_list_volumes_skips_non_volumes_and_reads_subjects_csv(tmp_path):
 
 
 def test_folder_problems_are_clear_errors_before_work(tmp_path):
-  with pytest.raises(FileNotFoundError, match='--config.dataset_path'):
+  with pytest.raises(FileNotFoundError, match='--config.data.path'):
     nifti_folder.list_volumes(tmp_path / 'missing')
   (tmp_path / 'AD').mkdir()
   (tmp_path / 'AD' / 'slice.png').write_bytes(b'')
@@ -235,7 +235,7 @@ def test_synthetic_volumes_round_trip_through_the_builder(tmp_path):
   assert len(paths) == 8 and all(path.endswith('.nii.gz') for path in paths)
   builder = datasets.get_builder(
       'nifti_folder', data_dir=tmp_path / 'tfds', dataset_path=root,
-      image_size=32, nifti_num_slices=6)
+      image_size=32, nifti={'num_slices': 6})
   data = _load(builder)
   assert builder.info.features['label'].names == list(synthetic_mri.CLASS_NAMES)
   assert data['image'].shape == (48, 32, 32, 1)
@@ -273,7 +273,7 @@ def test_bad_volumes_fail_the_builder_or_are_skipped(tmp_path, caplog):
   assert not pathlib.Path(failing.data_dir).exists()
   skipping = datasets.get_builder(
       'nifti_folder', data_dir=tmp_path / 'tfds', dataset_path=root,
-      image_size=16, skip_unreadable=True, nifti_slice_selection='mask')
+      image_size=16, skip_unreadable=True, nifti={'slice_selection': 'mask'})
   with caplog.at_level(logging.WARNING):
     data = _load(skipping)
   assert f'Skipped {len(bad)} of 6 volumes' in caplog.text

@@ -47,10 +47,10 @@ def image_folder(tmp_path_factory):
 
 def _config(run_dir, inputs, **overrides):
   config = importlib.import_module('configs.predict').get_config()
-  config.checkpoint_workdir = run_dir
-  config.inputs = inputs
-  config.cam_layer = 'stage2'  # 4 x 4 cells at 32 px (stage4 is 1 x 1 there).
-  config.batch_size = BATCH_SIZE
+  config.predict.checkpoint_workdir = run_dir
+  config.predict.inputs = inputs
+  config.cam.layer = 'stage2'  # 4 x 4 cells at 32 px (stage4 is 1 x 1 there).
+  config.train.batch_size = BATCH_SIZE
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -148,7 +148,7 @@ def test_bad_runs_and_inputs_fail_before_any_work(run_dir, image_folder, tmp_pat
       run.run(config, workdir)
     assert not os.path.exists(workdir)
 
-  fails(_config(None, image_folder), 'set --config.checkpoint_workdir')
+  fails(_config(None, image_folder), 'set --config.predict.checkpoint_workdir')
   fails(_config(str(tmp_path / 'missing'), image_folder), 'No run found')
   pretrain_dir = tmp_path / 'pretrain'
   os.makedirs(pretrain_dir)
@@ -162,15 +162,15 @@ def test_bad_runs_and_inputs_fail_before_any_work(run_dir, image_folder, tmp_pat
   shutil.copy(os.path.join(run_dir, 'config.json'), untrained_dir)
   fails(_config(str(untrained_dir), image_folder), 'no checkpoint yet')
   fails(_config(run_dir, os.path.join(image_folder, '*.dcm')), 'matches no image file')
-  fails(_config(run_dir, None), 'Set --config.inputs')
+  fails(_config(run_dir, None), 'Set --config.predict.inputs')
   fails(_config(run_dir, image_folder, cam_method='scorecam'), 'Unknown cam_method')
   fails(_config(run_dir, image_folder, cam_layer='stage5'), 'Unknown cam_layer')
 
 
 def test_config_file():
   config = importlib.import_module('configs.predict').get_config()
-  assert config.mode == 'predict' and config.cam_layer == 'stage4'
-  assert config.cam_method == 'gradcam' and not config.evaluate_cam
+  assert config.mode == 'predict' and config.cam.layer == 'stage4'
+  assert config.cam.method == 'gradcam' and not config.cam.evaluate
   assert importlib.import_module('configs.predict').get_config('runlocal').cam_layer == (
       'stage3')
 

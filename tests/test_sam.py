@@ -174,5 +174,5 @@ def test_zero_gradient_gives_finite_step():
 
 
 def test_unknown_mode_names_the_config_field():
-  with pytest.raises(ValueError, match='config.sam'):
+  with pytest.raises(ValueError, match='config.pretrain.sam'):
     sam.wrap(optax.sgd(0.1), 'adam', RHO)

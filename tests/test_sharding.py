@@ -73,10 +73,10 @@ def _clean_env(devices=None):
 # short runs: every code path of the sweep (floor, pretraining, both arms,
 # out-of-fold pooling, reports, Grad-CAM grid) in a few minutes.
 SWEEP_FLAGS = ('--config=configs/sweep.py:preset=runlocal',
-               '--config.dataset=synthetic_mri/small', "--config.protocols=('honest',)",
-               "--config.tasks=('four_class',)", '--config.fractions=(1.0,)',
-               '--config.num_folds=2', '--config.pretrain_num_epochs=1',
-               '--config.max_steps_per_run=10', '--config.evals_per_run=2')
+               '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('honest',)",
+               "--config.sweep.tasks=('four_class',)", '--config.sweep.fractions=(1.0,)',
+               '--config.split.num_folds=2', '--config.sweep.pretrain_num_epochs=1',
+               '--config.sweep.max_steps_per_run=10', '--config.sweep.evals_per_run=2')
 SWEEP_TIMEOUT_S = 1500
 
 
@@ -84,7 +84,7 @@ def _start_sweep(workdir, data_dir, env, log_path, *process_flags):
   with open(log_path, 'w') as log:
     return subprocess.Popen(
         [sys.executable, 'main.py', *SWEEP_FLAGS, f'--workdir={workdir}',
-         f'--config.data_dir={data_dir}', *process_flags],
+         f'--config.data.dir={data_dir}', *process_flags],
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 

@@ -158,9 +158,9 @@ def test_folds_test_every_subject_once_stratified_with_validation_from_training(
 
 def test_bad_fold_settings_name_the_fix():
   arrays = fake_data.fake_arrays()
-  with pytest.raises(ValueError, match='--config.fold'):
+  with pytest.raises(ValueError, match='--config.split.fold'):
     splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1, num_folds=3, fold=3)
-  with pytest.raises(ValueError, match='--config.num_folds'):
+  with pytest.raises(ValueError, match='--config.split.num_folds'):
     splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1, num_folds=1000, fold=0)
 
 
@@ -171,12 +171,12 @@ def test_a_users_class_of_one_subject_is_an_error_before_cross_validation():
   arrays.subject_ids[moderate] = arrays.subject_ids[moderate][0]
   config = fake_data.config(num_folds=5, fold=0, split_scheme='subject')
   for dataset in splits_lib.USER_FOLDERS:
-    config.dataset = dataset
-    with pytest.raises(ValueError, match='Class Moderate has 1 subject.*--config.num_folds'):
+    config.data.name = dataset
+    with pytest.raises(ValueError, match='Class Moderate has 1 subject.*--config.split.num_folds'):
       splits_lib.load_splits(config, arrays)
   # One split by test_fraction, the slice scheme and the shipped data sets go on.
   splits_lib.load_splits(config, arrays, scheme='slice')
-  config.num_folds = None
+  config.split.num_folds = None
   splits_lib.load_splits(config, arrays)
   config.update(dataset='alzheimer_mri', num_folds=5)
   splits = splits_lib.load_splits(config, arrays)

@@ -48,17 +48,17 @@ class FakeTraining:
   def __call__(self, config, workdir):
     self.calls.append((config, workdir))
     if config.mode == 'pretrain':
-      result = {'mode': 'pretrain', 'fold': config.fold, 'knn1_accuracy': 0.5}
+      result = {'mode': 'pretrain', 'fold': config.split.fold, 'knn1_accuracy': 0.5}
       workdirs.write_metrics(workdir, result)
       return result
     # The sweep pretrains the fold before it fine-tunes.
-    assert workdirs.is_finished(config.pretrained_workdir) or config.mode == 'baseline'
+    assert workdirs.is_finished(config.finetune.pretrained_workdir) or config.mode == 'baseline'
     labels, class_names = arrays_lib.task_labels(self.arrays, config)
     splits = splits_lib.load_splits(config, self.arrays)
     test = splits['test']
     num_classes = len(class_names)
-    rng = np.random.default_rng([config.seed, int(100 * config.label_fraction), config.fold,
-                                 config.task == 'binary'])
+    rng = np.random.default_rng([config.seed, int(100 * config.labels.fraction), config.split.fold,
+                                 config.labels.task == 'binary'])
     uniform, other = rng.uniform(size=len(test)), rng.integers(1, num_classes, len(test))
     predicted = np.where(uniform < self.right[config.mode], labels[test],
                          (labels[test] + other) % num_classes)
@@ -70,13 +70,13 @@ class FakeTraining:
     workdirs.write_predictions(workdir, predictions)
     result = classification.prediction_metrics(predictions, num_classes)
     train_idx = splits_lib.label_subset(self.arrays.labels, splits['train'],
-                                        config.label_fraction, config.label_seed)
-    select = splits[config.selection_split]
+                                        config.labels.fraction, config.labels.seed)
+    select = splits[config.eval.selection_split]
     result.update(
-        mode=config.mode, task=config.task, fold=config.fold, chosen_step=3,
+        mode=config.mode, task=config.labels.task, fold=config.split.fold, chosen_step=3,
         class_names=class_names, num_train_images=int(len(train_idx)),
         selection_classes=[class_names[k] for k in np.unique(labels[select])],
-        **{f'selection_{config.selection_split}_{config.selection_metric}':
+        **{f'selection_{config.eval.selection_split}_{config.eval.selection_metric}':
            float(rng.uniform())})
     workdirs.write_metrics(workdir, result)
     return result
@@ -130,15 +130,15 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
                  int(r['seed'])) for r in run_rows(rows))
   honest_cells = ((0.5, 0), (0.5, 1), (1.0, 0))  # Seed 1 only up to 50 %.
   expected = sorted(
-      [('honest', task, str(fold), arm, f, s) for task in config.tasks for fold in (0, 1)
+      [('honest', task, str(fold), arm, f, s) for task in config.sweep.tasks for fold in (0, 1)
        for arm in plan_lib.ARMS for f, s in honest_cells]
-      + [('reference', task, '', arm, f, 0) for task in config.tasks
+      + [('reference', task, '', arm, f, 0) for task in config.sweep.tasks
          for arm in plan_lib.ARMS for f in (0.5, 1.0)])
   assert keys == expected
   # One pooled row per honest (task, arm, fraction, seed); the reference has one split.
   assert sorted((r['protocol'], r['task'], r['arm'], float(r['fraction']), int(r['seed']))
                 for r in pooled_rows(rows)) == sorted(
-      ('honest', task, arm, f, s) for task in config.tasks for arm in plan_lib.ARMS
+      ('honest', task, arm, f, s) for task in config.sweep.tasks for arm in plan_lib.ARMS
       for f, s in honest_cells)
   # Pretraining once per fold (2 honest + 1 reference), then 2 arms x 2 tasks x
   # (2 folds x 3 honest + 2 reference) runs.
@@ -283,18 +283,18 @@ def test_run_configs_follow_the_protocols_tasks_folds_and_seeds(fake_sweep):
       assert config[key] == value
     assert 'fractions' not in config and 'protocols' not in config
     folds = [int(p[len('fold'):]) for p in parts if p.startswith('fold')]
-    assert config.fold == (folds[0] if folds else 0)
+    assert config.split.fold == (folds[0] if folds else 0)
     fold_dir = [f'fold{folds[0]}'] if folds else []
     if config.mode == 'pretrain':
       assert parts == [protocol, *fold_dir, 'pretrain']
       continue
-    assert parts[1] == config.task and config.task in ('four_class', 'binary')
-    assert config.num_classes == (4 if config.task == 'four_class' else 2)
+    assert parts[1] == config.labels.task and config.labels.task in ('four_class', 'binary')
+    assert config.model.num_classes == (4 if config.labels.task == 'four_class' else 2)
     if config.mode == 'finetune':
-      assert config.pretrained_workdir == os.path.join(workdir, protocol, *fold_dir,
+      assert config.finetune.pretrained_workdir == os.path.join(workdir, protocol, *fold_dir,
                                                        'pretrain')
-    assert config.label_seed == config.seed
-    assert parts[-1] == f'{config.mode}_f{config.label_fraction:g}_s{config.seed}'
+    assert config.labels.seed == config.seed
+    assert parts[-1] == f'{config.mode}_f{config.labels.fraction:g}_s{config.seed}'
 
 
 def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_path,
@@ -322,7 +322,7 @@ def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_p
   assert fake.calls[-1][1] == interrupted
   assert len(read_rows(workdir)) == len(before)
   # A finished run made with other settings is an error, not silently reused.
-  config.num_epochs = 3
+  config.train.num_epochs = 3
   with pytest.raises(ValueError, match='different config'):
     run.run(config, workdir)
 
@@ -338,9 +338,9 @@ def test_schedule_caps_steps_and_spreads_evaluations(data_dir):
   assert plan_lib.supervised_schedule(config, 300) == (2, 1)
   # 1000 images: 63 steps per epoch, more than the cap: one epoch all the same.
   assert plan_lib.supervised_schedule(config, 1000) == (1, 1)
-  config.max_steps_per_run = None
-  config.evals_per_run = None
-  assert plan_lib.supervised_schedule(config, 20) == (50, config.eval_every_epochs)
+  config.sweep.max_steps_per_run = None
+  config.sweep.evals_per_run = None
+  assert plan_lib.supervised_schedule(config, 20) == (50, config.eval.every_epochs)
   assert plan_lib.fraction_seeds(config, 'honest', 0.5) == (0, 1)
   assert plan_lib.fraction_seeds(config, 'honest', 1.0) == (0,)
   assert plan_lib.fraction_seeds(config, 'reference', 0.5) == (0,)
@@ -354,12 +354,12 @@ def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):
   assert tasks('honest') == {'four_class', 'binary'}
   assert tasks('reference') == {'four_class'}
   # The runs it keeps are the ones the full plan has, with the same configs.
-  config.reference_tasks = None
+  config.sweep.reference_tasks = None
   full = {r.workdir: r.config for r in plan_lib.plan_runs(config, str(tmp_path), arrays)}
   assert len(full) > len(planned)
   for run in planned:
     assert run.config == full[run.workdir]
-  config.reference_tasks = ('four_class',)
+  config.sweep.reference_tasks = ('four_class',)
   text = markdown_lib.results_markdown(
       {'answer': [], 'bootstrap_samples': 10, 'bootstrap_seed': 0,
        'inflation': [],
@@ -387,9 +387,9 @@ def test_presets_are_sweep_configs_and_runs_drop_sweep_fields():
     run.check_config(config)
     run_config = plan_lib.run_config(config, 'honest', 'baseline', seed=1, num_classes=4,
                                        fraction=0.1, num_labeled=400)
-    assert not set(plan_lib.SWEEP_FIELDS) & set(run_config)
-    assert run_config.label_seed == 1 and run_config.split_scheme == 'subject'
-  assert sweep_config.get_config().dataset == 'synthetic_mri'  # runlocal by default.
+    assert not set(plan_lib.SWEEP_SECTIONS) & set(run_config)
+    assert run_config.labels.seed == 1 and run_config.split.scheme == 'subject'
+  assert sweep_config.get_config().data.name == 'synthetic_mri'  # runlocal by default.
   with pytest.raises(ValueError, match='preset'):
     sweep_config.get_config('preset=gpu')
 

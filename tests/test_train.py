@@ -116,7 +116,7 @@ def test_pretrain_and_baseline_start_from_the_same_encoder(data_dir):
 
 def _classifier_state(config):
   """(arrays, train_idx, model, mesh, state) of a freshly initialised classifier."""
-  config.num_classes = 4
+  config.model.num_classes = 4
   mesh = sharding.create_mesh()
   model = state_lib.create_model(config)
   state = state_lib.create_train_state(config, model, jax.random.key(0), optax.sgd(0.1), mesh)
@@ -163,11 +163,11 @@ def test_precise_batch_stats_average_the_batches(data_dir):
 
 @pytest.mark.parametrize('overrides,needle', [
     (dict(mode='finetun'), '--config.mode'),
-    (dict(model='resnet101'), '--config.model'),
-    (dict(label_fraction=0.0), '--config.label_fraction'),
-    (dict(label_fraction=1.5), '--config.label_fraction'),
+    (dict(model='resnet101'), '--config.model.name'),
+    (dict(label_fraction=0.0), '--config.labels.fraction'),
+    (dict(label_fraction=1.5), '--config.labels.fraction'),
     (dict(batch_size=15), None),  # Divisible by one CPU device: accepted by the check.
-    (dict(mode='finetune'), '--config.pretrained_workdir'),
+    (dict(mode='finetune'), '--config.finetune.pretrained_workdir'),
     (dict(mode='finetune', pretrained_workdir='/nonexistent'), 'No pretrain checkpoint'),
     (dict(precise_bn_batches=0), 'precise_bn_batches'),
 ])
@@ -187,7 +187,7 @@ def test_unknown_mode_in_dispatch(data_dir):
 
 def test_finetune_from_another_architecture_is_rejected(pretrain_workdir, data_dir):
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=pretrain_workdir, width=0.25)
-  with pytest.raises(ValueError, match='another architecture.*--config.width=0.125'):
+  with pytest.raises(ValueError, match='another architecture.*--config.model.width=0.125'):
     run.check_config(config)
 
 
@@ -200,7 +200,7 @@ def test_workdir_with_a_different_config_is_rejected(pretrain_workdir, data_dir)
 def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(data_dir, tmp_path):
   config = tiny_config(data_dir, 'baseline', num_epochs=3, checkpoint_every_steps=4,
                        log_every_steps=4)
-  config.finetune_optimizer.learning_rate = 1e30  # Diverges within a few steps.
+  config.supervised.optimizer.learning_rate = 1e30  # Diverges within a few steps.
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
     trainer.train_and_evaluate(config, str(tmp_path))
   step = workdirs.latest_step(str(tmp_path))
@@ -213,12 +213,12 @@ def _main_command(workdir, data_dir, extra=()):
   return [sys.executable, os.path.join(REPO, 'main.py'),
           '--config=' + os.path.join(REPO, 'configs', 'baseline.py'),
           f'--workdir={workdir}',
-          '--config.dataset=synthetic_mri/small', f'--config.data_dir={data_dir}',
-          '--config.image_size=32', '--config.channels=1', '--config.model=resnet18',
-          '--config.width=0.125', '--config.encoder_output=avgpool',
-          '--config.batch_size=16', '--config.eval_batch_size=32', '--config.num_epochs=3',
-          '--config.checkpoint_every_steps=2', '--config.log_every_steps=2',
-          '--config.label_fraction=0.5', '--config.num_summary_images=0', *extra]
+          '--config.data.name=synthetic_mri/small', f'--config.data.dir={data_dir}',
+          '--config.data.image_size=32', '--config.data.channels=1', '--config.model.name=resnet18',
+          '--config.model.width=0.125', '--config.model.encoder_output=avgpool',
+          '--config.train.batch_size=16', '--config.eval.batch_size=32', '--config.train.num_epochs=3',
+          '--config.train.checkpoint_every_steps=2', '--config.train.log_every_steps=2',
+          '--config.labels.fraction=0.5', '--config.train.num_summary_images=0', *extra]
 
 
 def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
@@ -303,7 +303,7 @@ def test_linear_probe_step_neither_trains_nor_perturbs_the_encoder(data_dir):
   """With SAM on, a linear probe's encoder gets a zero gradient: no update, no perturbation."""
   config = tiny_config(data_dir, 'finetune', linear_probe=True, finetune_sam='asam',
                        sam_rho=0.5, batch_size=8)
-  config.num_classes = 4
+  config.model.num_classes = 4
   mesh = sharding.create_mesh()
   model = state_lib.create_model(config)
   tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 10))
@@ -349,7 +349,7 @@ def test_unreadable_newest_checkpoint_resumes_from_the_one_before(data_dir, tmp_
   for key in ('accuracy', 'balanced_accuracy', 'chosen_step'):
     assert second[key] == pytest.approx(first[key], abs=1e-6), key
   # A resumed run that reaches a saved step again (here: best) replaces that checkpoint.
-  checkpoints = workdirs.Checkpoints(workdir, config.keep_checkpoints)
+  checkpoints = workdirs.Checkpoints(workdir, config.train.keep_checkpoints)
   state = checkpoints.restore_latest(
       state_lib.abstract_state(workdirs.load_config(workdir), sharding.create_mesh()))
   checkpoints.save_best(state)
@@ -365,7 +365,7 @@ def test_balanced_class_weights_weigh_each_class_equally():
   # n / (K * n_class), and every present class then weighs n / K in total.
   np.testing.assert_allclose(weights, [12 / 24, 12 / 8, 0.0, 12 / 16])
   np.testing.assert_allclose(np.bincount(labels, weights=weights[labels]), [3, 3, 0, 3])
-  config.class_weights = 'none'
+  config.labels.class_weights = 'none'
   np.testing.assert_array_equal(recipes.class_weights(config, labels, 4), np.ones(4))
 
 
@@ -383,7 +383,7 @@ def test_finetune_refuses_a_pretraining_that_may_have_seen_its_test_subjects(
     shutil.copytree(pretrain_workdir, source)
     with open(os.path.join(source, 'config.json')) as f:
       recorded = json.load(f)
-    recorded['include_test_in_pretrain'] = True
+    recorded['split']['include_test_in_pretrain'] = True
     with open(os.path.join(source, 'config.json'), 'w') as f:
       json.dump(recorded, f)
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=source, **overrides)

@@ -198,9 +198,9 @@ def simclr_view(image, seed, aug_config, image_size):
 def preprocess(images_uint8, config):
   """The former input_pipeline.preprocess: TF's antialiased bilinear resize, gray repeated."""
   images = tf.image.convert_image_dtype(tf.convert_to_tensor(images_uint8), tf.float32)
-  size = config.image_size
+  size = config.data.image_size
   if tuple(images.shape[-3:-1]) != (size, size):
     images = tf.image.resize(images, [size, size], method='bilinear', antialias=True)
-  if config.channels != 1:
-    images = tf.repeat(images, config.channels, axis=-1)
+  if config.data.channels != 1:
+    images = tf.repeat(images, config.data.channels, axis=-1)
   return tf.clip_by_value(images, 0.0, 1.0).numpy()

@@ -20,11 +20,6 @@ from simclr_jax import errors
 from simclr_jax.parallel import distributed
 from simclr_jax.data import subjects
 
-# The config fields that decide which arrays `load_arrays` returns.
-_LOAD_FIELDS = ('dataset', 'data_dir', 'dataset_path', 'image_size', 'skip_unreadable',
-                'nifti_slice_selection', 'nifti_num_slices', 'nifti_slice_step',
-                'nifti_min_mask_fraction', 'subject_ids', 'subject_grouping_threshold',
-                'subject_grouping_k', 'subject_grouping_size')
 _LOADED = {}
 
 
@@ -67,14 +62,16 @@ def load_arrays(config):
   the arrays as read-only.
 
   Args:
-    config: reads `dataset` (e.g. 'alzheimer_mri', 'synthetic_mri/small'),
-      `data_dir`, `dataset_path`, `image_size`, `skip_unreadable`, the
-      `nifti_*` slice settings and `subject_ids`.
+    config: reads its `data` section (the data set's name, e.g. 'alzheimer_mri'
+      or 'synthetic_mri/small', its paths, image size, NIfTI slices and subjects);
+      the section decides which arrays are returned.
 
   Returns:
     A `DatasetArrays` of the builder's single `train` split, in its stored order.
   """
-  key = json.dumps({k: config.get(k) for k in _LOAD_FIELDS}, sort_keys=True)
+  # Where the arrays live on the devices does not change them.
+  key = json.dumps({k: v for k, v in json.loads(config.data.to_json_best_effort()).items()
+                   if k != 'on_device'}, sort_keys=True)
   if key not in _LOADED:
     _LOADED.clear()  # One data set in memory at a time.
     _LOADED[key] = _load_arrays(config)
@@ -83,15 +80,12 @@ def load_arrays(config):
 
 def _builder(config):
   return datasets.get_builder(
-      config.dataset,
-      data_dir=config.data_dir,
-      dataset_path=config.dataset_path,
-      image_size=config.image_size,
-      skip_unreadable=config.skip_unreadable,
-      nifti_slice_selection=config.get('nifti_slice_selection', 'central'),
-      nifti_num_slices=config.get('nifti_num_slices', 32),
-      nifti_slice_step=config.get('nifti_slice_step', 1),
-      nifti_min_mask_fraction=config.get('nifti_min_mask_fraction', 0.5))
+      config.data.name,
+      data_dir=config.data.dir,
+      dataset_path=config.data.path,
+      image_size=config.data.image_size,
+      skip_unreadable=config.data.skip_unreadable,
+      nifti=config.data.nifti.to_dict())
 
 
 def prepared_builder(config):
@@ -104,7 +98,7 @@ def prepared_builder(config):
   """
   builder = _builder(config)
   distributed.prepare_once(builder.download_and_prepare, builder.is_prepared,
-                        f'prepare the data set {config.dataset}')
+                        f'prepare the data set {config.data.name}')
   if jax.process_count() > 1:
     builder = _builder(config)  # Its dataset_info read anew from the prepared files.
   return builder
@@ -123,7 +117,7 @@ def _load_arrays(config):
       class_names=class_names,
       masks=records.get('mask'))
   logging.info(
-      'Loaded %s: %d images of %s; per class: %s.', config.dataset,
+      'Loaded %s: %d images of %s; per class: %s.', config.data.name,
       len(arrays), 'x'.join(map(str, arrays.images.shape[1:])),
       class_counts(arrays.labels, class_names))
   if subjects.subject_id_source(config) == 'recovered':
@@ -137,9 +131,9 @@ TASKS = ('four_class', 'binary')
 
 
 def task_labels(arrays, config):
-  """The labels and class names of `config.task` (four_class | binary).
+  """The labels and class names of `config.labels.task` (four_class | binary).
 
-  binary: `config.binary_negative_class` (Non_Demented: CDR 0) is 0, every other
+  binary: `config.labels.binary_negative_class` (Non_Demented: CDR 0) is 0, every other
   class (CDR 0.5, 1, 2) is 1, 'Demented'. Splits and label subsets are drawn on
   the data set's own classes whatever the task, so both tasks see the same folds
   and the same labeled images.
@@ -147,15 +141,15 @@ def task_labels(arrays, config):
   Returns:
     (int32 [N] labels, class names).
   """
-  task = config.get('task', 'four_class')
+  task = config.labels.task
   if task == 'four_class':
     return arrays.labels, list(arrays.class_names)
   if task != 'binary':
-    raise errors.UserError(f'Unknown task {task!r}; set --config.task to one of {TASKS}.')
-  negative = config.get('binary_negative_class', 'Non_Demented')
+    raise errors.UserError(f'Unknown task {task!r}; set --config.labels.task to one of {TASKS}.')
+  negative = config.labels.binary_negative_class
   if negative not in arrays.class_names:
     raise errors.UserError(
-        f'The binary task needs the class {negative!r}, which {config.dataset} does not '
-        f'have; set --config.binary_negative_class to one of {list(arrays.class_names)}.')
+        f'The binary task needs the class {negative!r}, which {config.data.name} does not '
+        f'have; set --config.labels.binary_negative_class to one of {list(arrays.class_names)}.')
   labels = (arrays.labels != arrays.class_names.index(negative)).astype(np.int32)
   return labels, [negative, 'Demented']

@@ -13,7 +13,7 @@ travel as uint8 with one channel and become model inputs inside the jitted step
 - Views. Each example's augmentation key is folded from the run's key and the
   example's stream position (step * B + i), so views are a pure function of
   (seed, step, example) as well.
-- Images. When the data set fits (`config.data_on_device`), it is put on the
+- Images. When the data set fits (`config.data.on_device`), it is put on the
   devices once and every step gathers its rows there; otherwise each process
   gathers its rows on the host and sends them (uint8) with the step's inputs.
   The step sees the same uint8 batch either way.
@@ -159,16 +159,16 @@ def pretrain_batch(images, positions, key, config):
   for view in (1, 2):
     keys = augment.view_keys(key, positions, view)
     views[f'image{view}'] = augment.augment_batch(keys, images, config.augment,
-                                                  config.image_size, config.channels)
+                                                  config.data.image_size, config.data.channels)
   return views
 
 
 def supervised_image(images, positions, key, config):
-  """Labeled images as model inputs, crop-augmented if `config.train_augment`; jittable."""
-  if config.train_augment:
+  """Labeled images as model inputs, crop-augmented if `config.augment.labeled`; jittable."""
+  if config.augment.labeled:
     return augment.augment_batch(augment.view_keys(key, positions, 0), images,
-                                 config.augment, config.image_size, config.channels)
-  return augment.model_input(images, config.image_size, config.channels)
+                                 config.augment, config.data.image_size, config.data.channels)
+  return augment.model_input(images, config.data.image_size, config.data.channels)
 
 
 def simclr_batch(images, labels, positions, key, run_values, *, config):
@@ -195,10 +195,10 @@ def preprocess(images_uint8, config):
 
   The same `augment.model_input` the evaluation steps apply on the devices.
   """
-  if config.channels not in (1, 3):
-    raise errors.UserError(f'config.channels must be 1 or 3, got {config.channels}.')
-  return np.asarray(_model_input(jnp.asarray(images_uint8), config.image_size,
-                                 config.channels))
+  if config.data.channels not in (1, 3):
+    raise errors.UserError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
+  return np.asarray(_model_input(jnp.asarray(images_uint8), config.data.image_size,
+                                 config.data.channels))
 
 
 _model_input = jax.jit(augment.model_input, static_argnums=(1, 2))

@@ -95,7 +95,7 @@ def make_splits(arrays, scheme, seed, test_fraction, val_fraction, num_folds=Non
           'split cannot keep a person\'s slices together; recover subject '
           'groups with the audit\'s subject grouping '
           '(simclr_jax.neighbours.group_near_duplicates) or set '
-          'config.split_scheme=slice.')
+          'config.split.scheme=slice.')
     # np.unique sorts the ids, which makes the split independent of row order.
     subjects, row_subject = np.unique(arrays.subject_ids, return_inverse=True)
     label_counts = np.zeros((len(subjects), num_classes), np.int64)
@@ -142,10 +142,10 @@ def _fold_units(arrays, row_subject, num_folds, fold, seed):
   if not 2 <= num_folds <= len(np.unique(row_subject)):
     raise errors.UserError(
         f'num_folds={num_folds} needs 2 to {len(np.unique(row_subject))} subjects; set '
-        '--config.num_folds to e.g. 5 (or None for one split by test_fraction).')
+        '--config.split.num_folds to e.g. 5 (or None for one split by test_fraction).')
   if not 0 <= fold < num_folds:
     raise errors.UserError(f'fold={fold} is not one of the {num_folds} folds; set '
-                           f'--config.fold to 0 .. {num_folds - 1}.')
+                           f'--config.split.fold to 0 .. {num_folds - 1}.')
   # A canonical row order (by subject, then file name): the folds do not depend
   # on the order the data set was loaded in.
   order = np.lexsort((arrays.file_names, row_subject))
@@ -188,7 +188,7 @@ def label_subset(labels, train_idx, fraction, seed):
   """
   if not 0.0 < fraction <= 1.0:
     raise errors.UserError(f'label_fraction must be in (0, 1], got {fraction}; set '
-                           'config.label_fraction to e.g. 0.01, 0.1 or 1.0.')
+                           'config.labels.fraction to e.g. 0.01, 0.1 or 1.0.')
   train_idx = np.sort(np.asarray(train_idx, np.int64))
   train_labels = labels[train_idx]
   chosen, counts = [], {}
@@ -239,7 +239,7 @@ def check_classes_can_be_cross_validated(arrays):
       raise errors.UserError(
           f'Class {class_name} has 1 subject: subject cross-validation needs at least 2 '
           'per class (one to train on, one to test); add subjects of that class, remove '
-          'its folder, or set --config.num_folds=None for one split by test_fraction.')
+          'its folder, or set --config.split.num_folds=None for one split by test_fraction.')
 
 
 def load_splits(config, arrays, scheme=None):
@@ -247,11 +247,11 @@ def load_splits(config, arrays, scheme=None):
 
   Every mode that needs a run's splits (training, predict's test split, the
   sweep's floor, the audit) calls this one function. `scheme` overrides
-  `config.split_scheme` (the audit compares both schemes).
+  `config.split.scheme` (the audit compares both schemes).
   """
-  scheme = scheme or config.split_scheme
-  if config.get('num_folds') and scheme == 'subject' and config.get('dataset') in USER_FOLDERS:
+  scheme = scheme or config.split.scheme
+  if config.split.num_folds and scheme == 'subject' and config.data.name in USER_FOLDERS:
     check_classes_can_be_cross_validated(arrays)
-  return make_splits(arrays, scheme, config.split_seed,
-                     config.test_fraction, config.val_fraction,
-                     num_folds=config.get('num_folds'), fold=config.get('fold', 0))
+  return make_splits(arrays, scheme, config.split.seed,
+                     config.split.test_fraction, config.split.val_fraction,
+                     num_folds=config.split.num_folds, fold=config.split.fold)

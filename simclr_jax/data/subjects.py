@@ -20,16 +20,16 @@ from simclr_jax.parallel import distributed
 
 
 def subject_id_source(config):
-  """'dataset' (the builder's ids) or 'recovered', from config.subject_ids."""
-  source = config.get('subject_ids', 'dataset')
+  """'dataset' (the builder's ids) or 'recovered', from config.data.subject_ids."""
+  source = config.data.subject_ids
   if source == 'auto':
     # synthetic_mri's and nifti_folder's ids are known by construction;
     # alzheimer_mri's are inferred from the file numbering, which the audit shows
     # to be wrong for part of each subject; image_folder has none.
-    known = config.dataset.startswith('synthetic_mri') or config.dataset == 'nifti_folder'
+    known = config.data.name.startswith('synthetic_mri') or config.data.name == 'nifti_folder'
     return 'dataset' if known else 'recovered'
   if source not in ('dataset', 'recovered'):
-    raise errors.UserError(f'Unknown subject_ids {source!r}; set --config.subject_ids to '
+    raise errors.UserError(f'Unknown subject_ids {source!r}; set --config.data.subject_ids to '
                            'auto, dataset or recovered.')
   return source
 
@@ -45,9 +45,9 @@ def recovered_subject_ids(arrays, config, cache_dir=None):
   several processes, process 0 computes and writes it while the others wait, then
   every process reads it (`distributed.prepare_once`).
   """
-  threshold = float(config.get('subject_grouping_threshold', 0.98))
-  k = int(config.get('subject_grouping_k', 10))
-  size = int(config.get('subject_grouping_size', 64))
+  threshold = float(config.data.grouping.threshold)
+  k = int(config.data.grouping.k)
+  size = int(config.data.grouping.size)
   # The cache records the file names it was computed from, in order: a data set
   # rebuilt from other files (or in another order) recomputes the groups.
   files = hashlib.sha256('\n'.join(map(str, arrays.file_names)).encode()).hexdigest()

@@ -59,7 +59,7 @@ def _find(tree, layer, what):
     names = sorted({path[-1] for path in flat})
     raise errors.UserError(
         f'The model has {len(matches)} {what} named {layer!r}; set the layer '
-        f'(--config.cam_layer) to one of {names}.')
+        f'(--config.cam.layer) to one of {names}.')
   return matches[0], flat[matches[0]]
 
 
@@ -125,7 +125,7 @@ def _layer_map(activations, gradients, method):
     alpha = jnp.where((g != 0.0) & (denominator != 0.0), g2 / safe, 0.0)
     weights = jnp.sum(alpha * jax.nn.relu(g), axis=(1, 2), keepdims=True)
     return jax.nn.relu(jnp.sum(weights * a, -1))
-  raise errors.UserError(f'Unknown CAM method {method!r}; set --config.cam_method to one '
+  raise errors.UserError(f'Unknown CAM method {method!r}; set --config.cam.method to one '
                          f'of {CAM_METHODS}.')
 
 
@@ -191,7 +191,7 @@ def cam(model, variables, images, method='gradcam', layer='stage4', class_index=
       head and no reference embedding.
   """
   if method not in CAM_METHODS:
-    raise errors.UserError(f'Unknown CAM method {method!r}; set --config.cam_method to one '
+    raise errors.UserError(f'Unknown CAM method {method!r}; set --config.cam.method to one '
                            f'of {CAM_METHODS}.')
   images = np.asarray(images, np.float32)
   num_images = images.shape[0]

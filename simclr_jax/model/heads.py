@@ -105,14 +105,14 @@ class Classifier(nn.Module):
 def _architecture(name):
   if name not in resnet.STAGE_SIZES:
     raise errors.UserError(
-        f'Unknown model {name!r}; set --config.model to one of {sorted(resnet.STAGE_SIZES)}.')
+        f'Unknown model {name!r}; set --config.model.name to one of {sorted(resnet.STAGE_SIZES)}.')
   block = resnet.BottleneckResNetBlock if name == 'resnet50' else resnet.ResNetBlock
   return resnet.STAGE_SIZES[name], block
 
 
 def _dtype(name):
   if name not in ('float32', 'bfloat16'):
-    raise errors.UserError(f'Unknown dtype {name!r}; set --config.dtype to float32 or bfloat16.')
+    raise errors.UserError(f'Unknown dtype {name!r}; set --config.model.dtype to float32 or bfloat16.')
   return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
 
 
@@ -121,17 +121,17 @@ def create_model(config, kind, freeze_encoder=False):
 
   `freeze_encoder` (a linear probe) runs the classifier's encoder in inference mode.
   """
-  stage_sizes, block_cls = _architecture(config.model)
-  if config.encoder_output not in ENCODER_OUTPUTS:
+  stage_sizes, block_cls = _architecture(config.model.name)
+  if config.model.encoder_output not in ENCODER_OUTPUTS:
     raise errors.UserError(
-        f'Unknown encoder_output {config.encoder_output!r}; set '
-        f'--config.encoder_output to one of {ENCODER_OUTPUTS}.')
-  common = dict(stage_sizes=stage_sizes, block_cls=block_cls, width=config.width,
-                encoder_output=config.encoder_output, dtype=_dtype(config.dtype))
+        f'Unknown encoder_output {config.model.encoder_output!r}; set '
+        f'--config.model.encoder_output to one of {ENCODER_OUTPUTS}.')
+  common = dict(stage_sizes=stage_sizes, block_cls=block_cls, width=config.model.width,
+                encoder_output=config.model.encoder_output, dtype=_dtype(config.model.dtype))
   if kind == 'simclr':
-    return SimCLRModel(projection_dims=tuple(config.projection_dims),
-                       projection_dropout=config.projection_dropout, **common)
+    return SimCLRModel(projection_dims=tuple(config.pretrain.projection_dims),
+                       projection_dropout=config.pretrain.projection_dropout, **common)
   if kind == 'classifier':
-    return Classifier(num_classes=config.num_classes, head_dropout=config.head_dropout,
+    return Classifier(num_classes=config.model.num_classes, head_dropout=config.supervised.head_dropout,
                       freeze_encoder=freeze_encoder, **common)
   raise ValueError(f'Unknown model kind {kind!r}; use simclr or classifier.')

@@ -124,7 +124,7 @@ def temperature_for_loss(epoch_loss, base_temperature, steps):
   Args:
     epoch_loss: mean NT-Xent loss of the epoch just finished (float or scalar array).
     base_temperature: temperature while no threshold has been passed.
-    steps: (threshold, temperature) pairs (config.temperature_steps).
+    steps: (threshold, temperature) pairs (config.pretrain.temperature_steps).
 
   Returns:
     float32 scalar: the temperature of the last pair, in order, whose threshold

@@ -14,7 +14,7 @@ eta=0 gives the popular davda54/sam `adaptive=True` form.
 
 `sam(base_optimizer, rho)` / `asam(...)` build one optax transformation on
 `optax.contrib.sam` in opaque mode; `wrap(tx, mode, rho)` is what the optimizer
-factory (state.py) calls with `config.sam`. A train step computes the clean
+factory (state.py) calls with `config.pretrain.sam`. A train step computes the clean
 gradient itself and hands SAM a `grad_fn` for the perturbed pass:
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -117,7 +117,7 @@ def check_mode(mode):
   """Raises a ValueError naming the fix when `mode` is not a SAM mode."""
   if mode not in MODES:
     raise errors.UserError(
-        f'Unknown SAM mode {mode!r}; set config.sam to one of {MODES}.')
+        f'Unknown SAM mode {mode!r}; set config.pretrain.sam to one of {MODES}.')
 
 
 def wrap(base_optimizer, mode, rho, *, eta=ASAM_ETA):
@@ -125,9 +125,9 @@ def wrap(base_optimizer, mode, rho, *, eta=ASAM_ETA):
 
   Args:
     base_optimizer: the optimizer that applies the (perturbed) gradient.
-    mode: 'none', 'sam' or 'asam' (config.sam).
-    rho: neighbourhood radius (config.sam_rho).
-    eta: ASAM's offset (config.sam_eta).
+    mode: 'none', 'sam' or 'asam' (config.pretrain.sam).
+    rho: neighbourhood radius (config.pretrain.sam_rho).
+    eta: ASAM's offset (config.pretrain.sam_eta).
 
   Returns:
     An optax transformation; with SAM, `update` needs `params` and `grad_fn`.

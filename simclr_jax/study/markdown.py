@@ -14,8 +14,8 @@ from simclr_jax.study import results as results_lib
 
 
 def _few_label_fractions(config):
-  few = [f for f in config.fractions if f <= results_lib.FEW_LABELS_MAX_FRACTION + 1e-9]
-  return sorted(few) if few else [min(config.fractions)]
+  few = [f for f in config.sweep.fractions if f <= results_lib.FEW_LABELS_MAX_FRACTION + 1e-9]
+  return sorted(few) if few else [min(config.sweep.fractions)]
 
 
 def _and(items):
@@ -58,7 +58,7 @@ def answer_sentences(summary, config):
      results_lib.FEW_LABELS_MAX_FRACTION), by the headline level and metric? 2. Under which
      protocol, and what the reference protocol says. 3. How sure: the intervals.
   """
-  protocol = results_lib.ANSWER_PROTOCOL if results_lib.ANSWER_PROTOCOL in summary['protocols'] else config.protocols[0]
+  protocol = results_lib.ANSWER_PROTOCOL if results_lib.ANSWER_PROTOCOL in summary['protocols'] else config.sweep.protocols[0]
   fractions = _few_label_fractions(config)
   fraction_text = _and(plan_lib.percent_label(f) for f in fractions)
   what = (f'{plan_lib.METRIC_TITLES[results_lib.HEADLINE_METRIC].lower()} '
@@ -74,7 +74,7 @@ def answer_sentences(summary, config):
   span = (f'{min(differences):+.1f}' if len(differences) == 1 else
           f'{min(differences):+.1f} to {max(differences):+.1f}')
   counts = _outcome_counts(done)
-  tasks = _and(task.replace('_', '-') for task in config.tasks
+  tasks = _and(task.replace('_', '-') for task in config.sweep.tasks
                if any(t == task for t, _, _ in done))
   where = f'with few labels ({fraction_text}; {tasks} task{"s" if "and" in tasks else ""})'
   if counts['ahead'] == len(done):
@@ -107,7 +107,7 @@ def answer_sentences(summary, config):
                               'comparisons', the='the same'))
     floor = [r for r in summary['inflation'] if r['arm'] == 'floor']
     if floor:
-      row = max(floor, key=lambda r: (r['task'] == config.tasks[0], r['fraction']))
+      row = max(floor, key=lambda r: (r['task'] == config.sweep.tasks[0], r['fraction']))
       second += (f', and its raw-pixel 1-NN, which learns nothing, scores '
                  f'{100 * row["accuracy"]["reference"]:.1f} % accuracy against '
                  f'{100 * row["accuracy"]["honest"]:.1f} % under the honest protocol '
@@ -269,16 +269,16 @@ def results_markdown(summary, config, figures=()):
   fraction_note = ('labeled images per fold (the training subjects\' slices at that '
                    'fraction, nested and stratified)')
   lines += [
-      f'Data: `{config.dataset}`; model {config.model} (width {config.width:g}, '
-      f'{config.encoder_output}), {config.image_size} px, {config.channels} channel(s), '
-      f'batch {config.batch_size}; SimCLR pretraining {config.pretrain_num_epochs} epochs '
-      f'(SAM: {config.sam}, rho {config.sam_rho:g}); fine-tuning and baseline up to '
-      f'{config.num_epochs} epochs'
-      + (f', capped at about {config.max_steps_per_run} steps per run'
-         if config.max_steps_per_run else '') + '. Arms: SimCLR (the pretrained encoder '
+      f'Data: `{config.data.name}`; model {config.model.name} (width {config.model.width:g}, '
+      f'{config.model.encoder_output}), {config.data.image_size} px, {config.data.channels} channel(s), '
+      f'batch {config.train.batch_size}; SimCLR pretraining {config.sweep.pretrain_num_epochs} epochs '
+      f'(SAM: {config.pretrain.sam}, rho {config.pretrain.sam_rho:g}); fine-tuning and baseline up to '
+      f'{config.train.num_epochs} epochs'
+      + (f', capped at about {config.sweep.max_steps_per_run} steps per run'
+         if config.sweep.max_steps_per_run else '') + '. Arms: SimCLR (the pretrained encoder '
       'fine-tuned), baseline (the same classifier trained from scratch on the same labeled '
       'images), raw-pixel 1-NN (1-nearest-neighbour by correlation of the pixels, '
-      f'area-downsampled to {config.floor_image_size or "the stored"} px, from the same '
+      f'area-downsampled to {config.sweep.floor_image_size or "the stored"} px, from the same '
       'labeled images, no training: the floor a learned model must clear).', '',
       'How to read the numbers. Test scores in %, pooled over the folds: under '
       'cross-validation every subject is tested once, by the fold that held it out, and '
@@ -312,10 +312,10 @@ def results_markdown(summary, config, figures=()):
     if protocol == 'reference':
       lines += [f'Still otherwise than the reference: {plan_lib.REFERENCE_DIFFERENCES}.', '']
     ran = plan_lib.protocol_tasks(config, protocol)
-    left_out = [t for t in config.tasks if t not in ran]
+    left_out = [t for t in config.sweep.tasks if t not in ran]
     if left_out:
       lines += [f'Left out under this protocol: the {_and(left_out)} task '
-                f'(`--config.reference_tasks` ran only {_and(ran)}).', '']
+                f'(`--config.sweep.reference_tasks` ran only {_and(ran)}).', '']
     if not result['tasks']:
       lines += ['No run of this protocol has finished yet.', '']
     for task, entry in result['tasks'].items():

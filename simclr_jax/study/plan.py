@@ -1,15 +1,15 @@
 """The sweep's plan: protocols, tasks, folds, arms, seeds, and the config and cost of every run.
 
-For each protocol (`config.protocols`) the sweep pretrains SimCLR (once per fold),
+For each protocol (`config.sweep.protocols`) the sweep pretrains SimCLR (once per fold),
 then, at each label fraction and seed and for each label task
-(`config.tasks`: four_class, binary), fine-tunes the pretrained encoder
+(`config.sweep.tasks`: four_class, binary), fine-tunes the pretrained encoder
 (`finetune`, the "SimCLR" arm) and trains the same classifier from scratch
 (`baseline`), both on the same labeled subset. A third arm needs no training:
 1-nearest-neighbour on raw pixels (correlation) from the same labeled subset
 (`floor`), the score a learned model must clear. Protocols:
 
 - `honest`: subject-grouped, stratified K-fold cross-validation
-  (`config.num_folds`, default 5): every subject is in the test split of
+  (`config.split.num_folds`, default 5): every subject is in the test split of
   exactly one fold; validation subjects for model selection are drawn from each
   fold's training subjects; each fold's pretraining sees only that fold's
   training and validation subjects. Metrics pool the out-of-fold predictions of
@@ -45,18 +45,17 @@ from simclr_jax.data import batches
 from simclr_jax.train import workdirs
 from simclr_jax.data import splits as splits_lib
 
-# Fields of a sweep config that its runs do not have.
-SWEEP_FIELDS = ('protocols', 'tasks', 'reference_tasks', 'fractions', 'seeds',
-                'multi_seed_max_fraction', 'reference_seeds', 'pretrain_num_epochs', 'max_steps_per_run',
-                'evals_per_run', 'floor_image_size', 'cam_method', 'cam_layer',
-                'bootstrap_samples', 'reference_num_epochs')
+# Sections of a sweep config that its runs do not have.
+SWEEP_SECTIONS = ('sweep', 'cam')
+# What each protocol sets in its runs' configs (dotted field names).
 PROTOCOLS = {
-    'honest': dict(split_scheme='subject', include_test_in_pretrain=False,
-                   selection_split='val'),
-    'reference': dict(split_scheme='slice', include_test_in_pretrain=True,
-                      selection_split='test', selection_metric='accuracy',
-                      val_fraction=0.0, num_folds=None, temperature_schedule=True,
-                      joint_views=False, eval_every_epochs=1, class_weights='none'),
+    'honest': {'split.scheme': 'subject', 'split.include_test_in_pretrain': False,
+               'eval.selection_split': 'val'},
+    'reference': {'split.scheme': 'slice', 'split.include_test_in_pretrain': True,
+                  'eval.selection_split': 'test', 'eval.selection_metric': 'accuracy',
+                  'split.val_fraction': 0.0, 'split.num_folds': None,
+                  'pretrain.temperature_schedule': True, 'pretrain.joint_views': False,
+                  'eval.every_epochs': 1, 'labels.class_weights': 'none'},
 }
 PROTOCOL_DESCRIPTIONS = {
     'honest': 'subject-grouped, stratified K-fold cross-validation (no person on both '
@@ -121,13 +120,13 @@ class Run:
 
 
 def protocol_seeds(config, protocol):
-  return tuple(config.reference_seeds if protocol == 'reference' else config.seeds)
+  return tuple(config.sweep.reference_seeds if protocol == 'reference' else config.sweep.seeds)
 
 
 def fraction_seeds(config, protocol, fraction):
   """Seeds run at `fraction`: all of the protocol's up to multi_seed_max_fraction."""
   seeds = protocol_seeds(config, protocol)
-  return seeds if fraction <= config.multi_seed_max_fraction + 1e-9 else seeds[:1]
+  return seeds if fraction <= config.sweep.multi_seed_max_fraction + 1e-9 else seeds[:1]
 
 
 def supervised_schedule(config, num_labeled, protocol='honest'):
@@ -139,19 +138,19 @@ def supervised_schedule(config, num_labeled, protocol='honest'):
   fraction for `reference_num_epochs` epochs (when set), as the reference did
   (100 epochs), and checks the test split after every epoch.
   """
-  if protocol == 'reference' and config.get('reference_num_epochs'):
-    return int(config.reference_num_epochs), 1
-  per_epoch = batches.steps_per_epoch(num_labeled, config.batch_size)
-  num_epochs = config.num_epochs
-  if config.max_steps_per_run is not None:
-    num_epochs = max(1, min(num_epochs, round(config.max_steps_per_run / per_epoch)))
+  if protocol == 'reference' and config.sweep.reference_num_epochs:
+    return int(config.sweep.reference_num_epochs), 1
+  per_epoch = batches.steps_per_epoch(num_labeled, config.train.batch_size)
+  num_epochs = config.train.num_epochs
+  if config.sweep.max_steps_per_run is not None:
+    num_epochs = max(1, min(num_epochs, round(config.sweep.max_steps_per_run / per_epoch)))
   return num_epochs, _eval_every(config, num_epochs)
 
 
 def _eval_every(config, num_epochs):
-  if config.evals_per_run is None:
-    return config.eval_every_epochs
-  return max(1, num_epochs // config.evals_per_run)
+  if config.sweep.evals_per_run is None:
+    return config.eval.every_epochs
+  return max(1, num_epochs // config.sweep.evals_per_run)
 
 
 def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
@@ -167,32 +166,32 @@ def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
     fraction: label fraction (finetune, baseline).
     num_labeled: size of the labeled subset (finetune, baseline).
     pretrained_workdir: the fold's pretrain workdir (finetune).
-    task: the label task (a pretraining takes the first of config.tasks).
+    task: the label task (a pretraining takes the first of config.sweep.tasks).
     fold: the cross-validation fold, or None.
 
   Returns:
     A new ConfigDict, a pure function of the arguments.
   """
   run = protocol_config(config, protocol)
-  for field in SWEEP_FIELDS:
-    if field in run:
-      del run[field]
+  for section in SWEEP_SECTIONS:
+    del run[section]
   run.mode = mode
   run.seed = int(seed)
-  run.task = task
-  run.num_classes = int(num_classes)
-  run.fold = 0 if fold is None else int(fold)
+  run.labels.task = task
+  run.model.num_classes = int(num_classes)
+  run.split.fold = 0 if fold is None else int(fold)
   if mode == 'pretrain':
-    run.num_epochs = int(config.pretrain_num_epochs)
-    run.eval_every_epochs = _eval_every(config, run.num_epochs)
+    run.train.num_epochs = int(config.sweep.pretrain_num_epochs)
+    run.eval.every_epochs = _eval_every(config, run.train.num_epochs)
   else:
-    run.label_fraction = float(fraction)
-    run.label_seed = int(seed)
-    run.num_epochs, run.eval_every_epochs = supervised_schedule(config, num_labeled, protocol)
-  if 'eval_every_epochs' in PROTOCOLS[protocol]:  # The reference checks every epoch.
-    run.eval_every_epochs = PROTOCOLS[protocol]['eval_every_epochs']
+    run.labels.fraction = float(fraction)
+    run.labels.seed = int(seed)
+    run.train.num_epochs, run.eval.every_epochs = supervised_schedule(config, num_labeled,
+                                                                      protocol)
+  if 'eval.every_epochs' in PROTOCOLS[protocol]:  # The reference checks every epoch.
+    run.eval.every_epochs = PROTOCOLS[protocol]['eval.every_epochs']
   if mode == 'finetune':
-    run.pretrained_workdir = pretrained_workdir
+    run.finetune.pretrained_workdir = pretrained_workdir
   return run
 
 
@@ -200,15 +199,15 @@ def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
 
 
 def protocol_tasks(config, protocol):
-  """The label tasks a protocol runs: config.tasks, or reference_tasks under `reference`."""
-  if protocol == 'reference' and config.get('reference_tasks') is not None:
-    return tuple(config.reference_tasks)
-  return tuple(config.tasks)
+  """The label tasks a protocol runs: config.sweep.tasks, or reference_tasks under `reference`."""
+  if protocol == 'reference' and config.sweep.reference_tasks is not None:
+    return tuple(config.sweep.reference_tasks)
+  return tuple(config.sweep.tasks)
 
 
 def protocol_folds(config, protocol):
   """The folds a protocol runs: 0 .. K-1 with cross-validation, else [None]."""
-  num_folds = protocol_config(config, protocol).get('num_folds')
+  num_folds = protocol_config(config, protocol).split.num_folds
   return list(range(num_folds)) if num_folds else [None]
 
 
@@ -221,11 +220,11 @@ def plan_runs(config, workdir, arrays):
   """
   planned = []
   task_classes = {task: len(arrays_lib.task_labels(arrays, task_config(config, task))[1])
-                  for task in config.tasks}
-  for protocol in config.protocols:
+                  for task in config.sweep.tasks}
+  for protocol in config.sweep.protocols:
     folds = protocol_folds(config, protocol)
     seeds = protocol_seeds(config, protocol)
-    plan = [(seed, fraction) for seed in seeds for fraction in config.fractions
+    plan = [(seed, fraction) for seed in seeds for fraction in config.sweep.fractions
             if seed in fraction_seeds(config, protocol, fraction)]
     for fold in folds:
       splits = protocol_splits(config, protocol, arrays, fold)
@@ -239,14 +238,14 @@ def plan_runs(config, workdir, arrays):
                              _arm_dir(workdir, protocol, task, fold, 'floor', fraction, seed),
                              None, labeled[seed, fraction], 0.0))
       pretrain = run_config(config, protocol, 'pretrain', seed=seeds[0],
-                            num_classes=task_classes[config.tasks[0]],
-                            task=config.tasks[0], fold=fold)
+                            num_classes=task_classes[config.sweep.tasks[0]],
+                            task=config.sweep.tasks[0], fold=fold)
       pretrain_images = len(splits_lib.pretrain_indices(
-          splits, pretrain.include_test_in_pretrain))
-      steps = pretrain.num_epochs * batches.steps_per_epoch(
-          pretrain_images, config.batch_size)
+          splits, pretrain.split.include_test_in_pretrain))
+      steps = pretrain.train.num_epochs * batches.steps_per_epoch(
+          pretrain_images, config.train.batch_size)
       # A pretraining step runs two views, twice with SAM.
-      cost = 2 * (1 if config.sam == 'none' else 2)
+      cost = 2 * (1 if config.pretrain.sam == 'none' else 2)
       planned.append(Run(protocol, None, fold, 'pretrain', None, seeds[0], pretrain_dir, pretrain,
                          None, steps * cost + RUN_OVERHEAD_STEPS))
       for task in protocol_tasks(config, protocol):
@@ -255,9 +254,9 @@ def plan_runs(config, workdir, arrays):
             run = run_config(config, protocol, arm, seed=seed, num_classes=task_classes[task],
                              fraction=fraction, num_labeled=labeled[seed, fraction],
                              pretrained_workdir=pretrain_dir, task=task, fold=fold)
-            steps = run.num_epochs * batches.steps_per_epoch(
-                labeled[seed, fraction], config.batch_size)
-            cost = 1 if config.finetune_sam == 'none' else 2
+            steps = run.train.num_epochs * batches.steps_per_epoch(
+                labeled[seed, fraction], config.train.batch_size)
+            cost = 1 if config.supervised.sam == 'none' else 2
             planned.append(Run(protocol, task, fold, arm, fraction, seed,
                                _arm_dir(workdir, protocol, task, fold, arm, fraction, seed),
                                run,
@@ -273,19 +272,19 @@ def _arm_dir(workdir, protocol, task, fold, arm, fraction, seed):
 def task_config(config, task):
   """`config` with `task` as its label task."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.task = task
+  config.labels.task = task
   return config
 
 
 def protocol_config(config, protocol):
   """`config` with the protocol's split, pretraining and selection settings."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.update(PROTOCOLS[protocol])
+  config.update_from_flattened_dict(PROTOCOLS[protocol])
   return config
 
 
 def protocol_splits(config, protocol, arrays, fold=None):
   """The train / val / test splits of the protocol (of `fold` under cross-validation)."""
   protocol_run = protocol_config(config, protocol)
-  protocol_run.fold = 0 if fold is None else fold
+  protocol_run.split.fold = 0 if fold is None else fold
   return splits_lib.load_splits(protocol_run, arrays)

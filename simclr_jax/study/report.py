@@ -120,7 +120,7 @@ def write_confusion_matrices(config, summary, path):
     Whether a figure was written.
   """
   protocols = summary['protocols']
-  protocol = next((p for p in protocols if protocols[p]['num_folds']), config.protocols[0])
+  protocol = next((p for p in protocols if protocols[p]['num_folds']), config.sweep.protocols[0])
   grid, class_rows = [], []
   for task, entry in protocols[protocol]['tasks'].items():
     fractions = entry['fractions']
@@ -160,7 +160,7 @@ def write_gradcam_grid(config, rows, arrays, path):
   Returns:
     The figure (process 0), or None.
   """
-  protocol, task = config.protocols[0], config.tasks[0]
+  protocol, task = config.sweep.protocols[0], config.sweep.tasks[0]
   candidates = [r for r in rows if r['protocol'] == protocol and r['task'] == task
                 and r['arm'] == 'finetune']
   if not candidates:
@@ -174,8 +174,8 @@ def write_gradcam_grid(config, rows, arrays, path):
   test_idx = plan_lib.protocol_splits(config, protocol, arrays, best['fold'])['test']
   labels, class_names = arrays_lib.task_labels(arrays, plan_lib.task_config(config, task))
   explanation = cam_grid.explain(model, variables, arrays.images[test_idx], run_config,
-                                config.cam_method, config.cam_layer,
-                                batch_size=config.eval_batch_size)
+                                config.cam.method, config.cam.layer,
+                                batch_size=config.eval.batch_size)
   if jax.process_index() != 0:
     return None
   fold = '' if best['fold'] is None else f', fold {best["fold"]}'
@@ -185,7 +185,7 @@ def write_gradcam_grid(config, rows, arrays, path):
     selection = f', best {best["selection_split"]} {key} {100 * best["selection"]:.1f} %'
   return cam_grid.write_gradcam_grid(
       path, arrays.images[test_idx], explanation, arrays.file_names[test_idx], class_names,
-      f'{cam_grid.CAM_NAMES[config.cam_method]} ({config.cam_layer})',
+      f'{cam_grid.CAM_NAMES[config.cam.method]} ({config.cam.layer})',
       f'SimCLR fine-tuned on {plan_lib.percent_label(largest)} of the labels, protocol '
       f'{protocol}, task {task}{fold}, seed {best["seed"]}{selection}:\n'
       'the most confident image of each predicted class among its test subjects',

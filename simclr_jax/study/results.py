@@ -201,10 +201,10 @@ def _cell_statistics(arms, config):
   for level in LEVELS:
     if whole:
       result[level] = bootstrap.arm_statistics(predictions, pairs, level,
-                                           config.bootstrap_samples, config.seed)
+                                           config.sweep.bootstrap_samples, config.seed)
       continue
     result[level] = {'arms': {arm: bootstrap.bootstrap_intervals(
-        ps, level, config.bootstrap_samples, config.seed) for arm, ps in predictions.items()},
+        ps, level, config.sweep.bootstrap_samples, config.seed) for arm, ps in predictions.items()},
                      'differences': {}}
     for a, b in pairs:
       common = sorted(set(seeds[a]) & set(seeds[b]))
@@ -212,7 +212,7 @@ def _cell_statistics(arms, config):
       b_sets = [p for s, p in zip(seeds[b], predictions[b]) if s in common]
       if common and len(bootstrap.common_subjects(a_sets + b_sets)):
         result[level]['differences'][a, b] = bootstrap.paired_differences(
-            a_sets, b_sets, level, config.bootstrap_samples, config.seed)
+            a_sets, b_sets, level, config.sweep.bootstrap_samples, config.seed)
   return result
 
 
@@ -303,7 +303,7 @@ def aggregate(config, rows, pooled):
   """The sweep's aggregates (sweep.json), from the per-fold and the pooled rows."""
   cells = _by_cell(pooled)
   summary = {
-      'dataset': config.dataset, 'bootstrap_samples': int(config.bootstrap_samples),
+      'dataset': config.data.name, 'bootstrap_samples': int(config.sweep.bootstrap_samples),
       'bootstrap_seed': int(config.seed), 'confidence': bootstrap.CONFIDENCE,
       'interval': 'percentile interval of a stratified cluster bootstrap over subjects: '
                   'subjects resampled with replacement within their class, with all '
@@ -312,7 +312,7 @@ def aggregate(config, rows, pooled):
                   'subjects, seeds averaged)',
       'headline': {'level': HEADLINE_LEVEL, 'metric': HEADLINE_METRIC},
       'protocols': {}, 'inflation': []}
-  for protocol in config.protocols:
+  for protocol in config.sweep.protocols:
     folds = plan_lib.protocol_folds(config, protocol)
     result = {'description': plan_lib.PROTOCOL_DESCRIPTIONS[protocol],
               **plan_lib.PROTOCOLS[protocol],
@@ -326,7 +326,7 @@ def aggregate(config, rows, pooled):
       task_rows = [r for r in pooled if r['protocol'] == protocol and r['task'] == task]
       entry = {'class_names': task_rows[0]['class_names'], **test,
                'selection': _selection_summary(rows, protocol, task), 'fractions': []}
-      for fraction in config.fractions:
+      for fraction in config.sweep.fractions:
         arms = {arm: cells[protocol, task, _fraction_key(fraction), arm]
                 for arm in plan_lib.ARMS
                 if (protocol, task, _fraction_key(fraction), arm) in cells}

@@ -44,10 +44,10 @@ def raw_pixel_floor(features, labels, subject_ids, train_idx, test_idx, num_clas
 def _run_floor(run, config, arrays, features):
   """Computes and writes one floor run; a finished one with the same settings is kept."""
   settings = {'mode': 'floor', 'metric': 'correlation', 'k': 1,
-              'floor_image_size': config.floor_image_size, 'task': run.task, 'fold': run.fold,
+              'floor_image_size': config.sweep.floor_image_size, 'task': run.task, 'fold': run.fold,
               'label_fraction': run.fraction, 'label_seed': run.seed,
               **{k: v for k, v in plan_lib.PROTOCOLS[run.protocol].items()
-                 if k in ('split_scheme', 'include_test_in_pretrain', 'selection_split')}}
+                 if k in ('split.scheme', 'split.include_test_in_pretrain', 'eval.selection_split')}}
   if run.finished:
     previous = workdirs.read_metrics(run.workdir)
     if all(previous.get(k) == v for k, v in settings.items()):
@@ -87,38 +87,38 @@ def check_config(config):
   """A sweep config: its runs' training fields, then the sweep's own."""
   checks.check_mode(config, ('sweep',))
   checks.check_training_fields(config)
-  protocols = fields.get(config, 'protocols')
+  protocols = fields.get(config, 'sweep.protocols')
   unknown = [p for p in protocols if p not in plan_lib.PROTOCOLS]
   if unknown or not protocols:
     raise errors.UserError(
-        f'Unknown protocols {unknown or "(none)"}; set --config.protocols to some of '
+        f'Unknown protocols {unknown or "(none)"}; set --config.sweep.protocols to some of '
         f'{tuple(plan_lib.PROTOCOLS)}, e.g. "(\'honest\',)".')
-  fractions = config.fractions
+  fractions = config.sweep.fractions
   if not fractions or any(not fields.is_real(f) or not 0.0 < f <= 1.0 for f in fractions):
     raise errors.UserError(f'Label fractions must be in (0, 1], got {fractions}; set '
-                           '--config.fractions to e.g. "(0.01, 0.1, 1.0)".')
-  if not config.seeds or not config.reference_seeds:
-    raise errors.UserError('The sweep needs at least one seed; set --config.seeds and '
-                           '--config.reference_seeds to e.g. "(0,)".')
-  for name in ('seeds', 'reference_seeds'):
+                           '--config.sweep.fractions to e.g. "(0.01, 0.1, 1.0)".')
+  if not config.sweep.seeds or not config.sweep.reference_seeds:
+    raise errors.UserError('The sweep needs at least one seed; set --config.sweep.seeds and '
+                           '--config.sweep.reference_seeds to e.g. "(0,)".')
+  for name in ('sweep.seeds', 'sweep.reference_seeds'):
     fields.integers(config, name, (0,), low=0, meaning=' (seeds)')
-  fields.real(config, 'multi_seed_max_fraction', 0, 1, example=0.2,
+  fields.real(config, 'sweep.multi_seed_max_fraction', 0, 1, example=0.2,
               meaning=', the largest label fraction run with every seed')
-  fields.integer(config, 'pretrain_num_epochs', example=100)
-  fields.integer(config, 'max_steps_per_run', example=600, optional=True)
-  fields.integer(config, 'reference_num_epochs', example=100, optional=True)
-  fields.integer(config, 'evals_per_run', example=5, optional=True)
-  fields.integer(config, 'floor_image_size', example=64, optional=True)
-  fields.integer(config, 'bootstrap_samples', low=100, example=2000)
-  tasks = fields.get(config, 'tasks')
+  fields.integer(config, 'sweep.pretrain_num_epochs', example=100)
+  fields.integer(config, 'sweep.max_steps_per_run', example=600, optional=True)
+  fields.integer(config, 'sweep.reference_num_epochs', example=100, optional=True)
+  fields.integer(config, 'sweep.evals_per_run', example=5, optional=True)
+  fields.integer(config, 'sweep.floor_image_size', example=64, optional=True)
+  fields.integer(config, 'sweep.bootstrap_samples', low=100, example=2000)
+  tasks = fields.get(config, 'sweep.tasks')
   if tasks is not fields.MISSING and (not tasks or any(t not in arrays_lib.TASKS for t in tasks)):
-    raise errors.UserError(f'Unknown tasks {tasks}; set --config.tasks to some of '
+    raise errors.UserError(f'Unknown tasks {tasks}; set --config.sweep.tasks to some of '
                            f'{arrays_lib.TASKS}, e.g. "(\'four_class\', \'binary\')".')
-  reference_tasks = fields.get(config, 'reference_tasks')
+  reference_tasks = fields.get(config, 'sweep.reference_tasks')
   if reference_tasks not in (fields.MISSING, None) and (
       not reference_tasks or any(t not in tasks for t in reference_tasks)):
-    raise errors.UserError(f'--config.reference_tasks={reference_tasks} must be some of '
-                           f'--config.tasks={tasks}, e.g. "(\'four_class\',)"; or None for all.')
+    raise errors.UserError(f'--config.sweep.reference_tasks={reference_tasks} must be some of '
+                           f'--config.sweep.tasks={tasks}, e.g. "(\'four_class\',)"; or None for all.')
   checks.check_cam_fields(config)
 
 
@@ -139,7 +139,7 @@ def main(config, workdir):
     workdirs.write_json(workdirs.output_path(workdir, workdirs.CONFIG_FILE),
                     json.loads(config.to_json_best_effort()))
 
-  features = neighbours.pixel_features(arrays.images, config.floor_image_size)
+  features = neighbours.pixel_features(arrays.images, config.sweep.floor_image_size)
   for run in planned:
     if run.arm == 'floor':
       _run_floor(run, config, arrays, features)

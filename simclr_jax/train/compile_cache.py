@@ -33,51 +33,41 @@ class CompileCache:
     return list(self._objects)
 
 
-# Config fields that change nothing a compiled step or model computes: runs whose
-# configs differ only in these share their model, optimizer and compiled steps
-# (every other field, known or not, is part of `run_key`).
-_UNCOMPILED_FIELDS = frozenset((
-    'seed', 'label_fraction', 'label_seed', 'split_scheme', 'split_seed', 'test_fraction',
-    'val_fraction', 'include_test_in_pretrain', 'num_epochs', 'eval_every_epochs',
-    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'num_summary_images',
-    'pretrained_workdir', 'dataset_path', 'data_dir', 'selection_metric', 'selection_split',
-    'knn_k', 'precise_bn_batches', 'eval_batch_size', 'skip_unreadable', 'subject_ids',
-    'subject_grouping_threshold', 'subject_grouping_k', 'subject_grouping_size',
-    'nifti_slice_selection', 'nifti_num_slices', 'nifti_slice_step',
-    'nifti_min_mask_fraction', 'dataset', 'fold', 'num_folds', 'task',
-    'binary_negative_class', 'class_weights'))
-# Fields only the other model kind's steps read.
-_UNUSED_BY_KIND = {
-    'simclr': frozenset(('finetune_optimizer', 'finetune_sam', 'head_dropout', 'train_augment',
-                         'linear_probe')),
-    'classifier': frozenset(('pretrain_optimizer', 'sam', 'joint_views', 'temperature',
-                             'temperature_schedule', 'temperature_steps', 'projection_dims',
-                             'projection_dropout')),
-}
-# The fields that make a model and the shape of its inputs (heads.create_model).
-_MODEL_FIELDS = ('model', 'width', 'encoder_output', 'dtype', 'projection_dims',
-                 'projection_dropout', 'head_dropout', 'num_classes', 'image_size', 'channels')
+# The section of each model kind's own settings (head, optimizer, loss).
+_KIND_SECTIONS = {'simclr': 'pretrain', 'classifier': 'supervised'}
+# Beside the sections, what shapes a compiled step: the model input, the batch,
+# where the data set lives, and the steps per dispatch.
+_STEP_FIELDS = ('data.image_size', 'data.channels', 'data.on_device', 'train.batch_size',
+                'train.steps_per_dispatch')
+
+
+def _section(config, name):
+  return json.loads(config[name].to_json_best_effort())
+
+
+def model_key(config):
+  """What a run's model and its inference steps depend on: runs of one key share them.
+
+  The `model` section, the model kind's own section (its head) and the input shape.
+  """
+  kind = kinds.model_kind(config)
+  fields = {'kind': kind, 'frozen': kinds.is_linear_probe(config),
+            'model': _section(config, 'model'), kind: _section(config, _KIND_SECTIONS[kind]),
+            'input': [config.data.image_size, config.data.channels]}
+  return json.dumps(fields, sort_keys=True)
 
 
 def step_key(config, total_steps):
   """What a run's model, optimizer and compiled steps depend on, as a hashable string.
 
-  The one-cycle schedule of pretraining depends on the run's length; the
-  fine-tuning schedule is constant, so fine-tuning and baseline runs of any
-  length (and either arm) share one key.
+  The model's key, the `augment` section and `_STEP_FIELDS`. The one-cycle schedule
+  of pretraining depends on the run's length; the fine-tuning schedule is constant,
+  so fine-tuning and baseline runs of any length (and either arm) share one key.
+  Everything else (seeds, splits, labels, run length, evaluation, paths) is data.
   """
   kind = kinds.model_kind(config)
-  fields = {k: v for k, v in json.loads(config.to_json_best_effort()).items()
-            if k not in _UNCOMPILED_FIELDS and k not in _UNUSED_BY_KIND[kind]}
-  fields['total_steps'] = total_steps if kind == 'simclr' else None
-  fields['mode'] = kind
-  fields['linear_probe'] = kinds.is_linear_probe(config)
+  fields = {'model': model_key(config), 'augment': _section(config, 'augment'),
+            'total_steps': total_steps if kind == 'simclr' else None}
+  fields.update({name: str(config[name.split('.')[0]][name.split('.')[1]])
+                 for name in _STEP_FIELDS})
   return json.dumps(fields, sort_keys=True)
-
-
-def model_key(config):
-  """What a run's model and its inference steps depend on: runs of one key share them."""
-  kind = kinds.model_kind(config)
-  fields = {k: config.get(k) for k in _MODEL_FIELDS if k not in _UNUSED_BY_KIND[kind]}
-  fields.update(kind=kind, frozen=kinds.is_linear_probe(config))
-  return json.dumps(fields, sort_keys=True, default=list)

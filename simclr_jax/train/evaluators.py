@@ -74,7 +74,7 @@ class KnnEvaluator:
 class PreciseBatchStats:
   """Before an evaluation: BatchNorm statistics recomputed with the current weights.
 
-  The mean over `num_batches` batches (of `config.batch_size` unaugmented
+  The mean over `num_batches` batches (of `config.train.batch_size` unaugmented
   training images, a fixed seeded draw) of each batch's statistics, as
   detectron2's PreciseBN. Running averages lag behind fast-moving weights and
   describe augmented crops; on short runs they can make the evaluated network
@@ -82,17 +82,17 @@ class PreciseBatchStats:
   """
 
   def __init__(self, device_data, train_idx, config, mesh, cache=None, key=None):
-    self.device_data, self.batch_size = device_data, config.batch_size
-    num = config.precise_bn_batches * config.batch_size
+    self.device_data, self.batch_size = device_data, config.train.batch_size
+    num = config.eval.precise_bn_batches * config.train.batch_size
     order = np.random.default_rng(config.seed).permutation(train_idx)
-    usable = max(config.batch_size,
-                 min(num, len(order)) // config.batch_size * config.batch_size)
+    usable = max(config.train.batch_size,
+                 min(num, len(order)) // config.train.batch_size * config.train.batch_size)
     self.idx = np.resize(order, usable).astype(np.int32)  # Repeats when fewer than a batch.
 
     def stats_step(state, data, inputs):
       images, _ = batches.DeviceDataset.images(data, inputs)
-      return batch_stats_of(state, augment.model_input(images, config.image_size,
-                                                       config.channels))
+      return batch_stats_of(state, augment.model_input(images, config.data.image_size,
+                                                       config.data.channels))
 
     make = lambda: jax.jit(stats_step, out_shardings=sharding.replicated_sharding(mesh))
     self.step = make() if cache is None else cache.get('batch_stats', (key, mesh), make)

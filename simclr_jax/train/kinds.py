@@ -8,7 +8,8 @@ MODEL_KINDS = {'pretrain': 'simclr', 'finetune': 'classifier', 'baseline': 'clas
 TRAIN_MODES = tuple(MODEL_KINDS)
 # Fields that fix the encoder's parameter shapes: a fine-tuning run must match its
 # pretraining run on these.
-ARCHITECTURE_FIELDS = ('model', 'width', 'encoder_output', 'channels', 'image_size')
+ARCHITECTURE_FIELDS = ('model.name', 'model.width', 'model.encoder_output', 'data.channels',
+                       'data.image_size')
 
 
 def model_kind(config):
@@ -17,7 +18,7 @@ def model_kind(config):
 
 def is_linear_probe(config):
   """A finetune run that trains only the head on a frozen encoder."""
-  return config.mode == 'finetune' and bool(config.linear_probe)
+  return config.mode == 'finetune' and bool(config.finetune.linear_probe)
 
 
 def frozen_subtrees(config):

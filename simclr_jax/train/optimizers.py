@@ -13,37 +13,35 @@ from simclr_jax.train import kinds
 def create_learning_rate_fn(config, total_steps):
   """One-cycle cosine for pretraining (the reference); constant for fine-tuning."""
   if kinds.model_kind(config) == 'simclr':
-    opt = config.pretrain_optimizer
+    opt = config.pretrain.optimizer
     return optax.cosine_onecycle_schedule(
         transition_steps=max(total_steps, 2), peak_value=opt.learning_rate,
         pct_start=opt.warmup_fraction)
-  return optax.constant_schedule(config.finetune_optimizer.learning_rate)
+  return optax.constant_schedule(config.supervised.optimizer.learning_rate)
 
 
 def create_optimizer(config, learning_rate_fn):
   """The mode's optimizer as one optax transformation, SAM/ASAM included.
 
   SGD + momentum (pretrain) or AdamW (finetune, baseline), wrapped in the SAM
-  or ASAM transform of `sam.py` when `config.sam` (pretrain) or
-  `config.finetune_sam` asks for it. Every transformation takes the extra
+  or ASAM transform of `sam.py` when `config.pretrain.sam` (pretrain) or
+  `config.supervised.sam` asks for it. Every transformation takes the extra
   `grad_fn` argument that SAM needs (the others ignore it). A linear probe's
   frozen encoder gets no updates (not even weight decay).
   """
   if kinds.model_kind(config) == 'simclr':
-    opt = config.pretrain_optimizer
-    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                     optax.sgd(learning_rate_fn, momentum=opt.momentum))
-    sam_mode = config.sam
+    section = config.pretrain
+    tx = optax.chain(optax.add_decayed_weights(section.optimizer.weight_decay),
+                     optax.sgd(learning_rate_fn, momentum=section.optimizer.momentum))
   else:
-    opt = config.finetune_optimizer
-    tx = optax.adamw(learning_rate_fn, weight_decay=opt.weight_decay)
-    sam_mode = config.finetune_sam
+    section = config.supervised
+    tx = optax.adamw(learning_rate_fn, weight_decay=section.optimizer.weight_decay)
   frozen = kinds.frozen_subtrees(config)
   if frozen:
     tx = optax.multi_transform(
         {'train': tx, 'frozen': optax.set_to_zero()},
         lambda params: {k: 'frozen' if k in frozen else 'train' for k in params})
   # SAM outermost: its perturbed pass sees every parameter (the frozen ones get a
-  # zero gradient, hence no perturbation: see train.train_step).
-  tx = sam.wrap(tx, sam_mode, config.sam_rho, eta=config.sam_eta)
+  # zero gradient, hence no perturbation: see steps.train_step).
+  tx = sam.wrap(tx, section.sam, section.sam_rho, eta=section.sam_eta)
   return optax.with_extra_args_support(tx)

@@ -40,7 +40,7 @@ from simclr_jax.train import workdirs
 class RunRows:
   """What a training run reads: the arrays, the split indices and their roles."""
   arrays: arrays_lib.DatasetArrays
-  labels: np.ndarray  # int32 [N] labels of the run's label task (config.task).
+  labels: np.ndarray  # int32 [N] labels of the run's label task (config.labels.task).
   class_names: list  # Class names of the run's label task.
   splits: dict
   train_idx: np.ndarray  # Pretraining images, or the labeled subset.
@@ -101,21 +101,21 @@ def create_recipe(config, mesh, cache):
   config = ml_collections.ConfigDict(config)  # A copy we may complete.
   arrays = arrays_lib.load_arrays(config)
   labels, class_names = arrays_lib.task_labels(arrays, config)
-  config.num_classes = len(class_names)
+  config.model.num_classes = len(class_names)
   # Splits and label subsets follow the data set's own classes for either task.
   splits = splits_lib.load_splits(config, arrays)
-  if config.selection_split == 'test':
+  if config.eval.selection_split == 'test':
     logging.warning('Model selection on the TEST split: this reproduces the reference '
                     'protocol and overstates accuracy; use selection_split=val.')
   build = {'pretrain': _pretrain_recipe, 'finetune': _supervised_recipe,
            'baseline': _supervised_recipe}[config.mode]
-  device_data = batches.DeviceDataset(arrays, mesh, config.data_on_device, labels=labels)
+  device_data = batches.DeviceDataset(arrays, mesh, config.data.on_device, labels=labels)
   recipe = build(config, RunRows(arrays, labels, class_names, splits, *_train_and_select(
       config, arrays, splits)), device_data, mesh, cache)
   missing = sorted(set(class_names) - set(recipe.rows_of.selection_classes))
   if missing:
     logging.warning('The %s split holds no image of %s: %s averages over %s only.',
-                    config.selection_split, ', '.join(missing), recipe.selection_key,
+                    config.eval.selection_split, ', '.join(missing), recipe.selection_key,
                     ', '.join(recipe.rows_of.selection_classes))
   return recipe
 
@@ -123,16 +123,16 @@ def create_recipe(config, mesh, cache):
 def _train_and_select(config, arrays, splits):
   """(training rows, selection rows) of the mode."""
   if kinds.model_kind(config) == 'simclr':
-    train_idx = splits_lib.pretrain_indices(splits, config.include_test_in_pretrain)
+    train_idx = splits_lib.pretrain_indices(splits, config.split.include_test_in_pretrain)
   else:
     train_idx = splits_lib.label_subset(arrays.labels, splits['train'],
-                                        config.label_fraction, config.label_seed)
-  return train_idx, splits[config.selection_split]
+                                        config.labels.fraction, config.labels.seed)
+  return train_idx, splits[config.eval.selection_split]
 
 
 def class_weights(config, labels, num_classes):
   """Cross-entropy weight of each class: 1, or n / (K * n_class) with 'balanced'."""
-  if config.get('class_weights', 'none') == 'none':
+  if config.labels.class_weights == 'none':
     return np.ones(num_classes, np.float32)
   counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
   weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
@@ -140,7 +140,7 @@ def class_weights(config, labels, num_classes):
 
 
 def _key_and_model(config, rows, cache):
-  key = compile_cache.step_key(config, rows.steps_per_epoch * config.num_epochs)
+  key = compile_cache.step_key(config, rows.steps_per_epoch * config.train.num_epochs)
   model = cache.get('model', compile_cache.model_key(config),
                     lambda: state_lib.create_model(config))
   return key, model
@@ -151,26 +151,26 @@ def _infer(config, mesh, infer_step, device_data, cache):
 
   def infer(state, data, inputs):
     images, _ = batches.DeviceDataset.images(data, inputs)
-    return infer_step(state, augment.model_input(images, config.image_size, config.channels))
+    return infer_step(state, augment.model_input(images, config.data.image_size, config.data.channels))
 
   step = cache.get(('infer', infer_step.__name__), (compile_cache.model_key(config), mesh),
                    lambda: jax.jit(infer, out_shardings=sharding.data_sharding(mesh)))
   return lambda state, idx: evaluators.infer_rows(step, state, device_data, idx,
-                                                  config.eval_batch_size)
+                                                  config.eval.batch_size)
 
 
 def _rows(config, train_idx):
-  batch_size = batches.train_batch_size(len(train_idx), config.batch_size,
+  batch_size = batches.train_batch_size(len(train_idx), config.train.batch_size,
                                         jax.device_count())
-  if batch_size != config.batch_size:
+  if batch_size != config.train.batch_size:
     logging.info('%d training images, fewer than batch_size %d: batches of %d (no image '
-                 'twice in a batch).', len(train_idx), config.batch_size, batch_size)
+                 'twice in a batch).', len(train_idx), config.train.batch_size, batch_size)
   return batches.TrainingRows(np.asarray(train_idx), batch_size, config.seed)
 
 
 def _precise_bn(config, device_data, train_idx, mesh, cache):
   # A linear probe's encoder keeps its pretrained statistics.
-  if not config.precise_bn_batches or kinds.is_linear_probe(config):
+  if not config.eval.precise_bn_batches or kinds.is_linear_probe(config):
     return steps_lib.unchanged
   return evaluators.PreciseBatchStats(device_data, train_idx, config, mesh, cache=cache,
                                       key=compile_cache.model_key(config))
@@ -191,14 +191,14 @@ def _pretrain_recipe(config, rows_of, device_data, mesh, cache):
 
   def knn(idx):
     return evaluators.KnnEvaluator(infer, idx, rows_of.splits['train'], rows_of.labels,
-                                   tuple(config.knn_k), config.num_classes)
+                                   tuple(config.eval.knn_k), config.model.num_classes)
 
-  k = config.knn_k[1] if len(config.knn_k) > 1 else config.knn_k[0]
-  suffix = 'balanced_accuracy' if config.selection_metric == 'balanced_accuracy' else 'accuracy'
+  k = config.eval.knn_k[1] if len(config.eval.knn_k) > 1 else config.eval.knn_k[0]
+  suffix = 'balanced_accuracy' if config.eval.selection_metric == 'balanced_accuracy' else 'accuracy'
   return Recipe(
       config=config, key=key, rows_of=rows_of, model=model,
       objective=steps_lib.objective(config, model),
-      run_values={'class_weights': np.ones(config.num_classes, np.float32)},
+      run_values={'class_weights': np.ones(config.model.num_classes, np.float32)},
       rows=rows, device_data=device_data,
       infer_step=_embed_step, selection=knn(rows_of.select_idx),
       test=knn(rows_of.splits['test']), selection_key=f'knn{k}_{suffix}',
@@ -213,7 +213,7 @@ def _supervised_recipe(config, rows_of, device_data, mesh, cache):
 
   def classifier(idx):
     return evaluators.ClassifierEvaluator(infer, idx, rows_of.labels,
-                                          rows_of.arrays.subject_ids, config.num_classes)
+                                          rows_of.arrays.subject_ids, config.model.num_classes)
 
   start = (functools.partial(workdirs.load_pretrained_encoder, config, mesh=mesh)
            if config.mode == 'finetune' else steps_lib.unchanged)
@@ -221,9 +221,9 @@ def _supervised_recipe(config, rows_of, device_data, mesh, cache):
       config=config, key=key, rows_of=rows_of, model=model,
       objective=steps_lib.objective(config, model),
       run_values={'class_weights': class_weights(config, rows_of.labels[rows_of.train_idx],
-                                                 config.num_classes)},
+                                                 config.model.num_classes)},
       rows=rows, device_data=device_data,
       infer_step=_logits_step, selection=classifier(rows_of.select_idx),
-      test=classifier(rows_of.splits['test']), selection_key=config.selection_metric,
+      test=classifier(rows_of.splits['test']), selection_key=config.eval.selection_metric,
       start=start,
       before_eval=_precise_bn(config, device_data, rows_of.train_idx, mesh, cache))

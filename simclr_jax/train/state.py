@@ -51,7 +51,7 @@ def init_variables(config, model, rng):
   SimCLRModel and Classifier both name their ResNet `encoder`, so for one seed the
   pretraining and the baseline start from identical encoder weights.
   """
-  x = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
+  x = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.channels), jnp.float32)
   variables = model.init({'params': rng, 'dropout': rng}, x, train=False)
   return variables['params'], variables['batch_stats']
 
@@ -60,7 +60,7 @@ def _new_state(config, model, tx, rng):
   params, batch_stats = init_variables(config, model, rng)
   return TrainState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
-      temperature=jnp.float32(config.temperature), epoch_loss=jnp.zeros(2, jnp.float32),
+      temperature=jnp.float32(config.pretrain.temperature), epoch_loss=jnp.zeros(2, jnp.float32),
       best_metric=jnp.float32(-jnp.inf), best_step=jnp.int32(-1))
 
 

@@ -35,7 +35,7 @@ class TrainMetrics(metrics.Collection):
   update_norm: metrics.Average.from_output('update_norm')
 
 
-# Steps per dispatch by platform (config.steps_per_dispatch=0). On accelerators,
+# Steps per dispatch by platform (config.train.steps_per_dispatch=0). On accelerators,
 # enough that Python and launch overheads vanish beside small steps; on CPU one:
 # a step inside lax.scan ran 2x slower there, and dispatch costs ~1 % of a step
 # (docs/performance.md).
@@ -143,9 +143,9 @@ def make_train_steps(config, objective, mesh, cache=None, key=None):
 
 
 def steps_per_dispatch(config):
-  """Steps per dispatch: config.steps_per_dispatch, or 0 for the platform's default."""
-  if config.steps_per_dispatch:
-    return config.steps_per_dispatch
+  """Steps per dispatch: config.train.steps_per_dispatch, or 0 for the platform's default."""
+  if config.train.steps_per_dispatch:
+    return config.train.steps_per_dispatch
   return DEFAULT_STEPS_PER_DISPATCH.get(jax.default_backend(), 1)
 
 
@@ -180,11 +180,11 @@ def unchanged(state):
 def objective(config, model):
   """The mode's Objective: its loss, its epoch hook and its batch maker."""
   if kinds.model_kind(config) == 'simclr':
-    epoch_end = (functools.partial(temperature_step_down, base=config.temperature,
-                                   steps=tuple(map(tuple, config.temperature_steps)))
-                 if config.temperature_schedule else unchanged)
+    epoch_end = (functools.partial(temperature_step_down, base=config.pretrain.temperature,
+                                   steps=tuple(map(tuple, config.pretrain.temperature_steps)))
+                 if config.pretrain.temperature_schedule else unchanged)
     return Objective(functools.partial(losses.simclr_loss, apply_fn=model.apply,
-                                       joint_views=config.joint_views), epoch_end,
+                                       joint_views=config.pretrain.joint_views), epoch_end,
                      functools.partial(batches.simclr_batch, config=config))
   return Objective(functools.partial(losses.supervised_loss, apply_fn=model.apply), unchanged,
                    functools.partial(batches.labeled_batch, config=config))
@@ -214,14 +214,14 @@ def example_arguments(config, mesh, num_steps, *, num_rows=None, seed=0, abstrac
   Returns:
     (metrics, inputs, data, rngs, values): the arguments after the state.
   """
-  batch, size = config.batch_size, config.image_size
+  batch, size = config.train.batch_size, config.data.image_size
   num_rows = num_rows or 2 * batch
   rng = np.random.default_rng(seed)
   data = {'images': rng.integers(0, 256, (num_rows, size, size, 1), np.uint8),
-          'labels': rng.integers(0, config.num_classes, num_rows).astype(np.int32)}
+          'labels': rng.integers(0, config.model.num_classes, num_rows).astype(np.int32)}
   inputs = {'row': rng.integers(0, num_rows, (num_steps, batch)).astype(np.int32),
             'position': np.arange(num_steps * batch, dtype=np.int32).reshape(num_steps, batch)}
-  values = step_values(num_steps, 1000, np.ones(config.num_classes))
+  values = step_values(num_steps, 1000, np.ones(config.model.num_classes))
   repl, rows = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh, batch_axis=1)
   if abstract:
     like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)

@@ -91,7 +91,7 @@ def evaluate_and_keep_best(recipe, state, best, writer, step, checkpoints, mesh)
   """
   state = recipe.before_eval(state)
   selection = recipe.selection.run(state)
-  split = recipe.config.selection_split
+  split = recipe.config.eval.selection_split
   writer.write_scalars(step, {f'{split}/{k}': v for k, v in selection.items()
                               if isinstance(v, (int, float))})
   value = np.float32(selection[recipe.selection_key])
@@ -124,8 +124,8 @@ def train_and_evaluate(config, workdir, cache=None):
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   per_epoch = recipe.rows.steps_per_epoch
-  total_steps = per_epoch * config.num_epochs
-  eval_every = per_epoch * config.eval_every_epochs
+  total_steps = per_epoch * config.train.num_epochs
+  eval_every = per_epoch * config.eval.every_epochs
   logging.info('%s: %d training images, batches of %d, %d steps per epoch, %d steps.',
                config.mode, len(recipe.rows.rows), recipe.rows.batch_size, per_epoch, total_steps)
 
@@ -138,7 +138,7 @@ def train_and_evaluate(config, workdir, cache=None):
                           lambda: optimizers.create_optimizer(config, lr_fn))
   state = state_lib.create_train_state(config, recipe.model, rng, tx, mesh, cache=cache,
                                        key=recipe.key)
-  checkpoints = workdirs.Checkpoints(workdir, config.keep_checkpoints)
+  checkpoints = workdirs.Checkpoints(workdir, config.train.keep_checkpoints)
   restored = checkpoints.restore_latest(state)
   state = recipe.start(state) if restored is None else restored
   start_step = int(state.step)
@@ -146,13 +146,13 @@ def train_and_evaluate(config, workdir, cache=None):
     logging.info('Resumed from step %d of %s.', start_step, workdir)
   else:
     writer.write_hparams(hparams(config))
-    write_views(writer, recipe, rngs, config.num_summary_images, cache)
+    write_views(writer, recipe, rngs, config.train.num_summary_images, cache)
 
   p_train_steps = steps_lib.make_train_steps(config, recipe.objective, mesh, cache, recipe.key)
   k = steps_lib.steps_per_dispatch(config)
-  periods = (config.log_every_steps, eval_every, config.checkpoint_every_steps)
+  periods = (config.train.log_every_steps, eval_every, config.train.checkpoint_every_steps)
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,
+      num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every_steps,
       every_secs=None)
   train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
   best = None  # The best state so far, on the host (the steps donate the device copy).
@@ -170,8 +170,8 @@ def train_and_evaluate(config, workdir, cache=None):
       report_progress(step)  # clu's periodic actions want every step.
     # Batches are a function of (seed, step) and evaluations of the state, so a run
     # resumed from any checkpoint replays the same steps and the same choices of best.
-    checkpoint_now = itstime(step, config.checkpoint_every_steps, total_steps)
-    if checkpoint_now or itstime(step, config.log_every_steps, total_steps):
+    checkpoint_now = itstime(step, config.train.checkpoint_every_steps, total_steps)
+    if checkpoint_now or itstime(step, config.train.log_every_steps, total_steps):
       write_train_summary(writer, step, train_metrics, lr_fn, state, workdir)
       train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
     if itstime(step, eval_every, total_steps):
@@ -197,21 +197,21 @@ def write_final(recipe, checkpoints, state, best, writer, workdir, total_steps):
   if isinstance(recipe.test, evaluators.ClassifierEvaluator):
     predictions = recipe.test.predictions(chosen)
     workdirs.write_predictions(workdir, predictions)
-    test_metrics = classification.prediction_metrics(predictions, config.num_classes)
+    test_metrics = classification.prediction_metrics(predictions, config.model.num_classes)
   else:
     test_metrics = recipe.test.run(chosen)
   rows_of = recipe.rows_of
   result = dict(test_metrics)
   result.update({
-      'mode': config.mode, 'task': config.task, 'fold': config.get('fold'),
+      'mode': config.mode, 'task': config.labels.task, 'fold': config.split.fold,
       'chosen_step': int(chosen.best_step),
-      f'selection_{config.selection_split}_{recipe.selection_key}': float(chosen.best_metric),
+      f'selection_{config.eval.selection_split}_{recipe.selection_key}': float(chosen.best_metric),
       'selection_classes': rows_of.selection_classes,
       'num_train_images': int(len(rows_of.train_idx)),
       'num_train_subjects': int(len(np.unique(rows_of.arrays.subject_ids[rows_of.train_idx]))),
       'total_steps': total_steps, 'class_names': list(rows_of.class_names),
       'label_counts': np.bincount(rows_of.labels[rows_of.train_idx],
-                                  minlength=config.num_classes).tolist(),
+                                  minlength=config.model.num_classes).tolist(),
   })
   writer.write_scalars(total_steps, {f'test/{k}': v for k, v in test_metrics.items()
                                      if isinstance(v, (int, float))})
@@ -219,7 +219,7 @@ def write_final(recipe, checkpoints, state, best, writer, workdir, total_steps):
     image = plots.plot_confusion_matrix(
         np.asarray(test_metrics['confusion_matrix']), result['class_names'],
         workdirs.output_path(workdir, 'confusion_matrix.png'),
-        title=f'{config.mode} (test, checkpoint chosen on {config.selection_split})')
+        title=f'{config.mode} (test, checkpoint chosen on {config.eval.selection_split})')
     writer.write_images(total_steps, {'test/confusion_matrix': image[None]})
   workdirs.write_metrics(workdir, result)
   writer.flush()

@@ -3,7 +3,7 @@
 Every mode reads and writes run directories only through this module:
 
   <workdir>/config.json          the config the run was started with
-  <workdir>/checkpoints/latest/  orbax, for resuming (`config.keep_checkpoints` kept)
+  <workdir>/checkpoints/latest/  orbax, for resuming (`config.train.keep_checkpoints` kept)
   <workdir>/checkpoints/best/    orbax, the best on the selection split
   <workdir>/metrics.json         final test metrics; its presence means "finished"
   <workdir>/test_predictions.npz the chosen checkpoint's test probabilities (classifiers)
@@ -31,10 +31,12 @@ import zlib
 
 from absl import logging
 from etils import epath
+import flax
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from simclr_jax import config_fields
 from simclr_jax import errors
 from simclr_jax.parallel import distributed
 from simclr_jax.parallel import sharding
@@ -102,6 +104,12 @@ def _read_config_json(workdir):
   value = read_json(path, fix)
   if not isinstance(value, dict):
     raise errors.UserError(f'{path} holds no config (a JSON object is expected); {fix}.')
+  flat = sorted(k for k, v in value.items() if k not in ('mode', 'seed') and not isinstance(v, dict))
+  if flat:
+    raise errors.UserError(
+        f'{path} was written by an older simclr_jax whose config had no sections (e.g. '
+        f'{flat[0]!r} at the top, where fields now sit in sections such as train.batch_size); '
+        f'start the run again in a new --workdir, or resume it with the version that wrote it.')
   return value
 
 
@@ -132,6 +140,7 @@ def check_workdir_config(config, workdir):
   current = json.loads(config.to_json_best_effort())
   if path.exists():
     previous = _read_config_json(workdir)
+    previous, current = (flax.traverse_util.flatten_dict(c, sep='.') for c in (previous, current))
     differing = sorted(k for k in set(previous) | set(current)
                        if previous.get(k) != current.get(k))
     if differing:
@@ -339,32 +348,35 @@ def latest_step(workdir, which='latest'):
 
 
 def pretrained_config(config):
-  """Checks and returns the config of `config.pretrained_workdir`'s pretrain run."""
-  workdir = config.pretrained_workdir
+  """Checks and returns the config of `config.finetune.pretrained_workdir`'s pretrain run."""
+  workdir = config.finetune.pretrained_workdir
   if not workdir:
-    raise errors.UserError('finetune needs a pretrain run; set --config.pretrained_workdir to '
-                           'the --workdir of a `pretrain` run (or use configs/baseline.py).')
+    raise errors.UserError('finetune needs a pretrain run; set '
+                           '--config.finetune.pretrained_workdir to the --workdir of a '
+                           '`pretrain` run (or use configs/baseline.py).')
   if not has_config(workdir) or not latest_step(workdir):
     raise errors.UserError(f'No pretrain checkpoint found in {workdir}; run '
                            f'`python main.py --config=configs/pretrain.py --workdir={workdir}` '
-                           'first or point --config.pretrained_workdir at a finished pretrain run.')
+                           'first or point --config.finetune.pretrained_workdir at a finished '
+                           'pretrain run.')
   previous = load_config(workdir)
   if previous.mode != 'pretrain':
     raise errors.UserError(f'{workdir} holds a {previous.mode} run, not a pretrain run; point '
-                           '--config.pretrained_workdir at the workdir of a pretrain run.')
-  mismatched = [f for f in kinds.ARCHITECTURE_FIELDS if previous.get(f) != config.get(f)]
+                           '--config.finetune.pretrained_workdir at the workdir of a pretrain run.')
+  get = config_fields.get
+  mismatched = [f for f in kinds.ARCHITECTURE_FIELDS if get(previous, f) != get(config, f)]
   if mismatched:
-    details = ', '.join(f'{f}={previous.get(f)!r}' for f in mismatched)
+    details = ', '.join(f'{f}={get(previous, f)!r}' for f in mismatched)
     raise errors.UserError(
         f'The pretrain run in {workdir} used another architecture ({details}); set the '
-        f'same values, e.g. ' + ' '.join(f'--config.{f}={previous.get(f)}' for f in mismatched)
+        f'same values, e.g. ' + ' '.join(f'--config.{f}={get(previous, f)}' for f in mismatched)
         + '.')
   _check_same_test_split(config, previous, workdir)
-  if previous.include_test_in_pretrain and not config.include_test_in_pretrain:
+  if previous.split.include_test_in_pretrain and not config.split.include_test_in_pretrain:
     raise errors.UserError(
         f'The pretrain run in {workdir} saw the test images (include_test_in_pretrain=True), '
         'so its encoder has seen this run\'s test subjects; pretrain without '
-        '--config.include_test_in_pretrain, or set it here too to reproduce the reference.')
+        '--config.split.include_test_in_pretrain, or set it here too to reproduce the reference.')
   if not is_finished(workdir):
     raise errors.UserError(
         f'The pretrain run in {workdir} stopped before its last step (it has no '
@@ -376,15 +388,17 @@ def pretrained_config(config):
 # on these, or its images may include the fine-tuning's test subjects. The label
 # task is not among them: pretraining reads no labels, and the splits follow the
 # data set's own classes for either task (splits.py).
-_TEST_SPLIT_FIELDS = ('dataset', 'split_scheme', 'split_seed', 'num_folds', 'subject_ids')
+_TEST_SPLIT_FIELDS = ('data.name', 'split.scheme', 'split.seed', 'split.num_folds',
+                      'data.subject_ids')
 
 
 def _check_same_test_split(config, previous, workdir):
   fields = list(_TEST_SPLIT_FIELDS)
-  fields += ['fold'] if config.get('num_folds') else ['test_fraction']
-  mismatched = [f for f in fields if previous.get(f) != config.get(f)]
+  fields += ['split.fold'] if config.split.num_folds else ['split.test_fraction']
+  get = config_fields.get
+  mismatched = [f for f in fields if get(previous, f) != get(config, f)]
   if mismatched:
-    details = ', '.join(f'{f}={previous.get(f)!r} there, {config.get(f)!r} here'
+    details = ', '.join(f'{f}={get(previous, f)!r} there, {get(config, f)!r} here'
                         for f in mismatched)
     raise errors.UserError(
         f'The pretrain run in {workdir} split the data otherwise ({details}), so its '
@@ -394,11 +408,11 @@ def _check_same_test_split(config, previous, workdir):
 
 def load_pretrained_encoder(config, state, mesh):
   """`state` with the encoder params and batch_stats of the pretrain run's last checkpoint."""
-  pre_config = pretrained_config(config)
-  with _manager(config.pretrained_workdir, 'latest', read_only=True) as manager:
+  pre_config = load_config(config.finetune.pretrained_workdir)  # Checked by the mode's checks.
+  with _manager(config.finetune.pretrained_workdir, 'latest', read_only=True) as manager:
     pretrained = _restore_newest(manager, state_lib.abstract_state(pre_config, mesh),
-                                 config.pretrained_workdir)
-  logging.info('Encoder loaded from %s (step %d).', config.pretrained_workdir,
+                                 config.finetune.pretrained_workdir)
+  logging.info('Encoder loaded from %s (step %d).', config.finetune.pretrained_workdir,
                int(pretrained.step))
   return state_lib.replace_encoder(state, pretrained.params, pretrained.batch_stats)
 

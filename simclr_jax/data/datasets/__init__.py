@@ -24,13 +24,11 @@ DATASET_NAMES = ('alzheimer_mri', 'synthetic_mri', 'synthetic_mri/small',
 
 
 def get_builder(name, *, data_dir=None, dataset_path=None, image_size=128,
-                skip_unreadable=False, nifti_slice_selection='central',
-                nifti_num_slices=32, nifti_slice_step=1,
-                nifti_min_mask_fraction=0.5):
+                skip_unreadable=False, nifti=None):
   """Returns the TFDS builder of a data set named in the config.
 
   Args:
-    name: config.dataset: 'alzheimer_mri', 'synthetic_mri' (or
+    name: config.data.name: 'alzheimer_mri', 'synthetic_mri' (or
       'synthetic_mri/<config>', e.g. 'synthetic_mri/small'), 'image_folder',
       'nifti_folder'.
     data_dir: TFDS data dir; None uses TFDS's default (~/tensorflow_datasets).
@@ -42,12 +40,9 @@ def get_builder(name, *, data_dir=None, dataset_path=None, image_size=128,
       resizes).
     skip_unreadable: image_folder, nifti_folder: skip unreadable files with a
       warning instead of failing.
-    nifti_slice_selection: nifti_folder: which axial slices, 'central',
-      'every' or 'mask' (see `nifti_folder.read_volume_slices`).
-    nifti_num_slices: nifti_folder 'central': slices per volume.
-    nifti_slice_step: nifti_folder 'every': step between slices.
-    nifti_min_mask_fraction: nifti_folder 'mask': smallest brain area kept,
-      as a share of the volume's largest slice's.
+    nifti: nifti_folder: its slice settings (`slice_selection`, `num_slices`,
+      `slice_step`, `min_mask_fraction`: the config's `data.nifti` section; see
+      `nifti_folder.NiftiFolder`), None for the builder's defaults.
 
   Returns:
     A `tfds.core.DatasetBuilder`, not yet prepared.
@@ -62,14 +57,11 @@ def get_builder(name, *, data_dir=None, dataset_path=None, image_size=128,
   if name in ('image_folder', 'nifti_folder') and not dataset_path:
     raise errors.UserError(
         f'The {name} data set needs dataset_path, the folder of class '
-        'subfolders; set --config.dataset_path.')
+        'subfolders; set --config.data.path.')
   if name == 'nifti_folder':
     return nifti_folder.NiftiFolder(
-        folder=dataset_path, image_size=image_size,
-        skip_unreadable=skip_unreadable,
-        slice_selection=nifti_slice_selection, num_slices=nifti_num_slices,
-        slice_step=nifti_slice_step,
-        min_mask_fraction=nifti_min_mask_fraction, data_dir=data_dir)
+        folder=dataset_path, image_size=image_size, skip_unreadable=skip_unreadable,
+        data_dir=data_dir, **dict(nifti or {}))
   if name == 'image_folder':
     return image_folder.ImageFolder(
         folder=dataset_path, image_size=image_size,

@@ -1,7 +1,7 @@
 """`python -m simclr_jax.data.datasets --nifti_dir=DIR`: the synthetic subjects as NIfTI volumes.
 
 Writes DIR/<class>/subject<id>.nii.gz, a folder for
-`--config.dataset=nifti_folder --config.dataset_path=DIR` (see README.md, "Your own
+`--config.data.name=nifti_folder --config.data.path=DIR` (see README.md, "Your own
 MRI volumes"); `--help` lists the options.
 """
 

@@ -75,7 +75,7 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder):
       except UnreadableSource as error:
         if not self._skip_unreadable:
           raise errors.UserError(
-              f'{str(error).rstrip(".")}, or set --config.skip_unreadable=True to skip '
+              f'{str(error).rstrip(".")}, or set --config.data.skip_unreadable=True to skip '
               f'such {kind}s.') from error
         logging.warning('Skipping %s: %s', kind, error)
         skipped += 1

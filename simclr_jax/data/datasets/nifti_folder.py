@@ -83,15 +83,15 @@ def check_slice_settings(slice_selection, num_slices, slice_step,
   """Raises ValueError, naming the config field, for a bad slice setting."""
   if slice_selection not in SLICE_SELECTIONS:
     raise errors.UserError(
-        f'Unknown slice selection {slice_selection!r}; set --config.nifti_'
+        f'Unknown slice selection {slice_selection!r}; set --config.data.nifti.'
         f'slice_selection to one of {", ".join(SLICE_SELECTIONS)}.')
   if int(num_slices) < 1 or int(slice_step) < 1:
     raise errors.UserError(
         f'num_slices ({num_slices}) and slice_step ({slice_step}) must be at '
-        'least 1; fix --config.nifti_num_slices or --config.nifti_slice_step.')
+        'least 1; fix --config.data.nifti.num_slices or --config.data.nifti.slice_step.')
   if not 0.0 < float(min_mask_fraction) <= 1.0:
     raise errors.UserError(f'min_mask_fraction {min_mask_fraction} is not in (0, 1]; '
-                           'fix --config.nifti_min_mask_fraction.')
+                           'fix --config.data.nifti.min_mask_fraction.')
 
 
 def _load_canonical(path):
@@ -111,7 +111,7 @@ def _load_canonical(path):
     if len(shape) < 3 or min(shape[:3]) < 2:
       raise VolumeError(
           path, f'is not a 3D volume (shape {shape})',
-          'use --config.dataset=image_folder for 2D slices, or remove it')
+          'use --config.data.name=image_folder for 2D slices, or remove it')
     image = nibabel.as_closest_canonical(image)
     volume = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])
     zooms = [float(z) if z > 0 else 1.0 for z in image.header.get_zooms()[:2]]
@@ -255,7 +255,7 @@ def list_volumes(folder):
   """
   if not os.path.isdir(folder):
     raise errors.MissingPathError(
-        f'Volume folder {folder} does not exist; set --config.dataset_path to '
+        f'Volume folder {folder} does not exist; set --config.data.path to '
         'a folder of class subfolders of NIfTI or Analyze volumes.')
   top = _subfolders(folder)
   if all(name.lower() in image_folder.SPLIT_FOLDERS for name in top):
@@ -287,7 +287,7 @@ def list_volumes(folder):
     raise errors.UserError(
         f'Volume folder {folder} holds no .nii, .nii.gz or .hdr/.img volumes '
         'in class subfolders; put each class\'s volumes in root/<class>/, or '
-        'use --config.dataset=image_folder for 2D images.')
+        'use --config.data.name=image_folder for 2D images.')
   empty = [name for name, count in per_class.items() if not count]
   if empty:
     raise errors.UserError(f'Class folder {os.path.join(folder, empty[0])} holds '
@@ -304,7 +304,7 @@ def list_volumes(folder):
   if len(class_names) < 2:
     raise errors.UserError(
         f'Volume folder {folder} has one class ({class_names[0]}); point '
-        '--config.dataset_path at a folder with a subfolder per class.')
+        '--config.data.path at a folder with a subfolder per class.')
   subject_ids = {name: i for i, name in enumerate(sorted(set(subjects)))}
   examples = [(path, class_name, subject_ids[subject])
               for (path, class_name), subject in zip(examples, subjects)]

@@ -464,7 +464,7 @@ def main(argv=None):
   """Writes the synthetic volumes; argv: the command-line arguments."""
   parser = argparse.ArgumentParser(description=(
       'Writes the synthetic subjects as 3D volumes for '
-      '--config.dataset=nifti_folder --config.dataset_path=NIFTI_DIR.'))
+      '--config.data.name=nifti_folder --config.data.path=NIFTI_DIR.'))
   parser.add_argument('--nifti_dir', required=True, help='output folder')
   parser.add_argument('--num_subjects', type=int, default=24)
   parser.add_argument('--slices_per_subject', type=int, default=32)
