@@ -9,6 +9,11 @@ A mistake of the user's (a flag, a config value, a path, a data set, a run
 directory, a full disk) is one line on stderr, `error: <what and how to fix
 it>`, and exit status 2; `--verbose` adds its traceback. Any other exception is
 a bug and shows its traceback.
+
+SIGTERM (a preemption, a SLURM time limit) or Ctrl-C saves a checkpoint at a
+step every process agrees on, then stops with one `stopped: ...` line and exit
+status 75 (run the same command again to resume); a second signal stops at once.
+A workdir that another invocation is using is refused (its lock, run.lock).
 """
 
 import os
@@ -29,6 +34,7 @@ from ml_collections import config_flags
 
 from configs import default as default_config
 from simclr_jax import errors
+from simclr_jax.train import preemption
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and outputs.')
@@ -60,6 +66,8 @@ def main(argv):
   # Before anything starts JAX's backend.
   distributed.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                            FLAGS.process_id)
+  # After jax.distributed.initialize, whose SIGTERM handler ours replaces.
+  preemption.install_signal_handlers()
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   platform.work_unit().set_task_status(
@@ -96,10 +104,25 @@ def parse_flags(argv):
   return remaining
 
 
+def _stopped(stop):
+  """A run that saved and stopped on request (SIGTERM): one line, exit status 75."""
+  sys.stderr.flush()
+  sys.stderr.write(f'stopped: {stop} (exit status {preemption.EXIT_STATUS}).\n')
+  sys.stderr.flush()
+  sys.exit(preemption.EXIT_STATUS)
+
+
 def main_reporting_errors(argv):
-  """`main`, with a user's mistake told in one line and exit status 2."""
+  """`main`, with a user's mistake told in one line and exit status 2.
+
+  A run stopped by SIGTERM (or Ctrl-C, or another process's preemption notice)
+  after saving its checkpoint says so in one line and exits with status 75
+  (simclr_jax/train/preemption.py).
+  """
   try:
     main(argv)
+  except preemption.Stopped as stop:
+    _stopped(stop)
   except Exception as error:  # pylint: disable=broad-except
     message = errors.user_message(error, FLAGS.workdir)
     if message is None:

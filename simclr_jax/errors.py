@@ -53,6 +53,12 @@ def _is_disk_full(error):
           or 'Disk quota exceeded' in str(error))
 
 
+def _is_read_only(error):
+  """A disk that became read-only (EROFS; TensorStore says it in its message only)."""
+  return (isinstance(error, OSError) and error.errno == errno.EROFS
+          or 'Read-only file system' in str(error))
+
+
 def user_message(error, workdir=None):
   """The one-line message of a user's mistake, or None for a programming error.
 
@@ -62,24 +68,29 @@ def user_message(error, workdir=None):
 
   Returns:
     The message of the first `UserError` among `error` and its causes; for a
-    full disk (ENOSPC, EDQUOT, also inside orbax's or TensorFlow's own errors) or
-    a file of the workdir that may not be written (EACCES, EPERM, EROFS) a
-    sentence naming the workdir; else None.
+    full or read-only disk (ENOSPC, EDQUOT, EROFS, also inside orbax's or
+    TensorFlow's own errors) or a file of the workdir that may not be written
+    (EACCES, EPERM) a sentence naming the workdir; else None.
   """
   causes = list(_causes(error))
   for cause in causes:
     if isinstance(cause, UserError):
       return one_line(cause)
+  roots = ({str(workdir), os.path.abspath(os.path.expanduser(str(workdir)))}
+           if workdir else set())
   for cause in causes:
+    where = f' of --workdir={workdir}' if workdir else ''
+    name = getattr(cause, 'filename', None)
+    writing = f' while writing {name}' if name else ''
     if _is_disk_full(cause):
-      where = f' of --workdir={workdir}' if workdir else ''
-      name = getattr(cause, 'filename', None)
-      writing = f' while writing {name}' if name else ''
       return (f'No space left on the disk{where}{writing}; free some space there or use '
               'a --workdir on another disk, then run the same command again (a training '
               'run resumes from its last checkpoint).')
-  roots = ({str(workdir), os.path.abspath(os.path.expanduser(str(workdir)))}
-           if workdir else set())
+    if _is_read_only(cause) and (not name or any(str(name).startswith(r) for r in roots)):
+      # A disk remounted read-only mid-run (an I/O error): the files written before stay.
+      return (f'The disk{where} is read-only{writing}; remount it read-write or use a '
+              '--workdir on another disk, then run the same command again (a training '
+              'run resumes from its last checkpoint).')
   for cause in causes:
     name = getattr(cause, 'filename', None)
     if (isinstance(cause, OSError) and cause.errno in NOT_WRITABLE_ERRNOS and name

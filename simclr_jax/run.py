@@ -110,14 +110,17 @@ def run(config, workdir, setup=None):
       so that a mistake is reported before any data set or device is touched.
 
   Raises:
-    errors.UserError: for any config value, path or run a mode cannot use.
+    errors.UserError: for any config value, path or run a mode cannot use, and
+      for a workdir that another invocation is using (workdir_lock).
   """
   mode = mode_module(config)
   mode.check_config(config)
   checks.check_workdir(workdir)
   if setup is not None:
     setup()
-  return mode.main(config, workdir)
+  from simclr_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
+  with workdir_lock.hold(workdir):  # One invocation per workdir.
+    return mode.main(config, workdir)
 
 
 def mode_module(config):

@@ -28,6 +28,11 @@ def tiny_config(data_dir, mode='pretrain', **overrides):
   config.eval.update(batch_size=32, knn_k=(1, 5))
   config.train.update(log_every_steps=4, checkpoint_every_steps=5,
                       num_summary_images=2)  # Reports.
+  return with_fields(config, **overrides)
+
+
+def with_fields(config, **overrides):
+  """`config` with `overrides` set: dotted paths, or names of the flat config (FLAT_NAMES)."""
   for key, value in overrides.items():
     set_field(config, default.FLAT_NAMES.get(key, key), value)
   return config

@@ -7,6 +7,8 @@ import numpy as np
 
 from simclr_jax.data import arrays as arrays_lib
 
+from tests import conftest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASS_NAMES = ['Mild', 'Moderate', 'Non', 'VeryMild']
 # Subjects per class, shaped like the Kaggle data (28, 2, 100, 70) but smaller.
@@ -25,8 +27,7 @@ def config(**overrides):
   config.data.image_size = IMAGE_SIZE
   config.data.channels = 3
   config.train.batch_size = 8
-  config.update(overrides)
-  return config
+  return conftest.with_fields(config, **overrides)
 
 
 def fake_arrays(seed=0):

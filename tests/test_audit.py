@@ -13,6 +13,7 @@ import pytest
 from simclr_jax import audit
 from simclr_jax.data import arrays as arrays_lib
 from simclr_jax import run
+from tests.conftest import with_fields
 from tests.test_neighbours import make_subjects
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +29,7 @@ def audit_config(arg=None, **overrides):
   spec = importlib.util.spec_from_file_location('audit_config', AUDIT_CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  config.update(overrides)
-  return config
+  return with_fields(module.get_config(arg), **overrides)
 
 
 def tiny_config(**overrides):

@@ -20,7 +20,6 @@ import PIL.Image
 import pytest
 
 from configs import audit as audit_config
-from configs import default as default_config
 from configs import predict as predict_config
 from configs import sweep as sweep_config
 from simclr_jax import checks
@@ -28,7 +27,7 @@ from simclr_jax import errors
 from simclr_jax import run
 from simclr_jax.train import workdirs
 from simclr_jax import predict
-from tests.conftest import REPO, set_field, tiny_config
+from tests.conftest import REPO, tiny_config, with_fields
 
 MAIN = os.path.join(REPO, 'main.py')
 TINY = ('--config.data.name=synthetic_mri/small', '--config.data.image_size=32',
@@ -282,14 +281,8 @@ def _nested(config, name, value):
   return config
 
 
-def _overridden(config, overrides):
-  for name, value in overrides.items():
-    set_field(config, default_config.FLAT_NAMES.get(name, name), value)
-  return config
-
-
 def _sweep(**overrides):
-  return _overridden(sweep_config.get_config('preset=runlocal'), overrides)
+  return with_fields(sweep_config.get_config('preset=runlocal'), **overrides)
 
 
 def _predict(tmp_path, **overrides):
@@ -298,11 +291,11 @@ def _predict(tmp_path, **overrides):
   config.predict.inputs = predict.TEST_SPLIT
   if 'batch_size' in overrides:  # predict's own batch, not a training run's.
     config.predict.batch_size = overrides.pop('batch_size')
-  return _overridden(config, overrides)
+  return with_fields(config, **overrides)
 
 
 def _audit(**overrides):
-  return _overridden(audit_config.get_config('runlocal'), overrides)
+  return with_fields(audit_config.get_config('runlocal'), **overrides)
 
 
 TRAIN_CASES = [

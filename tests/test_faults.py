@@ -30,15 +30,15 @@ TINY = ('--config.data.name=synthetic_mri/small', '--config.data.image_size=32',
         '--config.model.width=0.125', '--config.model.encoder_output=avgpool',
         '--config.train.batch_size=16', '--config.eval.batch_size=32',
         '--config.train.num_summary_images=0')
-# A baseline of 3 epochs (15 steps), a checkpoint every 2 steps.
+# A baseline of 3 epochs (12 steps), a checkpoint every 2 steps.
 BASELINE = ('--config=' + os.path.join(REPO, 'configs', 'baseline.py'), *TINY,
             '--config.train.num_epochs=3', '--config.train.checkpoint_every_steps=2',
             '--config.train.log_every_steps=2', '--config.labels.fraction=0.5')
-# A pretraining of 3 epochs, a checkpoint every 4 steps.
+# A pretraining of 2 epochs (18 steps), a checkpoint every 3 steps.
 PRETRAIN = ('--config=' + os.path.join(REPO, 'configs', 'pretrain.py'), *TINY,
             '--config.pretrain.projection_dims=(32,16)', '--config.eval.knn_k=(1,5)',
-            '--config.train.num_epochs=3', '--config.train.checkpoint_every_steps=4',
-            '--config.train.log_every_steps=4')
+            '--config.train.num_epochs=2', '--config.train.checkpoint_every_steps=3',
+            '--config.train.log_every_steps=3')
 # The runlocal sweep cut to one protocol, task and fraction, 2 folds, short runs.
 SWEEP = ('--config=' + os.path.join(REPO, 'configs', 'sweep.py') + ':preset=runlocal',
          '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('honest',)",
@@ -110,6 +110,20 @@ def _assert_same_metrics(resumed, expected, keys=METRICS):
     assert resumed['confusion_matrix'] == expected['confusion_matrix']
 
 
+def _assert_same_final_state(workdir, reference):
+  """The last checkpoints hold the same parameters (the chosen one may predate a stop)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  states = []
+  for folder in (workdir, reference):
+    step = _checkpoint_steps(folder)[-1]
+    path = os.path.join(folder, 'checkpoints', 'latest', str(step), 'default')
+    states.append(ocp.StandardCheckpointer().restore(path))
+  for a, b in zip(jax.tree.leaves(states[0]['params']), jax.tree.leaves(states[1]['params'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def _assert_nothing_half_written(workdir):
   """No temporary JSON, no orbax temporary directory, no lock left behind."""
   for root, dirs, files in os.walk(workdir):
@@ -132,7 +146,7 @@ def uninterrupted_baseline(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
   result = _run(BASELINE, workdir, data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
-  return _metrics(workdir)
+  return workdir
 
 
 # ----------------------------------------------------------------------------- SIGTERM
@@ -160,7 +174,8 @@ def test_sigterm_saves_the_next_step_stops_and_resumes_exactly(uninterrupted_bas
   resumed = _run(BASELINE, workdir, data_dir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'Resumed from step {step}' in resumed.stderr
-  _assert_same_metrics(_metrics(workdir), uninterrupted_baseline)
+  _assert_same_metrics(_metrics(workdir), _metrics(uninterrupted_baseline))
+  _assert_same_final_state(workdir, uninterrupted_baseline)
 
 
 def _free_port():
@@ -218,6 +233,7 @@ def test_two_processes_agree_on_the_step_stop_and_resume_exactly(data_dir, tmp_p
   knn = [key for key in expected if key.startswith('knn')]
   assert knn
   _assert_same_metrics(resumed, expected, knn)
+  _assert_same_final_state(workdir, reference)
 
 
 def _result_rows(workdir):
@@ -301,6 +317,7 @@ def test_a_busy_workdir_is_refused_and_a_killed_runs_lock_is_taken_over(
   process = _start(BASELINE, workdir, data_dir, log)
   try:
     _wait_for(lambda: _checkpoint_steps(workdir), process, 'the first checkpoint')
+    process.send_signal(signal.SIGSTOP)  # Busy however long the second takes to start.
     second = _run(BASELINE, workdir, data_dir)
     assert process.poll() is None
   finally:
@@ -319,7 +336,8 @@ def test_a_busy_workdir_is_refused_and_a_killed_runs_lock_is_taken_over(
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Took over the lock of a run that is no longer running' in resumed.stderr
   assert f'pid {process.pid}' in resumed.stderr
-  _assert_same_metrics(_metrics(workdir), uninterrupted_baseline)
+  _assert_same_metrics(_metrics(workdir), _metrics(uninterrupted_baseline))
+  _assert_same_final_state(workdir, uninterrupted_baseline)
   _assert_nothing_half_written(workdir)
 
 
@@ -359,7 +377,7 @@ def test_lock_without_flock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_
     (os.path.join('checkpoints', 'latest', '8.orbax-checkpoint-tmp'), 'ENOSPC',
      ['No space left on the disk', 'run the same command again']),
     # The results, once every checkpoint is saved.
-    ('metrics.json', 'EROFS', ['read-only']),
+    ('metrics.json', 'EROFS', ['is read-only', 'run the same command again']),
 ])
 def test_a_failed_write_stops_in_one_line_and_keeps_what_was_saved(
     uninterrupted_baseline, data_dir, tmp_path, failing, errno_name, words):
@@ -372,7 +390,7 @@ def test_a_failed_write_stops_in_one_line_and_keeps_what_was_saved(
   for word in words + [f'--workdir={workdir}']:
     assert word in lines[0], (word, lines[0])
   steps = _checkpoint_steps(workdir)
-  assert steps and (steps[-1] < 8 if 'checkpoints' in failing else steps[-1] == 15), steps
+  assert steps and (steps[-1] < 8 if 'checkpoints' in failing else steps[-1] == 12), steps
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
   with open(os.path.join(workdir, 'config.json')) as f:
@@ -380,5 +398,6 @@ def test_a_failed_write_stops_in_one_line_and_keeps_what_was_saved(
   resumed = _run(BASELINE, workdir, data_dir)  # The disk has room again.
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'Resumed from step {steps[-1]}' in resumed.stderr
-  _assert_same_metrics(_metrics(workdir), uninterrupted_baseline)
+  _assert_same_metrics(_metrics(workdir), _metrics(uninterrupted_baseline))
+  _assert_same_final_state(workdir, uninterrupted_baseline)
   _assert_nothing_half_written(workdir)

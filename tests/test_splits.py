@@ -70,7 +70,7 @@ def test_slice_split_sizes_are_stratified_80_20():
 def test_subject_split_with_unknown_subjects_names_the_fix():
   arrays = fake_data.fake_arrays()
   arrays.subject_ids[:5] = -1
-  with pytest.raises(ValueError, match='split_scheme=slice'):
+  with pytest.raises(ValueError, match=r'split\.scheme=slice'):
     splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1)
   splits_lib.make_splits(arrays, 'slice', 0, 0.2, 0.1)  # Works.
 

@@ -94,8 +94,8 @@ def make_splits(arrays, scheme, seed, test_fraction, val_fraction, num_folds=Non
           f'{num_unknown} images have unknown subject ids (-1), so a subject '
           'split cannot keep a person\'s slices together; recover subject '
           'groups with the audit\'s subject grouping '
-          '(simclr_jax.neighbours.group_near_duplicates) or set '
-          'config.split.scheme=slice.')
+          '(simclr_jax.metrics.neighbours.group_near_duplicates) or set '
+          '--config.split.scheme=slice.')
     # np.unique sorts the ids, which makes the split independent of row order.
     subjects, row_subject = np.unique(arrays.subject_ids, return_inverse=True)
     label_counts = np.zeros((len(subjects), num_classes), np.int64)

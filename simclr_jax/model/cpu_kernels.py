@@ -3,9 +3,11 @@
 XLA CPU runs a convolution's kernel gradient and max pooling's gradient
 (select_and_scatter) far slower than the same work written as matrix products
 over shifted windows (docs/performance.md). `conv_general_dilated` and `max_pool`
-keep lax's semantics and use these forms only where `jax.default_backend()` is
-'cpu' (and, for convolutions, where channels are many enough to gain); on GPUs
-and TPUs they are lax's own operations, so no CPU path reaches those programs.
+keep lax's semantics and use these forms only in programs lowered for CPU (and,
+for convolutions, where channels are many enough to gain), chosen by
+`lax.platform_dependent` at lowering: a GPU or TPU program, even one lowered on
+a CPU-only machine (`jax.export`, benchmarks/tpu_compile.py), holds lax's own
+operations, where `jax.default_backend()` would have said 'cpu'.
 """
 
 import functools
@@ -17,6 +19,21 @@ import jax.numpy as jnp
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _MIN_CHANNELS = 16
+
+
+def _on_cpu_only(cpu_fn, default_fn, *args):
+  """cpu_fn(*args) in programs compiled for CPU, default_fn(*args) in any other.
+
+  The choice follows the platform the program is lowered for, not
+  `jax.default_backend()`: a TPU or GPU program lowered on a CPU-only machine (the
+  TPU compilation check, `jax.export`) gets lax's operations. Each lowering keeps
+  one branch, so the compiled program holds no conditional.
+  """
+  def cpu_branch(*args):
+    with jax.named_scope('cpu_kernels'):
+      return cpu_fn(*args)
+  return lax.platform_dependent(*args, cpu=cpu_branch, default=default_fn)
+
 
 def _dot(a, b, contracting, precision):
   """a . b over the `contracting` dimensions ((a's,), (b's,)), accumulated in float32.
@@ -131,13 +148,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
            and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ())))
   # On a few input channels (the stem's RGB or gray image) lax's own gradient is
   # faster; accelerators keep their convolution libraries (cuDNN).
-  if not plain or lhs.shape[3] < _MIN_CHANNELS or jax.default_backend() != 'cpu':
+  def lax_conv(lhs, rhs):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kwargs)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  return _conv_nhwc(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
+
+  if not plain or lhs.shape[3] < _MIN_CHANNELS:
+    return lax_conv(lhs, rhs)
+  pads = padding
+  if isinstance(pads, str):
+    pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, pads)
+  cpu_conv = lambda lhs, rhs: _conv_nhwc(lhs, rhs, tuple(window_strides),
+                                         tuple(map(tuple, pads)), precision)
+  return _on_cpu_only(cpu_conv, lax_conv, lhs, rhs)
 
 
 def _window_taps(x, window, strides, padding):
@@ -211,9 +234,11 @@ def max_pool(x, window_shape, strides, padding='VALID'):
   its first maximum), about 4x faster on CPU for the ResNet's 3x3 stride-2 pooling
   (docs/performance.md). Only on CPU: accelerators keep lax's select_and_scatter.
   """
-  if x.ndim != 4 or jax.default_backend() != 'cpu':
-    return nn.max_pool(x, window_shape, strides, padding)
-  window, strides = tuple(window_shape), tuple(strides)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
-  return _max_pool_nhwc(x, window, strides, tuple(map(tuple, padding)))
+  lax_pool = lambda x: nn.max_pool(x, window_shape, strides, padding)
+  if x.ndim != 4:
+    return lax_pool(x)
+  window, pads = tuple(window_shape), padding
+  if isinstance(pads, str):
+    pads = lax.padtype_to_pads(x.shape[1:3], window, tuple(strides), pads)
+  cpu_pool = lambda x: _max_pool_nhwc(x, window, tuple(strides), tuple(map(tuple, pads)))
+  return _on_cpu_only(cpu_pool, lax_pool, x)

@@ -117,7 +117,7 @@ def check_mode(mode):
   """Raises a ValueError naming the fix when `mode` is not a SAM mode."""
   if mode not in MODES:
     raise errors.UserError(
-        f'Unknown SAM mode {mode!r}; set config.pretrain.sam to one of {MODES}.')
+        f'Unknown SAM mode {mode!r}; set --config.pretrain.sam to one of {MODES}.')
 
 
 def wrap(base_optimizer, mode, rho, *, eta=ASAM_ETA):

@@ -58,8 +58,8 @@ class Stopped(Exception):  # pylint: disable=g-bad-exception-name
     self.reason = reason
     where = (f'saved the checkpoint of step {step} in {workdir}' if step is not None
              else f'stopped before training in {workdir}')
-    super().__init__(f'Stopped by {reason}: {where}; run the same command again to '
-                     'resume from there.')
+    super().__init__(f'{reason}: {where}; run the same command again to resume from '
+                     'there')
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ from simclr_jax.train import compile_cache
 from simclr_jax.train import evaluators
 from simclr_jax.train import kinds
 from simclr_jax.train import optimizers
+from simclr_jax.train import preemption
 from simclr_jax.train import recipes
 from simclr_jax.train import state as state_lib
 from simclr_jax.train import steps as steps_lib
@@ -144,7 +145,9 @@ def train_and_evaluate(config, workdir, cache=None):
   start_step = int(state.step)
   if restored is not None:
     logging.info('Resumed from step %d of %s.', start_step, workdir)
-  else:
+  if preemption.stop_requested_anywhere():  # Signalled before this run's first step.
+    stop(checkpoints, writer, start_step if restored is not None else None, workdir)
+  if restored is None:
     writer.write_hparams(hparams(config))
     write_views(writer, recipe, rngs, config.train.num_summary_images, cache)
 
@@ -166,11 +169,14 @@ def train_and_evaluate(config, workdir, cache=None):
         sharding.replicate_tree({'num_steps': np.int32(num_steps),
                                  'steps_per_epoch': np.int32(per_epoch), **recipe.run_values},
                                 mesh))
-    for step in range(step + 1, step + num_steps + 1):
+    first_step = step + 1
+    for step in range(first_step, step + num_steps + 1):
       report_progress(step)  # clu's periodic actions want every step.
     # Batches are a function of (seed, step) and evaluations of the state, so a run
     # resumed from any checkpoint replays the same steps and the same choices of best.
-    checkpoint_now = itstime(step, config.train.checkpoint_every_steps, total_steps)
+    stop_now = preemption.reached_stop_step(first_step, step)  # SIGTERM: save, then stop.
+    checkpoint_now = stop_now or itstime(step, config.train.checkpoint_every_steps,
+                                         total_steps)
     if checkpoint_now or itstime(step, config.train.log_every_steps, total_steps):
       write_train_summary(writer, step, train_metrics, lr_fn, state, workdir)
       train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
@@ -180,7 +186,16 @@ def train_and_evaluate(config, workdir, cache=None):
                                              mesh)
     if checkpoint_now:
       checkpoints.save_latest(state)
+    if stop_now:
+      stop(checkpoints, writer, step, workdir)
   return write_final(recipe, checkpoints, state, best, writer, workdir, total_steps)
+
+
+def stop(checkpoints, writer, step, workdir):
+  """Waits for the checkpoint saves in flight, then raises preemption.Stopped."""
+  checkpoints.close()
+  writer.flush()
+  raise preemption.Stopped(step, workdir, preemption.reason())
 
 
 def write_final(recipe, checkpoints, state, best, writer, workdir, total_steps):

@@ -69,11 +69,11 @@ def _parse(text):
   return holder if isinstance(holder, dict) else None
 
 
-def _busy_error(workdir, path, holder):
+def _busy_error(workdir, holder, stale_hint=''):
   return errors.UserError(
       f'--workdir={workdir} is in use by another run ({_describe(holder)}); wait for it '
       f'to finish, stop it (kill -TERM {holder.get("pid")} saves and stops it), or use '
-      f'another --workdir (if that run is gone, delete {path}).')
+      f'another --workdir{stale_hint}.')
 
 
 def _pid_alive(pid):
@@ -117,7 +117,7 @@ class WorkdirLock:
       except BlockingIOError:
         text = os.read(fd, 1 << 16).decode('utf-8', 'replace')
         os.close(fd)
-        raise _busy_error(self.workdir, path, _parse(text) or {}) from None
+        raise _busy_error(self.workdir, _parse(text) or {}) from None
       except OSError as error:
         os.close(fd)
         if error.errno in _NO_FLOCK_ERRNOS:
@@ -148,7 +148,9 @@ class WorkdirLock:
     if self.path.exists():
       holder = _parse(self.path.read_text())
       if not _is_stale(holder):
-        raise _busy_error(self.workdir, self.path, holder)
+        raise _busy_error(self.workdir, holder,
+                          f' (if that run is gone, delete {self.path}; it is taken over '
+                          f'{STALE_AFTER_S // 60} minutes after its last renewal)')
       logging.warning('Took over the stale lock of a run that is no longer running (%s) '
                       'in %s.', _describe(holder or {}), self.workdir)
     holder = _holder()

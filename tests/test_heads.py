@@ -1,4 +1,4 @@
-"""Tests of the ResNet encoders and heads."""
+"""Tests of the two networks (SimCLRModel, Classifier), their ResNet encoders and heads."""
 
 import flax.linen as nn
 import jax
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from simclr_jax.model import cpu_kernels
 from simclr_jax.model import heads
+from tests.conftest import with_fields
 
 
 def _init(model, x, seed=0):
@@ -20,9 +20,7 @@ def _init(model, x, seed=0):
 
 
 def _config(**overrides):
-  config = default.get_config()
-  config.update(overrides)
-  return config
+  return with_fields(default.get_config(), **overrides)
 
 
 @pytest.mark.parametrize('name,channels', [('resnet18', 1), ('resnet34', 3), ('resnet50', 3)])
@@ -92,46 +90,3 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_bad_architecture_is_one_clear_error(field, value, needle):
   with pytest.raises(ValueError, match=needle):
     heads.create_model(_config(**{field: value}), 'simclr')
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('window,strides,padding', [
-    ((3, 3), (2, 2), 'SAME'),       # the ResNet stem's pooling
-    ((3, 3), (2, 2), 'VALID'),
-    ((3, 3), (1, 1), [(1, 1), (1, 1)]),
-    ((2, 3), (3, 2), [(2, 0), (0, 1)]),
-    ((2, 2), (2, 2), 'SAME'),
-])
-def test_max_pool_has_lax_values_and_gradients_with_ties(dtype, window, strides, padding):
-  """cpu_kernels.max_pool: nn.max_pool's values; each window's gradient to its first maximum.
-
-  ReLU outputs rounded to halves tie often (many zeros); integer cotangents keep
-  the sums exact, so the gradients must be equal, not merely close.
-  """
-  for shape in [(2, 15, 17, 3), (2, 16, 16, 2)]:
-    x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.key(0), shape)) * 2) / 2
-    x = x.astype(dtype)
-    y, vjp = jax.vjp(lambda x: cpu_kernels.max_pool(x, window, strides, padding), x)
-    lax_y, lax_vjp = jax.vjp(lambda x: nn.max_pool(x, window, strides, padding), x)
-    assert y.dtype == lax_y.dtype == dtype
-    np.testing.assert_array_equal(y, lax_y)
-    dy = jnp.round(8 * jax.random.normal(jax.random.key(1), y.shape)).astype(dtype)
-    (dx,), (lax_dx,) = vjp(dy), lax_vjp(dy)
-    assert dx.dtype == dtype
-    np.testing.assert_array_equal(dx, lax_dx)
-
-
-def test_max_pool_gradient_of_random_inputs_and_its_use_in_the_resnet():
-  x = jax.random.normal(jax.random.key(2), (2, 32, 32, 8))
-  cotangent = jax.random.normal(jax.random.key(3), (2, 16, 16, 8))
-  grads = [jax.jit(jax.grad(lambda x: jnp.sum(pool(x, (3, 3), (2, 2), 'SAME') * cotangent)))(x)
-           for pool in (cpu_kernels.max_pool, nn.max_pool)]
-  # Up to four windows add into one input, in another order than lax's: float noise.
-  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6 * np.abs(grads[1]).max())
-  model = heads.create_model(_config(model='resnet18', width=0.125, channels=1), 'classifier')
-  image = x[..., :1]
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
-  jaxpr = str(jax.make_jaxpr(jax.grad(
-      lambda v, image: jnp.sum(model.apply(v, image, train=False)), argnums=1))(variables, image))
-  # On CPU the stem's pooling is differentiated without lax's select_and_scatter.
-  assert ('select_and_scatter' in jaxpr) == (jax.default_backend() != 'cpu')
