@@ -83,6 +83,11 @@ def _fail(message, error, verbose):
   sys.stderr.flush()
   sys.stderr.write(f'error: {message}\n')
   sys.stderr.flush()
+  if errors.is_disk_failure(error):
+    # A failed write leaves orbax's background save threads broken: at a normal exit
+    # they would only add their own errors after this line (the lock is released).
+    sys.stdout.flush()
+    os._exit(errors.EXIT_STATUS)  # pylint: disable=protected-access
   sys.exit(errors.EXIT_STATUS)
 
 

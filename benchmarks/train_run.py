@@ -12,7 +12,7 @@ steps; the last line is JSON.
   python benchmarks/train_run.py --mode=pretrain --steps=300      # SimCLR + ASAM
   python benchmarks/train_run.py --dataset_path=../shared/data/alzheimer-mri-dataset.zip
   python benchmarks/train_run.py --preset=full --mode=pretrain --epochs=1 \
-      --dataset_path=/data/alzheimer-mri-dataset.zip                # on a GPU (gpu_check.sh)
+      --dataset_path=/data/alzheimer-mri-dataset.zip                # on a GPU
 """
 
 import argparse
@@ -55,6 +55,7 @@ def parse_args(argv):
   parser.add_argument('--dataset_path', default=None,
                       help='The Kaggle zip; the embedded synthetic data when unset.')
   parser.add_argument('--data_dir', default=None, help='TFDS data dir.')
+  parser.add_argument('--synthetic', default='synthetic_mri', help='The data without --dataset_path.')
   parser.add_argument('--steps_per_dispatch', type=int, default=0,
                       help='Steps per dispatch (0: the platform default).')
   parser.add_argument('--timed_dispatches', type=int, default=10,
@@ -69,7 +70,7 @@ def benchmark_config(args):
   if args.dataset_path:
     preset.data.path = args.dataset_path
   else:
-    preset.data.name = 'synthetic_mri'
+    preset.data.name = args.synthetic
   preset.data.dir = args.data_dir
   preset.train.steps_per_dispatch = args.steps_per_dispatch
   arrays = arrays_lib.load_arrays(preset)
@@ -99,7 +100,7 @@ def time_steps(config, num_dispatches):
   rngs = sharding.replicate_tree({'dropout': jax.random.key(1),
                                   'augment': batches.augment_key(0)}, mesh)
   values = sharding.replicate_tree(steps_lib.step_values(
-      k, per_epoch, recipe.run_values['class_weights']), mesh)
+      k, per_epoch, recipe.class_weights), mesh)
   inputs = [trainer.dispatch_inputs(recipe, i * k, k, k) for i in range(num_dispatches + 1)]
   metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
   state, metrics = p_train_steps(state, metrics, inputs[0], recipe.device_data.arrays, rngs,
@@ -130,7 +131,7 @@ def run_benchmark(args):
       'dataset': config.data.name,
       'model': config.model.name, 'width': config.model.width, 'image_size': config.data.image_size,
       'channels': config.data.channels, 'batch_size': batch_size,
-      'steps_per_dispatch': trainer.steps_per_dispatch(config),
+      'steps_per_dispatch': steps_lib.steps_per_dispatch(config),
       'num_devices': jax.device_count(), 'platform': jax.default_backend(),
       'cpu_count': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'total_steps': steps, 'wall_s': wall, 'cpu_s': cpu,

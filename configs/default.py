@@ -17,61 +17,18 @@ holds the sections its mode reads. Config arguments follow big_vision:
 overridden with `--config.section.field=value` (e.g. `--config.model.name=resnet18`).
 """
 
+import json
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
 from simclr_jax import errors
 
 # Where each field of the flat config (before the sections) went: the one-line
-# error for an old `--config.field` flag or an old run's config.json names it.
-FLAT_NAMES = {
-    'dataset': 'data.name', 'data_dir': 'data.dir', 'dataset_path': 'data.path',
-    'image_size': 'data.image_size', 'channels': 'data.channels',
-    'skip_unreadable': 'data.skip_unreadable', 'data_on_device': 'data.on_device',
-    'subject_ids': 'data.subject_ids', 'subject_grouping_threshold': 'data.grouping.threshold',
-    'subject_grouping_k': 'data.grouping.k', 'subject_grouping_size': 'data.grouping.size',
-    'nifti_slice_selection': 'data.nifti.slice_selection',
-    'nifti_num_slices': 'data.nifti.num_slices', 'nifti_slice_step': 'data.nifti.slice_step',
-    'nifti_min_mask_fraction': 'data.nifti.min_mask_fraction',
-    'split_scheme': 'split.scheme', 'split_seed': 'split.seed',
-    'test_fraction': 'split.test_fraction', 'val_fraction': 'split.val_fraction',
-    'num_folds': 'split.num_folds', 'fold': 'split.fold',
-    'include_test_in_pretrain': 'split.include_test_in_pretrain',
-    'task': 'labels.task', 'binary_negative_class': 'labels.binary_negative_class',
-    'label_fraction': 'labels.fraction', 'label_seed': 'labels.seed',
-    'class_weights': 'labels.class_weights', 'train_augment': 'augment.labeled',
-    'model': 'model.name', 'width': 'model.width', 'encoder_output': 'model.encoder_output',
-    'dtype': 'model.dtype', 'num_classes': 'model.num_classes',
-    'num_epochs': 'train.num_epochs', 'batch_size': 'train.batch_size',
-    'steps_per_dispatch': 'train.steps_per_dispatch', 'log_every_steps': 'train.log_every_steps',
-    'checkpoint_every_steps': 'train.checkpoint_every_steps',
-    'keep_checkpoints': 'train.keep_checkpoints', 'num_summary_images': 'train.num_summary_images',
-    'projection_dims': 'pretrain.projection_dims', 'projection_dropout': 'pretrain.projection_dropout',
-    'pretrain_optimizer': 'pretrain.optimizer', 'sam': 'pretrain.sam', 'sam_rho': 'pretrain.sam_rho',
-    'sam_eta': 'pretrain.sam_eta', 'joint_views': 'pretrain.joint_views',
-    'temperature': 'pretrain.temperature', 'temperature_schedule': 'pretrain.temperature_schedule',
-    'temperature_steps': 'pretrain.temperature_steps', 'head_dropout': 'supervised.head_dropout',
-    'finetune_optimizer': 'supervised.optimizer', 'finetune_sam': 'supervised.sam',
-    'pretrained_workdir': 'finetune.pretrained_workdir', 'linear_probe': 'finetune.linear_probe',
-    'selection_metric': 'eval.selection_metric', 'selection_split': 'eval.selection_split',
-    'eval_every_epochs': 'eval.every_epochs', 'eval_batch_size': 'eval.batch_size',
-    'precise_bn_batches': 'eval.precise_bn_batches', 'knn_k': 'eval.knn_k',
-    'protocols': 'sweep.protocols', 'tasks': 'sweep.tasks', 'reference_tasks': 'sweep.reference_tasks',
-    'fractions': 'sweep.fractions', 'seeds': 'sweep.seeds',
-    'multi_seed_max_fraction': 'sweep.multi_seed_max_fraction',
-    'reference_seeds': 'sweep.reference_seeds', 'pretrain_num_epochs': 'sweep.pretrain_num_epochs',
-    'max_steps_per_run': 'sweep.max_steps_per_run',
-    'reference_num_epochs': 'sweep.reference_num_epochs', 'evals_per_run': 'sweep.evals_per_run',
-    'floor_image_size': 'sweep.floor_image_size', 'bootstrap_samples': 'sweep.bootstrap_samples',
-    'cam_method': 'cam.method', 'cam_layer': 'cam.layer', 'evaluate_cam': 'cam.evaluate',
-    'deletion_fractions': 'cam.deletion_fractions',
-    'checkpoint_workdir': 'predict.checkpoint_workdir', 'inputs': 'predict.inputs',
-    'audit_image_size': 'audit.image_size', 'audit_metric': 'audit.metric',
-    'audit_threshold': 'audit.threshold', 'audit_default_threshold': 'audit.default_threshold',
-    'audit_chunk_size': 'audit.chunk_size', 'audit_num_pairs_shown': 'audit.num_pairs_shown',
-    'grouping_threshold': 'audit.grouping_threshold', 'grouping_k': 'audit.grouping_k',
-    'grouping_max_size': 'audit.grouping_max_size',
-}
+# error for an old `--config.field` flag names its new place.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'flat_names.json')) as f:
+  FLAT_NAMES = json.load(f)
 
 
 def parse_arg(arg, **defaults):
@@ -192,7 +149,7 @@ def get_config(arg=None):
   config.model.name = 'resnet50'  # resnet18 | resnet34 | resnet50.
   config.model.width = 1.0  # Width multiplier of every ResNet stage (1.0: 64 filters in the stem).
   config.model.encoder_output = 'flatten'  # flatten (the reference: 2048 x 4 x 4 map) | avgpool (standard SimCLR).
-  config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (parameters and BatchNorm stay float32).
+  config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 | auto (bfloat16 on GPU/TPU); parameters and BatchNorm stay float32.
   config.model.num_classes = 4  # Output classes of the classifier (set from the data set).
 
   # ---------------------------------------------------------------- Training runs.

@@ -102,24 +102,26 @@ def full(config):
 
   The default config as it stands: the Kaggle data, ResNet-50 at 128 px with 3
   channels, batch 32, the flattened 2048 x 4 x 4 head, ASAM (rho 2) around SGD
-  for 100 pretraining epochs, AdamW for 100 fine-tuning epochs, float32 compute
-  (the reference's; `configs/sweep.py:preset=full,dtype=bfloat16` computes in
-  bfloat16 on accelerators that have it, parameters, optimizer state and
-  BatchNorm statistics staying float32). The honest protocol validates (and
+  for 100 pretraining epochs, AdamW for 100 fine-tuning epochs. Compute dtype
+  `auto`: bfloat16 on GPUs and TPUs (parameters, optimizer state and BatchNorm
+  statistics stay float32; the NT-Xent similarities are full float32 products),
+  float32 on a CPU (the reference's numerics); `,dtype=float32` keeps float32
+  everywhere, `,dtype=bfloat16` asks for bfloat16 everywhere. The honest protocol validates (and
   keeps the best checkpoint) 20 times per run, every 5 epochs of a 100-epoch
   run: each validation of a pretraining embeds the whole training split for its
   kNN monitor, about a sixth of an epoch's work, which every epoch would add 15 %
   to the sweep; the reference protocol keeps its check of the test split every
-  epoch (sweep_plan.PROTOCOLS), as the reference did. No cap on a run's steps.
+  epoch (study/plan.PROTOCOLS), as the reference did. No cap on a run's steps.
   """
   config.data.name = 'alzheimer_mri'
   config.sweep.pretrain_num_epochs = 100
   config.train.num_epochs = 100
   config.sweep.evals_per_run = 20
+  config.model.dtype = 'auto'
   return config
 
 
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'auto')
 
 
 def get_config(arg=None):

@@ -38,7 +38,7 @@ MIN_IMAGE_SIZE = 32
 SELECTION_METRICS = ('balanced_accuracy', 'accuracy', 'macro_f1')
 SELECTION_SPLITS = ('val', 'test')
 SUBJECT_ID_SOURCES = ('auto', 'dataset', 'recovered')
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'auto')  # auto: bfloat16 on GPU/TPU, float32 on CPU.
 CHANNELS = (1, 3)
 
 # ----------------------------------------------------------------------------- paths

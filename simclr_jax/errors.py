@@ -59,6 +59,11 @@ def _is_read_only(error):
           or 'Read-only file system' in str(error))
 
 
+def is_disk_failure(error):
+  """Whether `error` (or a cause of it) is a full or read-only disk."""
+  return any(_is_disk_full(cause) or _is_read_only(cause) for cause in _causes(error))
+
+
 def user_message(error, workdir=None):
   """The one-line message of a user's mistake, or None for a programming error.
 

@@ -15,9 +15,9 @@ from simclr_jax import checks
 from simclr_jax import errors
 
 MODES = {
-    'pretrain': 'simclr_jax.train.trainer',
-    'finetune': 'simclr_jax.train.trainer',
-    'baseline': 'simclr_jax.train.trainer',
+    'pretrain': 'simclr_jax.train.mode',
+    'finetune': 'simclr_jax.train.mode',
+    'baseline': 'simclr_jax.train.mode',
     'predict': 'simclr_jax.predict',
     'sweep': 'simclr_jax.study.sweep',
     'audit': 'simclr_jax.audit',
@@ -35,7 +35,14 @@ JAX_STARTUP_NOISE = ('Unable to initialize backend',)
 
 
 def _quiet(record):
-  """Drops orbax's per-save INFO lines and JAX's start-up notices; warnings still show."""
+  """Drops orbax's per-save INFO lines and JAX's start-up notices; warnings still show.
+
+  Orbax's own tracebacks of a full or read-only disk are dropped too: main.py
+  reports that in one line.
+  """
+  if ('orbax' in record.pathname and record.exc_info
+      and errors.is_disk_failure(record.exc_info[1])):
+    return False
   if record.levelno >= logging.WARNING:
     return True
   if 'orbax' in record.pathname:

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -51,3 +53,71 @@ def test_throughput_rejects_a_window_that_does_not_divide_the_steps():
   throughput = _load_throughput()
   with pytest.raises(SystemExit):
     throughput.parse_args(['--steps=5', '--window=2'])
+
+
+def _load(name):
+  """A script of benchmarks/ as a module, its folder on the path as when it runs."""
+  folder = os.path.join(REPO, 'benchmarks')
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  path = os.path.join(folder, f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('script', sorted(
+    name for name in os.listdir(os.path.join(REPO, 'benchmarks')) if name.endswith('.py')))
+def test_every_benchmark_script_starts(script):
+  """`--help` of each script: its imports and flags are alive (no script rots unseen)."""
+  result = subprocess.run([sys.executable, os.path.join('benchmarks', script), '--help'],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  # argparse exits 0 after its help; absl's app (augmentation.py) exits 1.
+  assert result.returncode == 0 or 'Try --helpfull' in result.stdout, result.stderr[-2000:]
+  assert 'usage' in result.stdout.lower() or 'flags' in result.stdout.lower(), result.stdout
+
+
+def test_throughput_times_scanned_dispatches_per_step(capsys, monkeypatch):
+  throughput = _load_throughput()
+  monkeypatch.setitem(resnet.STAGE_SIZES, 'resnet18', (1, 1))
+  result = throughput.main(TINY + ['--steps_per_dispatch=3'])
+  assert result['steps_per_dispatch'] == 3 and result['compiles_while_stepping'] == 0
+  # Per-step figures: a dispatch of 3 steps is 3 steps of 4 images.
+  assert result['images_per_s'] == pytest.approx(4 / result['step_s_median'])
+
+
+def test_augmentation_benchmark_prints_json(capsys):
+  augmentation = _load('augmentation')
+  with pytest.raises(SystemExit):  # absl's app.run exits after main.
+    augmentation.app.run(augmentation.main, argv=[
+        'augmentation', '--num_images=16', '--image_size=16', '--batch_size=4',
+        '--warmup_batches=1', '--window_batches=2', '--num_windows=2'])
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed['benchmark'] == 'batches.simclr_batch' and printed['batches_per_s'] > 0
+  assert printed['views_per_s'] == pytest.approx(2 * printed['images_per_s'], rel=1e-3)
+
+
+def test_collectives_counts_the_reductions_of_a_tiny_step(monkeypatch):
+  collectives = _load('collectives')
+  monkeypatch.setitem(resnet.STAGE_SIZES, 'resnet18', (1, 1))
+  result = collectives.main(['--mode=baseline', '--model=resnet18', '--image_size=32',
+                             '--channels=1', '--batch_size=4', '--num_devices=1'])
+  assert result['devices'] == 1 and result['batchnorm_layers'] > 0
+  assert result['parameters'] > 0 and isinstance(result['collectives'], dict)
+
+
+def test_train_run_and_accuracy_curve_on_a_tiny_run(tmp_path, data_dir, capsys):
+  """A whole run through train_and_evaluate, then its curve read from its events."""
+  train_run = _load('train_run')
+  result = train_run.main(['--steps=6', '--timed_dispatches=2', f'--data_dir={data_dir}',
+                           '--synthetic=synthetic_mri/small',
+                           f'--workdir={tmp_path / "run"}'])
+  assert result['total_steps'] >= 6 and result['end_to_end_images_per_s'] > 0
+  assert result['step_only_images_per_s'] > 0
+  accuracy_curve = _load('accuracy_curve')
+  out = tmp_path / 'curve.png'
+  accuracy_curve.main([str(tmp_path / 'run'), '--tag=val/balanced_accuracy', f'--out={out}'])
+  assert out.exists() and (tmp_path / 'curve.csv').exists()
+  with open(tmp_path / 'curve.csv') as f:
+    assert len(f.read().splitlines()) >= 2  # A header and a point per evaluation.

@@ -45,7 +45,7 @@ SWEEP = ('--config=' + os.path.join(REPO, 'configs', 'sweep.py') + ':preset=runl
          "--config.sweep.tasks=('four_class',)", '--config.sweep.fractions=(1.0,)',
          '--config.split.num_folds=2', '--config.sweep.pretrain_num_epochs=1',
          '--config.sweep.max_steps_per_run=6', '--config.sweep.evals_per_run=2',
-         '--config.sweep.bootstrap_samples=100')
+         '--config.sweep.bootstrap_samples=100', '--config.train.checkpoint_every_steps=2')
 STOP_WITHIN_S = 60
 TIMEOUT_S = 600
 METRICS = ('accuracy', 'balanced_accuracy', 'macro_f1', 'chosen_step')
@@ -133,12 +133,21 @@ def _assert_nothing_half_written(workdir):
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
 
 
-def _stopped_step(output):
-  """The step named by the run's one `stopped:` line."""
+def _stopped_line(output):
+  """The run's one `stopped:` line, which says how to resume."""
   lines = [line for line in output.splitlines() if line.startswith('stopped: ')]
   assert len(lines) == 1, output[-3000:]
   assert 'run the same command again' in lines[0], lines[0]
-  return int(re.search(r'checkpoint of step (\d+)', lines[0]).group(1))
+  assert f'(exit status {preemption.EXIT_STATUS})' in lines[0], lines[0]
+  return lines[0]
+
+
+def _stopped_step(output):
+  """The step whose checkpoint the `stopped:` line names."""
+  line = _stopped_line(output)
+  match = re.search(r'saved the checkpoint of step (\d+)', line)
+  assert match, line
+  return int(match.group(1))
 
 
 @pytest.fixture(scope='module')
@@ -272,7 +281,8 @@ def test_sigterm_mid_sweep_stops_in_a_run_and_resumes_to_the_same_results(data_d
     process.kill()
   output = _read(log)
   assert process.returncode == preemption.EXIT_STATUS, output[-3000:]
-  _stopped_step(output)
+  # Within the run being trained, or (the signal came as it ended) before the next one.
+  assert 'in ' + workdir in _stopped_line(output)
   assert not os.path.exists(os.path.join(workdir, 'results.csv')) or (
       len(_result_rows(workdir)) < len(_result_rows(reference)))
   _assert_nothing_half_written(workdir)

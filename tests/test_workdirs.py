@@ -392,6 +392,26 @@ def test_damaged_json_is_a_user_error(tmp_path):
     workdirs.read_json(path)
 
 
+def test_a_workdir_of_the_flat_config_is_refused_in_one_line(tmp_path):
+  """A run started before the config had sections is not misread: one line, what to do."""
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'mode': 'pretrain', 'seed': 0, 'batch_size': 32, 'augment': {'flip': False}}))
+  config = tiny_config('/unused', 'pretrain')
+  for read in (lambda: workdirs.load_config(str(tmp_path)),
+               lambda: workdirs.check_workdir_config(config, str(tmp_path))):
+    with pytest.raises(errors.UserError, match='older simclr_jax.*batch_size.*new --workdir'):
+      read()
+
+
+def test_a_workdir_of_another_config_names_the_differing_dotted_fields(tmp_path):
+  config = tiny_config('/unused', 'pretrain')
+  workdirs.check_workdir_config(config, str(tmp_path))
+  workdirs.check_workdir_config(config, str(tmp_path))  # The same config resumes.
+  other = tiny_config('/unused', 'pretrain', batch_size=8)
+  with pytest.raises(errors.UserError, match=r'fields train\.batch_size differ'):
+    workdirs.check_workdir_config(other, str(tmp_path))
+
+
 @flax.struct.dataclass
 class _State:
   """What workdirs.Checkpoints needs of a TrainState: a pytree with a step."""

@@ -171,16 +171,16 @@ def supervised_image(images, positions, key, config):
   return augment.model_input(images, config.data.image_size, config.data.channels)
 
 
-def simclr_batch(images, labels, positions, key, run_values, *, config):
+def simclr_batch(images, labels, positions, key, values, *, config):
   """Two augmented views of each uint8 image, the SimCLR batch; jittable."""
-  del labels, run_values  # Unused: pretraining is self-supervised.
+  del labels, values  # Unused: pretraining is self-supervised.
   return pretrain_batch(images, positions, key, config)
 
 
-def labeled_batch(images, labels, positions, key, run_values, *, config):
+def labeled_batch(images, labels, positions, key, values, *, config):
   """Model inputs, labels and class weights of a labeled batch; jittable."""
   return {'image': supervised_image(images, positions, key, config),
-          'label': labels, 'weight': jnp.asarray(run_values['class_weights'])[labels]}
+          'label': labels, 'weight': jnp.asarray(values['class_weights'])[labels]}
 
 
 def eval_rows(idx, batch_size):

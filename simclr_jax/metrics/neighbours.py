@@ -126,7 +126,7 @@ def nearest_neighbours(
 
   Args:
     queries: [n, ...] array (flattened per row); anything that supports
-      `queries[start:stop]`, e.g. an np.memmap.
+      `queries[start:stop]`, e.g. an np.memmap or an array on the devices.
     keys: [m, ...] array with the same trailing size as `queries`.
     k: neighbours returned per query.
     metric: 'correlation' or 'cosine'.
@@ -180,8 +180,8 @@ def nearest_neighbours(
   for q_start in range(0, num_queries, query_block):
     q_stop = min(q_start + query_block, num_queries)
     rows = q_stop - q_start
-    block_queries = _normalise(
-        sharding.pad_rows(np.asarray(queries[q_start:q_stop]), query_block), metric)
+    # Slices of arrays on the devices stay there (the kNN monitor's embeddings).
+    block_queries = _normalise(sharding.pad_rows(queries[q_start:q_stop], query_block), metric)
     block_query_self = sharding.pad_rows(query_self[q_start:q_stop], query_block)
     block_query_groups = sharding.pad_rows(query_groups[q_start:q_stop], query_block)
     best_similarities = jnp.full((query_block, k), -jnp.inf, jnp.float32)
@@ -193,7 +193,7 @@ def nearest_neighbours(
       best_similarities, best_indices = _merge_top_k(
           best_similarities, best_indices,
           block_queries,
-          sharding.pad_rows(np.asarray(keys[k_start:k_stop]), key_block),
+          sharding.pad_rows(keys[k_start:k_stop], key_block),
           key_indices,
           block_query_self,
           sharding.pad_rows(key_self[k_start:k_stop], key_block),

@@ -10,6 +10,7 @@ from the config's `model` section.
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from simclr_jax import errors
@@ -110,9 +111,13 @@ def _architecture(name):
   return resnet.STAGE_SIZES[name], block
 
 
-def _dtype(name):
-  if name not in ('float32', 'bfloat16'):
-    raise errors.UserError(f'Unknown dtype {name!r}; set --config.model.dtype to float32 or bfloat16.')
+def compute_dtype(name):
+  """The compute dtype of `model.dtype`: 'auto' is bfloat16 on GPUs and TPUs, float32 on CPU."""
+  if name not in ('float32', 'bfloat16', 'auto'):
+    raise errors.UserError(f'Unknown dtype {name!r}; set --config.model.dtype to float32, '
+                           'bfloat16 or auto.')
+  if name == 'auto':
+    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
   return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
 
 
@@ -127,7 +132,7 @@ def create_model(config, kind, freeze_encoder=False):
         f'Unknown encoder_output {config.model.encoder_output!r}; set '
         f'--config.model.encoder_output to one of {ENCODER_OUTPUTS}.')
   common = dict(stage_sizes=stage_sizes, block_cls=block_cls, width=config.model.width,
-                encoder_output=config.model.encoder_output, dtype=_dtype(config.model.dtype))
+                encoder_output=config.model.encoder_output, dtype=compute_dtype(config.model.dtype))
   if kind == 'simclr':
     return SimCLRModel(projection_dims=tuple(config.pretrain.projection_dims),
                        projection_dropout=config.pretrain.projection_dropout, **common)

@@ -7,6 +7,7 @@ and NT-Xent negatives are taken over the global batch with no explicit collectiv
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -79,11 +80,13 @@ def pad_rows(x, rows):
   """`x` with its leading axis padded to `rows` by copies of its first row.
 
   Padded rows are valid inputs (no zero images or NaN); callers drop their outputs.
+  An array on the devices stays there; anything else becomes a numpy array.
   """
-  x = np.asarray(x)
+  xp = jnp if isinstance(x, jax.Array) else np
+  x = xp.asarray(x)
   if len(x) == rows:
     return x
-  return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
+  return xp.concatenate([x, xp.repeat(x[:1], rows - len(x), axis=0)])
 
 
 def map_batches(fn, arrays, batch_size):

@@ -23,17 +23,21 @@ from simclr_jax.metrics import classification
 # ----------------------------------------------------------------------------- evaluators
 
 
-def infer_rows(infer, state, device_data, idx, batch_size):
+def infer_rows(infer, state, device_data, idx, batch_size, on_device=False):
   """`infer(state, data, inputs)` over the data set's rows `idx`, in padded global batches.
 
-  The outputs stay on the devices until every batch has run: one transfer at the end.
+  The outputs stay on the devices until every batch has run: one transfer at the end,
+  or none with `on_device` (one process: the kNN monitor searches them there).
 
   Returns:
-    numpy outputs of the rows of `idx`, in order (the padding dropped).
+    The outputs of the rows of `idx`, in order (the padding dropped): numpy, or a
+    device array with `on_device` where there is one process.
   """
   rows, count = batches.eval_rows(idx, batch_size)
   outputs = [infer(state, device_data.arrays, device_data.inputs({'row': rows[i:i + batch_size]}))
              for i in range(0, len(rows), batch_size)]
+  if on_device and jax.process_count() == 1:
+    return jnp.concatenate(outputs)[:count]
   return np.concatenate(sharding.to_host(outputs))[:count]
 
 
@@ -58,7 +62,7 @@ class ClassifierEvaluator:
 @dataclasses.dataclass
 class KnnEvaluator:
   """kNN accuracy of the embeddings of `idx` against those of `memory_idx` (labeled)."""
-  infer: Callable[[Any, np.ndarray], np.ndarray]  # (state, idx) -> embeddings.
+  infer: Callable[..., Any]  # (state, idx, on_device) -> embeddings.
   idx: np.ndarray
   memory_idx: np.ndarray
   labels: np.ndarray  # Labels of the whole data set.
@@ -66,9 +70,11 @@ class KnnEvaluator:
   num_classes: int
 
   def run(self, state):
-    return classification.knn_monitor(self.infer(state, self.memory_idx), self.labels[self.memory_idx],
-                       self.infer(state, self.idx), self.labels[self.idx], self.ks,
-                       self.num_classes)
+    # The embeddings stay on the devices: the search runs there, labels come back.
+    return classification.knn_monitor(
+        self.infer(state, self.memory_idx, on_device=True), self.labels[self.memory_idx],
+        self.infer(state, self.idx, on_device=True), self.labels[self.idx], self.ks,
+        self.num_classes)
 
 
 class PreciseBatchStats:

@@ -63,8 +63,8 @@ class Recipe:
     rows_of: the data set and the role of each split.
     model: the Flax module trained.
     objective: the loss, epoch hook and batch maker of the train steps.
-    run_values: arrays the compiled steps take as inputs because they differ
-      between runs that share them (the class weights of the labeled subset).
+    class_weights: float32 [K] cross-entropy weight of each class: an input of the
+      compiled steps, as it differs between runs that share them.
     rows: the training rows and how batches walk them.
     device_data: the data set's images for the jitted steps.
     infer_step: (state, model inputs) -> logits or embeddings; jittable.
@@ -79,7 +79,7 @@ class Recipe:
   rows_of: RunRows
   model: nn.Module
   objective: steps_lib.Objective
-  run_values: dict
+  class_weights: np.ndarray
   rows: batches.TrainingRows
   device_data: batches.DeviceDataset
   infer_step: Callable
@@ -155,8 +155,8 @@ def _infer(config, mesh, infer_step, device_data, cache):
 
   step = cache.get(('infer', infer_step.__name__), (compile_cache.model_key(config), mesh),
                    lambda: jax.jit(infer, out_shardings=sharding.data_sharding(mesh)))
-  return lambda state, idx: evaluators.infer_rows(step, state, device_data, idx,
-                                                  config.eval.batch_size)
+  return lambda state, idx, on_device=False: evaluators.infer_rows(
+      step, state, device_data, idx, config.eval.batch_size, on_device)
 
 
 def _rows(config, train_idx):
@@ -198,7 +198,7 @@ def _pretrain_recipe(config, rows_of, device_data, mesh, cache):
   return Recipe(
       config=config, key=key, rows_of=rows_of, model=model,
       objective=steps_lib.objective(config, model),
-      run_values={'class_weights': np.ones(config.model.num_classes, np.float32)},
+      class_weights=np.ones(config.model.num_classes, np.float32),
       rows=rows, device_data=device_data,
       infer_step=_embed_step, selection=knn(rows_of.select_idx),
       test=knn(rows_of.splits['test']), selection_key=f'knn{k}_{suffix}',
@@ -220,8 +220,8 @@ def _supervised_recipe(config, rows_of, device_data, mesh, cache):
   return Recipe(
       config=config, key=key, rows_of=rows_of, model=model,
       objective=steps_lib.objective(config, model),
-      run_values={'class_weights': class_weights(config, rows_of.labels[rows_of.train_idx],
-                                                 config.model.num_classes)},
+      class_weights=class_weights(config, rows_of.labels[rows_of.train_idx],
+                                  config.model.num_classes),
       rows=rows, device_data=device_data,
       infer_step=_logits_step, selection=classifier(rows_of.select_idx),
       test=classifier(rows_of.splits['test']), selection_key=config.eval.selection_metric,

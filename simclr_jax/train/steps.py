@@ -77,7 +77,7 @@ def train_step(state, batch, rng, *, loss_fn, steps_per_epoch, epoch_end, frozen
   return new_state, step_metrics
 
 
-def train_steps(state, metrics, inputs, data, rngs, run_values, *, make_batch, loss_fn,
+def train_steps(state, metrics, inputs, data, rngs, values, *, make_batch, loss_fn,
                 epoch_end, frozen=()):
   """Up to k train steps in one dispatch (`lax.scan`): (state, metrics) -> (state, metrics).
 
@@ -88,10 +88,10 @@ def train_steps(state, metrics, inputs, data, rngs, run_values, *, make_batch, l
       int32 [k, B] (and 'image', 'label' when the data set is not on the devices).
     data: the data set on the devices ({'images', 'labels'}), or None.
     rngs: {'dropout', 'augment'} keys of the run.
-    run_values: what differs between runs that share this compiled function:
+    values: what differs between runs that share this compiled function:
       int32 scalars 'num_steps' (the first num_steps of the k steps run, the rest
       are skipped) and 'steps_per_epoch', and the task's values (class weights).
-    make_batch: (uint8 images, labels, positions, key, run_values) -> the model batch.
+    make_batch: (uint8 images, labels, positions, key, values) -> the model batch.
     loss_fn, epoch_end, frozen: as `train_step`.
 
   Returns:
@@ -101,15 +101,15 @@ def train_steps(state, metrics, inputs, data, rngs, run_values, *, make_batch, l
   def one_step(carry, step_inputs):
     state, metrics = carry
     images, labels = batches.DeviceDataset.images(data, step_inputs)
-    batch = make_batch(images, labels, step_inputs['position'], rngs['augment'], run_values)
+    batch = make_batch(images, labels, step_inputs['position'], rngs['augment'], values)
     state, step_metrics = train_step(state, batch, rngs['dropout'], loss_fn=loss_fn,
-                                     steps_per_epoch=run_values['steps_per_epoch'],
+                                     steps_per_epoch=values['steps_per_epoch'],
                                      epoch_end=epoch_end, frozen=frozen)
     return state, metrics.merge(step_metrics)
 
   def body(carry, x):
     index, step_inputs = x
-    carry = jax.lax.cond(index < run_values['num_steps'],
+    carry = jax.lax.cond(index < values['num_steps'],
                          lambda c: one_step(c, step_inputs), lambda c: c, carry)
     return carry, None
 

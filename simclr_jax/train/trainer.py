@@ -5,7 +5,8 @@
 baseline: scanned steps (`steps.make_train_steps`), periodic training summaries,
 evaluation on the selection split with the best checkpoint kept, periodic
 checkpoints, and at the end the test metrics of the checkpoint chosen on the
-selection split. `check_config` and `main` are the mode's entry for `run.py`.
+selection split. The modes' entry for `run.py` is `train/mode.py`; the sweep calls
+`train_and_evaluate` for each of its runs.
 
 The loop is written for the global batch (big_vision style): one `jax.jit` step over
 a device mesh, buffers donated, no host synchronisation between logging steps.
@@ -21,7 +22,6 @@ import flax
 import jax
 import numpy as np
 
-from simclr_jax import checks
 from simclr_jax import errors
 from simclr_jax import plots
 from simclr_jax.data import batches
@@ -36,19 +36,6 @@ from simclr_jax.train import recipes
 from simclr_jax.train import state as state_lib
 from simclr_jax.train import steps as steps_lib
 from simclr_jax.train import workdirs
-
-
-def check_config(config):
-  """A pretrain, finetune or baseline config; for finetune, its pretraining run too."""
-  checks.check_mode(config, kinds.TRAIN_MODES)
-  checks.check_training_fields(config)
-  if config.mode == 'finetune':
-    workdirs.pretrained_config(config)  # The pretrain run exists and has the same architecture.
-
-
-def main(config, workdir):
-  """The mode's entry for run.py: trains and returns the test metrics."""
-  return train_and_evaluate(config, workdir)
 
 
 def itstime(step, every, total_steps):
@@ -166,9 +153,8 @@ def train_and_evaluate(config, workdir, cache=None):
     state, train_metrics = p_train_steps(
         state, train_metrics, dispatch_inputs(recipe, step, num_steps, k),
         recipe.device_data.arrays, rngs,
-        sharding.replicate_tree({'num_steps': np.int32(num_steps),
-                                 'steps_per_epoch': np.int32(per_epoch), **recipe.run_values},
-                                mesh))
+        sharding.replicate_tree(steps_lib.step_values(
+            num_steps, per_epoch, recipe.class_weights), mesh))
     first_step = step + 1
     for step in range(first_step, step + num_steps + 1):
       report_progress(step)  # clu's periodic actions want every step.
@@ -263,13 +249,13 @@ def write_views(writer, recipe, rngs, num_images, cache):
     return
   inputs = recipe.device_data.inputs(recipe.rows.step_inputs(0))
 
-  def first_batch(data, inputs, key, run_values):
+  def first_batch(data, inputs, key, values):
     images, labels = batches.DeviceDataset.images(data, inputs)
-    return recipe.objective.make_batch(images, labels, inputs['position'], key, run_values)
+    return recipe.objective.make_batch(images, labels, inputs['position'], key, values)
 
   views = cache.get('views', recipe.key, lambda: jax.jit(first_batch))
   host = sharding.to_host(views(recipe.device_data.arrays, inputs, rngs['augment'],
-                                recipe.run_values))
+                                {'class_weights': recipe.class_weights}))
   if 'image1' in host:
     images = np.concatenate([host['image1'][:num_images], host['image2'][:num_images]], axis=2)
   else:
