@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import sweep as sweep_config  # pylint: disable=g-import-not-at-top,wrong-import-position

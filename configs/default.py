@@ -158,7 +158,8 @@ def get_config(arg=None):
   config.train.batch_size = 32  # Global batch (images, not views), divisible by the device count.
   config.train.steps_per_dispatch = 0  # Train steps per dispatch (lax.scan); 0: the platform's default (1 on CPU, 16 on GPU/TPU).
   config.train.log_every_steps = 10  # Training metrics period in steps.
-  config.train.checkpoint_every_steps = 200  # Checkpoint period in steps (and at the end; the best whenever it improves).
+  config.train.checkpoint_every_steps = config_dict.placeholder(int)  # Checkpoint period in steps (None: by time only).
+  config.train.checkpoint_every_minutes = 10.0  # Checkpoint period in minutes, checked at summaries (None: by steps only); always at the end, the best whenever it improves.
   config.train.keep_checkpoints = 2  # Latest checkpoints kept besides the best one.
   config.train.num_summary_images = 8  # Augmented views written to TensorBoard once.
 

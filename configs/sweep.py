@@ -124,6 +124,25 @@ def full(config):
 DTYPES = ('float32', 'bfloat16', 'auto')
 
 
+def sweep_section():
+  """The sweep's own fields (the presets then set run lengths and sizes)."""
+  sweep = ml_collections.ConfigDict()
+  sweep.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
+  sweep.tasks = ('four_class', 'binary')  # Label tasks of the fine-tuning and baseline runs (a pretraining serves both).
+  sweep.reference_tasks = config_dict.placeholder(tuple)  # reference protocol: only these of the tasks (None: all).
+  sweep.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions, nested subsets of the train split.
+  sweep.seeds = (0,)  # Seeds of the honest protocol (label subset, init and data order together), in every fold.
+  sweep.multi_seed_max_fraction = 0.2  # Larger fractions run with the first seed only.
+  sweep.reference_seeds = (0,)  # Seeds of the reference protocol.
+  sweep.pretrain_num_epochs = 100  # SimCLR pretraining epochs (train.num_epochs is for finetune/baseline).
+  sweep.max_steps_per_run = config_dict.placeholder(int)  # Cap: a run's epochs are cut to about this many steps (None: no cap).
+  sweep.reference_num_epochs = config_dict.placeholder(int)  # reference protocol: every fraction trains this many epochs, no cap (None: as the other protocols).
+  sweep.evals_per_run = config_dict.placeholder(int)  # Validations per run (None: every eval.every_epochs).
+  sweep.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
+  sweep.bootstrap_samples = 2000  # Resamples of subjects behind each 95 % confidence interval.
+  return sweep
+
+
 def get_config(arg=None):
   """Sweep config; arg: 'preset=runlocal|cpu|full' (default runlocal), optionally
   ',dtype=float32|bfloat16' (the compute dtype; float32 by default)."""
@@ -139,20 +158,7 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------- Sweep.
   config.split.num_folds = 5  # honest: folds of the subject-grouped, stratified cross-validation.
-  config.sweep = ml_collections.ConfigDict()
-  config.sweep.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
-  config.sweep.tasks = ('four_class', 'binary')  # Label tasks of the fine-tuning and baseline runs (a pretraining serves both).
-  config.sweep.reference_tasks = config_dict.placeholder(tuple)  # reference protocol: only these of the tasks (None: all).
-  config.sweep.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions, nested subsets of the train split.
-  config.sweep.seeds = (0,)  # Seeds of the honest protocol (label subset, init and data order together), in every fold.
-  config.sweep.multi_seed_max_fraction = 0.2  # Larger fractions run with the first seed only.
-  config.sweep.reference_seeds = (0,)  # Seeds of the reference protocol.
-  config.sweep.pretrain_num_epochs = 100  # SimCLR pretraining epochs (train.num_epochs is for finetune/baseline).
-  config.sweep.max_steps_per_run = config_dict.placeholder(int)  # Cap: a run's epochs are cut to about this many steps (None: no cap).
-  config.sweep.reference_num_epochs = config_dict.placeholder(int)  # reference protocol: every fraction trains this many epochs, no cap (None: as the other protocols).
-  config.sweep.evals_per_run = config_dict.placeholder(int)  # Validations per run (None: every eval.every_epochs).
-  config.sweep.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
-  config.sweep.bootstrap_samples = 2000  # Resamples of subjects behind each 95 % confidence interval.
+  config.sweep = sweep_section()
   config.cam = default.cam_section()  # gradcam_grid.png.
 
   config = {'runlocal': runlocal, 'cpu': cpu, 'full': full}[args.preset](config)

@@ -14,7 +14,6 @@ example, e.g.
 
 import importlib.util
 import os
-import re
 import zipfile
 
 
@@ -262,7 +261,9 @@ def check_training_fields(config):
   fields.integer(config, 'eval.precise_bn_batches', example=8, optional=True)
   fields.integers(config, 'eval.knn_k', (1, 10), meaning=' (the k of the kNN monitor)')
   fields.integer(config, 'train.log_every_steps', example=10)
-  fields.integer(config, 'train.checkpoint_every_steps', example=200)
+  fields.integer(config, 'train.checkpoint_every_steps', example=200, optional=True)
+  fields.real(config, 'train.checkpoint_every_minutes', 0, low_open=True, example=10.0,
+              optional=True)
   fields.integer(config, 'train.keep_checkpoints', example=2)
   fields.integer(config, 'train.num_summary_images', low=0, example=8)
 

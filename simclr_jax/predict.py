@@ -313,7 +313,7 @@ def main(config, workdir):
   logging.info('Explaining %d images with %s at %s (%d x %d cells).', len(names),
                config.cam.method, config.cam.layer, *layer_size)
   explanation = cam_grid.explain(model, variables, stored, run_config, config.cam.method,
-                                config.cam.layer, batch_size=config.train.batch_size)
+                                config.cam.layer, batch_size=config.predict.batch_size)
   probabilities = explanation.probabilities
   predicted = probabilities.argmax(-1)
 
@@ -367,7 +367,7 @@ def main(config, workdir):
     quality = gradcam.evaluate_heatmaps(
         model, variables, explanation.inputs, explanation.heatmaps, masks, method=config.cam.method,
         layer=config.cam.layer, fractions=tuple(config.cam.deletion_fractions),
-        seed=config.seed, batch_size=config.train.batch_size)
+        seed=config.seed, batch_size=config.predict.batch_size)
     summary['cam_quality'] = quality
     plots.plot_cam_quality(quality, workdirs.output_path(workdir, 'cam_quality.png'),
                            title=cam_name)

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from configs import default
+from configs import sweep as sweep_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KAGGLE_ZIP = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'alzheimer-mri-dataset.zip')
@@ -21,6 +22,9 @@ def tiny_config(data_dir, mode='pretrain', **overrides):
   """
   config = default.get_config()
   config.mode = mode
+  if mode == 'sweep':
+    config.sweep = sweep_config.sweep_section()
+    config.cam = default.cam_section()
   config.data.update(name='synthetic_mri/small', dir=data_dir, image_size=32, channels=1)
   config.model.update(name='resnet18', width=0.125, encoder_output='avgpool')
   config.pretrain.projection_dims = (32, 16)

@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from simclr_jax.model import resnet

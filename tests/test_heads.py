@@ -1,9 +1,7 @@
 """Tests of the two networks (SimCLRModel, Classifier), their ResNet encoders and heads."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

@@ -103,9 +103,9 @@ def test_slice_selection(tmp_path, selection, kwargs, expected):
 
 def test_bad_slice_settings_name_the_config_field(tmp_path):
   path = _save(tmp_path / 'v.nii.gz', _squares())
-  with pytest.raises(ValueError, match='nifti_slice_selection'):
+  with pytest.raises(ValueError, match=r'data\.nifti\.slice_selection'):
     nifti_folder.read_volume_slices(path, 16, 'middle')
-  with pytest.raises(ValueError, match='nifti_min_mask_fraction'):
+  with pytest.raises(ValueError, match=r'data\.nifti\.min_mask_fraction'):
     nifti_folder.read_volume_slices(path, 16, 'mask', min_mask_fraction=0)
 
 
@@ -196,7 +196,7 @@ def test_folder_problems_are_clear_errors_before_work(tmp_path):
   with pytest.raises(ValueError, match='holds no .nii.*image_folder'):
     nifti_folder.list_volumes(tmp_path)
   _save(tmp_path / 'AD' / 'a.nii.gz', _squares())
-  with pytest.raises(ValueError, match=r'one class \(AD\).*dataset_path'):
+  with pytest.raises(ValueError, match=r'one class \(AD\).*data\.path'):
     datasets.get_builder('nifti_folder', dataset_path=tmp_path,
                          data_dir=tmp_path / 'tfds')
   (tmp_path / 'CN').mkdir()

@@ -15,6 +15,7 @@ from simclr_jax import predict
 from simclr_jax.train import trainer
 from simclr_jax.data.datasets import synthetic_mri
 from simclr_jax import run
+from tests.conftest import with_fields
 from tests.conftest import tiny_config
 
 BATCH_SIZE = 8  # One compiled Grad-CAM shape serves every test.
@@ -50,10 +51,8 @@ def _config(run_dir, inputs, **overrides):
   config.predict.checkpoint_workdir = run_dir
   config.predict.inputs = inputs
   config.cam.layer = 'stage2'  # 4 x 4 cells at 32 px (stage4 is 1 x 1 there).
-  config.train.batch_size = BATCH_SIZE
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  config.predict.batch_size = BATCH_SIZE
+  return with_fields(config, **overrides)
 
 
 def _rows(workdir):
@@ -163,15 +162,15 @@ def test_bad_runs_and_inputs_fail_before_any_work(run_dir, image_folder, tmp_pat
   fails(_config(str(untrained_dir), image_folder), 'no checkpoint yet')
   fails(_config(run_dir, os.path.join(image_folder, '*.dcm')), 'matches no image file')
   fails(_config(run_dir, None), 'Set --config.predict.inputs')
-  fails(_config(run_dir, image_folder, cam_method='scorecam'), 'Unknown cam_method')
-  fails(_config(run_dir, image_folder, cam_layer='stage5'), 'Unknown cam_layer')
+  fails(_config(run_dir, image_folder, cam_method='scorecam'), r'Unknown cam\.method')
+  fails(_config(run_dir, image_folder, cam_layer='stage5'), r'Unknown cam\.layer')
 
 
 def test_config_file():
   config = importlib.import_module('configs.predict').get_config()
   assert config.mode == 'predict' and config.cam.layer == 'stage4'
   assert config.cam.method == 'gradcam' and not config.cam.evaluate
-  assert importlib.import_module('configs.predict').get_config('runlocal').cam_layer == (
+  assert importlib.import_module('configs.predict').get_config('runlocal').cam.layer == (
       'stage3')
 
 

@@ -31,7 +31,8 @@ STEPS_PER_EPOCH = 2
 
 
 def _setup(num_devices, sam):
-  # Temperature step-down thresholds low enough that the first epoch's end lowers it.
+  # A step-down threshold (loss 100) above any first-epoch loss: the first epoch's end lowers
+  # the temperature, inside the scanned dispatch.
   config = conftest.tiny_config(None, 'pretrain', **{
       'pretrain.temperature_schedule': True, 'pretrain.temperature_steps': ((100.0, 0.3),),
       'pretrain.sam': sam})

@@ -279,7 +279,7 @@ def test_sam_train_step_keeps_the_clean_pass_loss_statistics_and_grad_norm():
     loss = jnp.mean((predictions - batch['y'])**2)
     return loss, (updates['batch_stats'], jnp.float32(0.0))
 
-  step = jax.jit(functools.partial(trainer.train_step, loss_fn=loss_fn, steps_per_epoch=100,
+  step = jax.jit(functools.partial(steps_lib.train_step, loss_fn=loss_fn, steps_per_epoch=100,
                                    epoch_end=lambda s: s))
   new_state, step_metrics = step(state, {'x': x, 'y': y}, jax.random.key(1))
   (clean_loss, (clean_stats, _)), clean_grads = jax.value_and_grad(
@@ -370,8 +370,8 @@ def test_balanced_class_weights_weigh_each_class_equally():
 
 
 @pytest.mark.parametrize('overrides,needle', [
-    (dict(split_seed=1), 'split the data otherwise.*split_seed'),
-    (dict(num_folds=2, fold=1), 'split the data otherwise.*num_folds'),
+    (dict(split_seed=1), r'split the data otherwise.*split\.seed'),
+    (dict(num_folds=2, fold=1), r'split the data otherwise.*split\.num_folds'),
     (dict(include_test_in_pretrain=False, pretrain_saw_test=True), 'saw the test images'),
 ])
 def test_finetune_refuses_a_pretraining_that_may_have_seen_its_test_subjects(
@@ -398,3 +398,25 @@ def test_finetune_refuses_an_unfinished_pretraining(pretrain_workdir, data_dir, 
   config = tiny_config(data_dir, 'finetune', pretrained_workdir=unfinished)
   with pytest.raises(ValueError, match='stopped before its last step'):
     run.check_config(config)
+
+
+def test_summaries_never_cut_a_scanned_dispatch_short():
+  assert trainer.summary_period(10, 1) == 10  # CPU: one step per dispatch, as configured.
+  assert trainer.summary_period(10, 16) == 16  # A summary every dispatch, not at step 10.
+  assert trainer.summary_period(20, 16) == 32
+  assert trainer.summary_period(None, 16) is None
+  periods = (trainer.summary_period(10, 16), 48, None)
+  assert trainer.next_boundary(16, 100, periods) == 32  # The dispatch runs its 16 steps.
+
+
+def test_checkpoint_clock_asks_for_a_save_after_its_minutes(monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(trainer.time, 'monotonic', lambda: now[0])
+  clock = trainer.CheckpointClock(10.0)
+  now[0] += 599.0
+  assert not clock.due()
+  now[0] += 1.0
+  assert clock.due()
+  clock.restart()
+  assert not clock.due()
+  assert not trainer.CheckpointClock(None).due()  # By steps only.

@@ -16,7 +16,6 @@ from simclr_jax.data import batches
 from simclr_jax.data import augment
 from simclr_jax.model import resnet
 from simclr_jax.parallel import sharding
-from simclr_jax.train import state as state_lib
 from simclr_jax.metrics import classification
 
 

@@ -12,14 +12,15 @@ The loop is written for the global batch (big_vision style): one `jax.jit` step 
 a device mesh, buffers donated, no host synchronisation between logging steps.
 """
 
-import functools
 import math
+import time
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import flax
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from simclr_jax import errors
@@ -29,7 +30,6 @@ from simclr_jax.metrics import classification
 from simclr_jax.parallel import sharding
 from simclr_jax.train import compile_cache
 from simclr_jax.train import evaluators
-from simclr_jax.train import kinds
 from simclr_jax.train import optimizers
 from simclr_jax.train import preemption
 from simclr_jax.train import recipes
@@ -55,9 +55,23 @@ def next_boundary(step, total_steps, periods):
 # ----------------------------------------------------------------------------- loop
 
 
+def summary_period(log_every_steps, steps_per_dispatch):
+  """Summary period in steps: `log_every_steps` rounded up to whole dispatches.
+
+  A summary never cuts a scanned dispatch of k steps short (evaluations and
+  checkpoints at fixed steps still may).
+  """
+  if not log_every_steps:
+    return log_every_steps
+  return -(-log_every_steps // steps_per_dispatch) * steps_per_dispatch
+
+
 def write_train_summary(writer, step, train_metrics, lr_fn, state, workdir):
-  """Writes the training metrics since the last summary; stops a diverged run."""
-  summary = train_metrics.compute()
+  """Writes the training metrics since the last summary; stops a diverged run.
+
+  The metrics and the temperature come from the devices in one transfer.
+  """
+  summary, temperature = jax.device_get((train_metrics.compute(), state.temperature))
   loss = float(summary['loss'])
   if not math.isfinite(loss):
     raise errors.TrainingDivergedError(
@@ -66,7 +80,7 @@ def write_train_summary(writer, step, train_metrics, lr_fn, state, workdir):
         'the same command again with a new --workdir.')
   scalars = {f'train/{k}': float(v) for k, v in summary.items()}
   scalars['train/learning_rate'] = float(lr_fn(step - 1))
-  scalars['train/temperature'] = float(state.temperature)
+  scalars['train/temperature'] = float(temperature)
   writer.write_scalars(step, scalars)
 
 
@@ -74,8 +88,9 @@ def evaluate_and_keep_best(recipe, state, best, writer, step, checkpoints, mesh)
   """Evaluates the selection split; keeps and saves the state when it is the best so far.
 
   Returns:
-    (state, best): the state (its bookkeeping updated) and the best state so far
-    as a host copy (`best` unchanged when this evaluation did not improve on it).
+    (state, best): the state (its bookkeeping updated) and the best state so far,
+    a copy kept on the devices (the steps donate the state's buffers), `best`
+    unchanged when this evaluation did not improve on it.
   """
   state = recipe.before_eval(state)
   selection = recipe.selection.run(state)
@@ -87,7 +102,7 @@ def evaluate_and_keep_best(recipe, state, best, writer, step, checkpoints, mesh)
     state = state.replace(best_metric=sharding.replicate(value, mesh),
                           best_step=sharding.replicate(np.int32(step), mesh))
     checkpoints.save_best(state)
-    best = jax.device_get(state)
+    best = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
   return state, best
 
 
@@ -140,12 +155,13 @@ def train_and_evaluate(config, workdir, cache=None):
 
   p_train_steps = steps_lib.make_train_steps(config, recipe.objective, mesh, cache, recipe.key)
   k = steps_lib.steps_per_dispatch(config)
-  periods = (config.train.log_every_steps, eval_every, config.train.checkpoint_every_steps)
+  log_every = summary_period(config.train.log_every_steps, k)
+  periods = (log_every, eval_every, config.train.checkpoint_every_steps)
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every_steps,
-      every_secs=None)
+      num_train_steps=total_steps, writer=writer, every_steps=log_every, every_secs=None)
+  clock = CheckpointClock(config.train.checkpoint_every_minutes)
   train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
-  best = None  # The best state so far, on the host (the steps donate the device copy).
+  best = None  # The best state of this call, a copy on the devices.
   step = start_step
   while step < total_steps:
     # Up to k steps per dispatch, never past the next summary, evaluation or checkpoint.
@@ -161,9 +177,10 @@ def train_and_evaluate(config, workdir, cache=None):
     # Batches are a function of (seed, step) and evaluations of the state, so a run
     # resumed from any checkpoint replays the same steps and the same choices of best.
     stop_now = preemption.reached_stop_step(first_step, step)  # SIGTERM: save, then stop.
-    checkpoint_now = stop_now or itstime(step, config.train.checkpoint_every_steps,
-                                         total_steps)
-    if checkpoint_now or itstime(step, config.train.log_every_steps, total_steps):
+    summary_now = itstime(step, log_every, total_steps)
+    checkpoint_now = (stop_now or itstime(step, config.train.checkpoint_every_steps, total_steps)
+                      or summary_now and clock.due())
+    if checkpoint_now or summary_now:
       write_train_summary(writer, step, train_metrics, lr_fn, state, workdir)
       train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
     if itstime(step, eval_every, total_steps):
@@ -172,9 +189,33 @@ def train_and_evaluate(config, workdir, cache=None):
                                              mesh)
     if checkpoint_now:
       checkpoints.save_latest(state)
+      clock.restart()
     if stop_now:
       stop(checkpoints, writer, step, workdir)
   return write_final(recipe, checkpoints, state, best, writer, workdir, total_steps)
+
+
+class CheckpointClock:
+  """Whether `minutes` have passed since the last checkpoint (None: never by time).
+
+  Asked at summaries only; with several processes process 0's clock decides for all,
+  so that every process saves at the same step.
+  """
+
+  def __init__(self, minutes):
+    self.seconds = None if minutes is None else 60.0 * minutes
+    self.restart()
+
+  def restart(self):
+    self.start = time.monotonic()
+
+  def due(self):
+    if self.seconds is None:
+      return False
+    due = time.monotonic() - self.start >= self.seconds
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
+    return due
 
 
 def stop(checkpoints, writer, step, workdir):
