@@ -1,6 +1,5 @@
 """End-to-end tests of pretrain -> finetune and baseline on tiny models."""
 
-import functools
 import json
 import os
 import shutil
@@ -9,9 +8,7 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -22,7 +19,6 @@ from simclr_jax.train import evaluators
 from simclr_jax.data import batches
 from simclr_jax import run
 from simclr_jax.train import workdirs
-from simclr_jax.model import sam
 from simclr_jax.parallel import sharding
 from simclr_jax.data import splits as splits_lib
 from simclr_jax.train import optimizers
@@ -248,55 +244,6 @@ def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
   for key in ('accuracy', 'balanced_accuracy', 'macro_f1', 'chosen_step'):
     assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
   assert resumed['confusion_matrix'] == expected['confusion_matrix']
-
-
-class _TinyBatchNormModel(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.Dense(4)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
-    return nn.Dense(1)(nn.relu(x))[:, 0]
-
-
-def test_sam_train_step_keeps_the_clean_pass_loss_statistics_and_grad_norm():
-  """train_step with ASAM: BatchNorm statistics, loss and grad norm of the clean pass."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=8), jnp.float32)
-  model = _TinyBatchNormModel()
-  variables = model.init(jax.random.key(0), x, train=False)
-  tx = optax.with_extra_args_support(sam.wrap(optax.sgd(0.1, momentum=0.9), 'asam', 2.0))
-  state = state_lib.TrainState.create(
-      apply_fn=model.apply, params=variables['params'], tx=tx,
-      batch_stats=variables['batch_stats'], temperature=jnp.float32(0.5),
-      epoch_loss=jnp.zeros(2), best_metric=jnp.float32(-jnp.inf), best_step=jnp.int32(-1))
-
-  def loss_fn(params, batch_stats, batch, rng, temperature):
-    del rng, temperature
-    predictions, updates = model.apply({'params': params, 'batch_stats': batch_stats},
-                                       batch['x'], train=True, mutable=['batch_stats'])
-    loss = jnp.mean((predictions - batch['y'])**2)
-    return loss, (updates['batch_stats'], jnp.float32(0.0))
-
-  step = jax.jit(functools.partial(steps_lib.train_step, loss_fn=loss_fn, steps_per_epoch=100,
-                                   epoch_end=lambda s: s))
-  new_state, step_metrics = step(state, {'x': x, 'y': y}, jax.random.key(1))
-  (clean_loss, (clean_stats, _)), clean_grads = jax.value_and_grad(
-      lambda p: loss_fn(p, state.batch_stats, {'x': x, 'y': y}, None, None),
-      has_aux=True)(state.params)
-  summary = step_metrics.compute()
-  np.testing.assert_allclose(summary['loss'], clean_loss, rtol=1e-6)
-  np.testing.assert_allclose(summary['grad_norm'], optax.tree.norm(clean_grads), rtol=1e-5)
-  for actual, expected in zip(jax.tree.leaves(new_state.batch_stats),
-                              jax.tree.leaves(clean_stats)):
-    np.testing.assert_allclose(actual, expected, rtol=1e-6)
-  assert new_state.step == 1
-  # The update is SGD on the gradient at the perturbed weights, not the clean one.
-  plain = optax.apply_updates(state.params, jax.tree.map(lambda g: -0.1 * g, clean_grads))
-  assert not np.allclose(new_state.params['Dense_0']['kernel'], plain['Dense_0']['kernel'])
-  assert not np.allclose(new_state.params['Dense_0']['kernel'],
-                         state.params['Dense_0']['kernel'])
 
 
 def test_linear_probe_step_neither_trains_nor_perturbs_the_encoder(data_dir):
