@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs on the small synthetic data set, built once."""
 
+import csv
 import os
 
 import jax
@@ -66,3 +67,22 @@ def compilation_cache(tmp_path_factory):
 def data_dir(tmp_path_factory):
   """A TFDS data dir shared by the session's tests (the small synthetic set is built once)."""
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+def metric_rows(workdir):
+  """A sweep's results.csv rows without their timings (what must not change)."""
+  with open(os.path.join(workdir, 'results.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  return [{k: v for k, v in row.items() if 'wall' not in k and 'seconds' not in k}
+          for row in rows]
+
+
+def wait_all(processes, timeout):
+  """Waits for every subprocess (`timeout` seconds each); kills those still running."""
+  try:
+    for process in processes:
+      process.wait(timeout=timeout)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()

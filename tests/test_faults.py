@@ -6,7 +6,6 @@ that running the same command again ends with the metrics of an uninterrupted
 run. Runs are tiny (ResNet-18 at 1/8 width, 32 px, the small synthetic set).
 """
 
-import csv
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import pytest
 from simclr_jax import errors
 from simclr_jax.train import preemption
 from simclr_jax.train import workdir_lock
+from tests import conftest
 from tests.conftest import REPO
 
 MAIN = os.path.join(REPO, 'main.py')
@@ -206,23 +206,13 @@ def _start_two(workdir, data_dir, logs):
                  f'--process_id={i}') for i in range(2)]
 
 
-def _wait_all(processes, timeout):
-  try:
-    for process in processes:
-      process.wait(timeout=timeout)
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-
-
 def test_two_processes_agree_on_the_step_stop_and_resume_exactly(data_dir, tmp_path):
   """SIGTERM to process 1 alone: its preemption notice stops both at one step, saved."""
   reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'run')
   logs = [str(tmp_path / f'{name}{i}.log') for name in ('ref', 'run', 'resume')
           for i in range(2)]
   processes = _start_two(reference, data_dir, logs[:2])
-  _wait_all(processes, TIMEOUT_S)
+  conftest.wait_all(processes, TIMEOUT_S)
   assert [p.returncode for p in processes] == [0, 0], _read(logs[0])[-3000:]
 
   processes = _start_two(workdir, data_dir, logs[2:4])
@@ -231,7 +221,7 @@ def test_two_processes_agree_on_the_step_stop_and_resume_exactly(data_dir, tmp_p
     processes[1].send_signal(signal.SIGTERM)
     sent = time.time()
   finally:
-    _wait_all(processes, STOP_WITHIN_S)
+    conftest.wait_all(processes, STOP_WITHIN_S)
   assert time.time() - sent < STOP_WITHIN_S
   outputs = [_read(log) for log in logs[2:4]]
   assert [p.returncode for p in processes] == [preemption.EXIT_STATUS] * 2, outputs[0][-3000:]
@@ -241,7 +231,7 @@ def test_two_processes_agree_on_the_step_stop_and_resume_exactly(data_dir, tmp_p
   _assert_nothing_half_written(workdir)
 
   processes = _start_two(workdir, data_dir, logs[4:])
-  _wait_all(processes, TIMEOUT_S)
+  conftest.wait_all(processes, TIMEOUT_S)
   assert [p.returncode for p in processes] == [0, 0], _read(logs[4])[-3000:]
   expected, resumed = _metrics(reference), _metrics(workdir)
   assert resumed['total_steps'] > steps[0]
@@ -249,13 +239,6 @@ def test_two_processes_agree_on_the_step_stop_and_resume_exactly(data_dir, tmp_p
   assert knn
   _assert_same_metrics(resumed, expected, knn)
   _assert_same_final_state(workdir, reference)
-
-
-def _result_rows(workdir):
-  with open(os.path.join(workdir, 'results.csv'), newline='') as f:
-    rows = list(csv.DictReader(f))
-  return [{k: v for k, v in row.items() if 'wall' not in k and 'seconds' not in k}
-          for row in rows]
 
 
 def _run_workdirs(sweep_workdir):
@@ -290,11 +273,11 @@ def test_sigterm_mid_sweep_stops_in_a_run_and_resumes_to_the_same_results(data_d
   # Within the run being trained, or (the signal came as it ended) before the next one.
   assert 'in ' + workdir in _stopped_line(output)
   assert not os.path.exists(os.path.join(workdir, 'results.csv')) or (
-      len(_result_rows(workdir)) < len(_result_rows(reference)))
+      len(conftest.metric_rows(workdir)) < len(conftest.metric_rows(reference)))
   _assert_nothing_half_written(workdir)
   result = _run(SWEEP, workdir, data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert _result_rows(workdir) == _result_rows(reference)
+  assert conftest.metric_rows(workdir) == conftest.metric_rows(reference)
 
 
 SECOND_SIGNAL = """

@@ -5,7 +5,6 @@
 MPI, Cloud TPU, flags) in fake environments.
 """
 
-import csv
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import conftest
 from tests.conftest import REPO
 
 SCRIPT = os.path.join(REPO, 'tests', 'distributed_step.py')
@@ -88,13 +88,6 @@ def _start_sweep(workdir, data_dir, env, log_path, *process_flags):
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def _metric_rows(workdir):
-  with open(os.path.join(workdir, 'results.csv'), newline='') as f:
-    rows = list(csv.DictReader(f))
-  return [{k: v for k, v in row.items() if 'wall' not in k and 'seconds' not in k}
-          for row in rows]
-
-
 def test_a_sweep_across_two_processes_writes_the_results_of_one(tmp_path):
   """The whole (cut-down) runlocal sweep as 2 processes of one CPU device each.
 
@@ -111,13 +104,7 @@ def test_a_sweep_across_two_processes_writes_the_results_of_one(tmp_path):
       for i in range(2)]
   processes.append(_start_sweep(one, str(tmp_path / 'tfds_one'), _clean_env(devices=2),
                                 logs[2]))
-  try:
-    for process in processes:
-      process.wait(timeout=SWEEP_TIMEOUT_S)
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
+  conftest.wait_all(processes, SWEEP_TIMEOUT_S)
   texts = []
   for log in logs:
     with open(log) as f:
@@ -126,8 +113,8 @@ def test_a_sweep_across_two_processes_writes_the_results_of_one(tmp_path):
     assert process.returncode == 0, text[-4000:]
   assert 'Downloading and preparing' in texts[0]
   assert 'Downloading and preparing' not in texts[1]  # Process 1 waited, then read it.
-  rows = _metric_rows(two)
-  assert rows and rows == _metric_rows(one)
+  rows = conftest.metric_rows(two)
+  assert rows and rows == conftest.metric_rows(one)
   assert {r['arm'] for r in rows} == {'floor', 'baseline', 'finetune'}
   for name in ('results.md', 'sweep.json', 'gradcam_grid.png', 'confusion_matrices.png',
                'label_fraction_curve.png'):
