@@ -10,6 +10,7 @@ sweep that runs many), never process-wide state, so two runs that must not share
 
 import json
 
+from simclr_jax import config_fields
 from simclr_jax.train import kinds
 
 
@@ -24,9 +25,6 @@ class CompileCache:
     if (name, key) not in self._objects:
       self._objects[name, key] = make()
     return self._objects[name, key]
-
-  def __len__(self):
-    return len(self._objects)
 
   def names(self):
     """The (name, key) pairs held, in the order they were made."""
@@ -68,6 +66,5 @@ def step_key(config, total_steps):
   kind = kinds.model_kind(config)
   fields = {'model': model_key(config), 'augment': _section(config, 'augment'),
             'total_steps': total_steps if kind == 'simclr' else None}
-  fields.update({name: str(config[name.split('.')[0]][name.split('.')[1]])
-                 for name in _STEP_FIELDS})
+  fields.update({name: str(config_fields.get(config, name)) for name in _STEP_FIELDS})
   return json.dumps(fields, sort_keys=True)
