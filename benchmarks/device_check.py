@@ -193,7 +193,7 @@ def run_inference(check, device, dtype):
   batch = 16 if check.args.smoke else 256
   mesh = sharding.create_mesh()
   model = state_lib.create_model(config)
-  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 2))
+  tx = optimizers.create_optimizer(config)
   state = state_lib.create_train_state(config, model, jax.random.key(0), tx, mesh)
   rng = np.random.default_rng(0)
   data = sharding.replicate_tree(
@@ -280,8 +280,7 @@ def run_reference_baseline(check, dtype):
   per_epoch = rows.steps_per_epoch
   epochs = 1 if check.args.smoke else check.args.max_epochs
   model = state_lib.create_model(config)
-  tx = optimizers.create_optimizer(
-      config, optimizers.create_learning_rate_fn(config, epochs * per_epoch))
+  tx = optimizers.create_optimizer(config)
   state = state_lib.create_train_state(config, model, jax.random.key(config.seed), tx, mesh)
   device_data = batches.DeviceDataset(types.SimpleNamespace(images=images, labels=labels), mesh)
   train_steps = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
@@ -311,7 +310,8 @@ def run_reference_baseline(check, dtype):
       host = [rows.step_inputs(step + i) for i in range(k)]
       inputs = {key: np.stack([h[key] for h in host]) for key in host[0]}
       values = sharding.replicate_tree(
-          steps_lib.step_values(num, per_epoch, np.ones(config.model.num_classes)), mesh)
+          steps_lib.step_values(num, per_epoch, np.ones(config.model.num_classes),
+                                optimizers.schedule_values(config, epochs * per_epoch)), mesh)
       state, metrics = train_steps(state, metrics, device_data.inputs(inputs, batch_axis=1),
                                    device_data.arrays, rngs, values)
       step += num

@@ -176,7 +176,7 @@ def run_benchmark(args):
   mesh = Mesh(np.asarray(devices), ('data',))
 
   model = state_lib.create_model(config)
-  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 1000))
+  tx = optimizers.create_optimizer(config)
   state = state_lib.create_train_state(config, model, jax.random.key(config.seed), tx, mesh)
   k = args.steps_per_dispatch
   arguments = steps_lib.example_arguments(config, mesh, k)

@@ -77,8 +77,8 @@ def benchmark_config(args):
   num_images = (len(splits['train']) + len(splits['val']) if args.mode == 'pretrain'
                 else len(splits['train']))
   config = plan_lib.run_config(preset, 'honest', args.mode, seed=0,
-                                 num_classes=len(arrays.class_names), fraction=1.0,
-                                 num_labeled=num_images)
+                                 num_classes=len(arrays.class_names),
+                                 num_labeled=num_images)  # All the train slices labeled.
   per_epoch = batches.steps_per_epoch(num_images, config.train.batch_size)
   config.train.num_epochs = args.epochs or max(1, math.ceil(args.steps / per_epoch))
   config.eval.every_epochs = max(1, config.train.num_epochs // (preset.sweep.evals_per_run or 1))
@@ -91,15 +91,15 @@ def time_steps(config, num_dispatches):
   cache = compile_cache.CompileCache()
   recipe = recipes.create_recipe(config, mesh, cache)
   per_epoch = recipe.rows.steps_per_epoch
-  lr_fn = optimizers.create_learning_rate_fn(config, per_epoch * config.train.num_epochs)
-  tx = optimizers.create_optimizer(config, lr_fn)
+  tx = optimizers.create_optimizer(config)
   state = state_lib.create_train_state(config, recipe.model, jax.random.key(0), tx, mesh)
   p_train_steps = steps_lib.make_train_steps(config, recipe.objective, mesh)
   k = steps_lib.steps_per_dispatch(config)
   rngs = sharding.replicate_tree({'dropout': jax.random.key(1),
                                   'augment': batches.augment_key(0)}, mesh)
   values = sharding.replicate_tree(steps_lib.step_values(
-      k, per_epoch, recipe.class_weights), mesh)
+      k, per_epoch, recipe.class_weights,
+      optimizers.schedule_values(config, per_epoch * config.train.num_epochs)), mesh)
   inputs = [trainer.dispatch_inputs(recipe, i * k, k, k) for i in range(num_dispatches + 1)]
   metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
   state, metrics = p_train_steps(state, metrics, inputs[0], recipe.device_data.arrays, rngs,

@@ -34,7 +34,7 @@ def main():
   config = tiny_config('/unused', mode, batch_size=16, sam='asam')
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ('data',))
   model = state_lib.create_model(config)
-  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 10))
+  tx = optimizers.create_optimizer(config)
   state = state_lib.create_train_state(config, model, jax.random.key(0), tx, mesh)
   p_train_steps = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
   # The same global batch on every process: each feeds its rows of it.

@@ -42,7 +42,7 @@ def _setup(num_devices, sam):
       'pretrain.sam': sam})
   mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ('data',))
   model = state_lib.create_model(config)
-  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 100))
+  tx = optimizers.create_optimizer(config)
   initial = state_lib.create_train_state(config, model, jax.random.key(0), tx, mesh)
   fresh = lambda: jax.tree.map(jnp.copy, initial)  # The steps donate the state they take.
   run = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
@@ -51,7 +51,7 @@ def _setup(num_devices, sam):
 
 def _values(num_steps, mesh):
   return sharding.replicate_tree(
-      steps_lib.step_values(num_steps, STEPS_PER_EPOCH, np.ones(4)), mesh)
+      steps_lib.step_values(num_steps, STEPS_PER_EPOCH, np.ones(4), np.array([3, 10])), mesh)
 
 
 def check_scanned_equals_single(num_devices, sam='none', k=4, num_steps=(4, 3)):

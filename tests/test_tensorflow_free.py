@@ -31,7 +31,7 @@ from tests.conftest import tiny_config
 config = tiny_config('/unused', 'pretrain', batch_size=8)
 mesh = sharding.create_mesh()
 model = state.create_model(config)
-tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 10))
+tx = optimizers.create_optimizer(config)
 train_state = state.create_train_state(config, model, jax.random.key(0), tx, mesh)
 train_steps = steps.make_train_steps(config, steps.objective(config, model), mesh)
 train_state, metrics = train_steps(train_state, *steps.example_arguments(config, mesh, 2))

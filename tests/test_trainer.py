@@ -70,8 +70,7 @@ def test_finetune_starts_from_the_pretrained_encoder_exactly(pretrain_workdir, d
   recipe = recipes.create_recipe(config, mesh, compile_cache.CompileCache())
   fresh = state_lib.create_train_state(
       recipe.config, recipe.model, jax.random.key(config.seed),
-      optimizers.create_optimizer(recipe.config, optimizers.create_learning_rate_fn(
-          recipe.config, 10)), mesh)
+      optimizers.create_optimizer(recipe.config), mesh)
   started = recipe.start(fresh)
   _, _, pretrained = workdirs.restore_for_inference(pretrain_workdir, which='latest')
   for name, tree in (('params', started.params), ('batch_stats', started.batch_stats)):
@@ -253,7 +252,7 @@ def test_linear_probe_step_neither_trains_nor_perturbs_the_encoder(data_dir):
   config.model.num_classes = 4
   mesh = sharding.create_mesh()
   model = state_lib.create_model(config)
-  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 10))
+  tx = optimizers.create_optimizer(config)
   state = state_lib.create_train_state(config, model, jax.random.key(0), tx, mesh)
   before = jax.tree.map(np.asarray, state.params)
   step = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)

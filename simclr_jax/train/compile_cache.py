@@ -55,16 +55,13 @@ def model_key(config):
   return json.dumps(fields, sort_keys=True)
 
 
-def step_key(config, total_steps):
+def step_key(config):
   """What a run's model, optimizer and compiled steps depend on, as a hashable string.
 
-  The model's key, the `augment` section and `_STEP_FIELDS`. The one-cycle schedule
-  of pretraining depends on the run's length; the fine-tuning schedule is constant,
-  so fine-tuning and baseline runs of any length (and either arm) share one key.
-  Everything else (seeds, splits, labels, run length, evaluation, paths) is data.
+  The model's key, the `augment` section and `_STEP_FIELDS`. Everything else
+  (seeds, splits, labels, run length and with it the one-cycle schedule's length,
+  evaluation, paths) is data, so runs of any length share one key.
   """
-  kind = kinds.model_kind(config)
-  fields = {'model': model_key(config), 'augment': _section(config, 'augment'),
-            'total_steps': total_steps if kind == 'simclr' else None}
+  fields = {'model': model_key(config), 'augment': _section(config, 'augment')}
   fields.update({name: str(config_fields.get(config, name)) for name in _STEP_FIELDS})
   return json.dumps(fields, sort_keys=True)

@@ -140,7 +140,7 @@ def class_weights(config, labels, num_classes):
 
 
 def _key_and_model(config, rows, cache):
-  key = compile_cache.step_key(config, rows.steps_per_epoch * config.train.num_epochs)
+  key = compile_cache.step_key(config)
   model = cache.get('model', compile_cache.model_key(config),
                     lambda: state_lib.create_model(config))
   return key, model

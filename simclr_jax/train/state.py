@@ -86,7 +86,7 @@ def create_train_state(config, model, rng, tx, mesh=None, cache=None, key=None):
 def abstract_state(config, mesh):
   """The shapes, dtypes and sharding of `config`'s TrainState, to restore into."""
   model = create_model(config)
-  tx = optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, 2))
+  tx = optimizers.create_optimizer(config)
   state = jax.eval_shape(functools.partial(_new_state, config, model, tx),
                          jax.random.key(config.seed))
   repl = sharding.replicated_sharding(mesh)

@@ -24,6 +24,7 @@ from simclr_jax.data import batches
 from simclr_jax.model import losses
 from simclr_jax.parallel import sharding
 from simclr_jax.train import kinds
+from simclr_jax.train import optimizers
 
 
 @flax.struct.dataclass
@@ -42,14 +43,16 @@ class TrainMetrics(metrics.Collection):
 DEFAULT_STEPS_PER_DISPATCH = {'cpu': 1, 'gpu': 16, 'tpu': 16}
 
 
-def train_step(state, batch, rng, *, loss_fn, steps_per_epoch, epoch_end, frozen=()):
+def train_step(state, batch, rng, *, loss_fn, steps_per_epoch, epoch_end, frozen=(),
+               schedule=None):
   """One optimisation step shared by every mode: (state, batch) -> (state, metrics).
 
   The optimizer (state.tx) may be SAM/ASAM: it then takes the gradient again at
   the perturbed weights through `grad_fn`; BatchNorm statistics and the reported
   loss come from the clean pass only. The `frozen` parameter subtrees (a linear
   probe's encoder) get no gradient, so SAM neither perturbs nor back-propagates
-  into them. At the end of an epoch `epoch_end` updates the state (the
+  into them. `schedule` is the learning-rate schedule's runtime values
+  (optimizers.schedule_values; default: a constant schedule's). At the end of an epoch `epoch_end` updates the state (the
   temperature step-down) and the epoch's loss sum starts again.
   """
   step_rng = jax.random.fold_in(rng, state.step)
@@ -61,7 +64,9 @@ def train_step(state, batch, rng, *, loss_fn, steps_per_epoch, epoch_end, frozen
   (loss, (new_stats, accuracy)), grads = jax.value_and_grad(
       loss_of_params, has_aux=True)(state.params)
   grad_fn = lambda params, _: jax.grad(loss_of_params, has_aux=True)(params)[0]
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+  extra = {} if schedule is None else {'schedule': schedule}
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn,
+                                       **extra)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=new_stats,
@@ -90,7 +95,8 @@ def train_steps(state, metrics, inputs, data, rngs, values, *, make_batch, loss_
     rngs: {'dropout', 'augment'} keys of the run.
     values: what differs between runs that share this compiled function:
       int32 scalars 'num_steps' (the first num_steps of the k steps run, the rest
-      are skipped) and 'steps_per_epoch', and the task's values (class weights).
+      are skipped) and 'steps_per_epoch', the learning-rate schedule's int32 [2]
+      'schedule' (its length), and the task's values (class weights).
     make_batch: (uint8 images, labels, positions, key, values) -> the model batch.
     loss_fn, epoch_end, frozen: as `train_step`.
 
@@ -104,7 +110,8 @@ def train_steps(state, metrics, inputs, data, rngs, values, *, make_batch, loss_
     batch = make_batch(images, labels, step_inputs['position'], rngs['augment'], values)
     state, step_metrics = train_step(state, batch, rngs['dropout'], loss_fn=loss_fn,
                                      steps_per_epoch=values['steps_per_epoch'],
-                                     epoch_end=epoch_end, frozen=frozen)
+                                     epoch_end=epoch_end, frozen=frozen,
+                                     schedule=values['schedule'])
     return state, metrics.merge(step_metrics)
 
   def body(carry, x):
@@ -190,10 +197,15 @@ def objective(config, model):
                    functools.partial(batches.labeled_batch, config=config))
 
 
-def step_values(num_steps, steps_per_epoch, class_weights):
-  """What differs between runs that share compiled steps, as `train_steps` takes it."""
+def step_values(num_steps, steps_per_epoch, class_weights, schedule=None):
+  """What differs between runs that share compiled steps, as `train_steps` takes it.
+
+  `schedule`: `optimizers.schedule_values` of the run (default: none, zeros).
+  """
+  schedule = np.zeros(2, np.int32) if schedule is None else schedule
   return {'num_steps': np.int32(num_steps), 'steps_per_epoch': np.int32(steps_per_epoch),
-          'class_weights': np.asarray(class_weights, np.float32)}
+          'class_weights': np.asarray(class_weights, np.float32),
+          'schedule': np.asarray(schedule, np.int32)}
 
 
 def example_arguments(config, mesh, num_steps, *, num_rows=None, seed=0, abstract=False):
@@ -221,7 +233,8 @@ def example_arguments(config, mesh, num_steps, *, num_rows=None, seed=0, abstrac
           'labels': rng.integers(0, config.model.num_classes, num_rows).astype(np.int32)}
   inputs = {'row': rng.integers(0, num_rows, (num_steps, batch)).astype(np.int32),
             'position': np.arange(num_steps * batch, dtype=np.int32).reshape(num_steps, batch)}
-  values = step_values(num_steps, 1000, np.ones(config.model.num_classes))
+  values = step_values(num_steps, 1000, np.ones(config.model.num_classes),
+                       optimizers.schedule_values(config, 1000))
   repl, rows = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh, batch_axis=1)
   if abstract:
     like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)

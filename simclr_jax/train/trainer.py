@@ -133,12 +133,12 @@ def train_and_evaluate(config, workdir, cache=None):
                config.mode, len(recipe.rows.rows), recipe.rows.batch_size, per_epoch, total_steps)
 
   lr_fn = optimizers.create_learning_rate_fn(config, total_steps)
+  schedule = optimizers.schedule_values(config, total_steps)
   # The init key is config.seed itself, shared by both arms; dropout draws from the rest.
   rng = jax.random.key(config.seed)
   rngs = sharding.replicate_tree({'dropout': jax.random.split(rng)[1],
                                   'augment': batches.augment_key(config.seed)}, mesh)
-  tx = cache.get('optimizer', recipe.key,
-                          lambda: optimizers.create_optimizer(config, lr_fn))
+  tx = cache.get('optimizer', recipe.key, lambda: optimizers.create_optimizer(config))
   state = state_lib.create_train_state(config, recipe.model, rng, tx, mesh, cache=cache,
                                        key=recipe.key)
   checkpoints = workdirs.Checkpoints(workdir, config.train.keep_checkpoints)
@@ -170,7 +170,7 @@ def train_and_evaluate(config, workdir, cache=None):
         state, train_metrics, dispatch_inputs(recipe, step, num_steps, k),
         recipe.device_data.arrays, rngs,
         sharding.replicate_tree(steps_lib.step_values(
-            num_steps, per_epoch, recipe.class_weights), mesh))
+            num_steps, per_epoch, recipe.class_weights, schedule), mesh))
     first_step = step + 1
     for step in range(first_step, step + num_steps + 1):
       report_progress(step)  # clu's periodic actions want every step.
