@@ -5,7 +5,9 @@ whole confusion matrix, so evaluation collects predictions on the host and the
 metrics come from confusion matrices here (`metrics_of_confusions` is the one
 implementation, also for the bootstrap's stacks of matrices). `Predictions` holds
 a classifier's probabilities for rows of the data set; `subject_level` turns them
-into one prediction per person. `knn_monitor` scores embeddings by kNN votes.
+into one prediction per person (the mean of the slices, or ClinicaDL's soft vote
+weighted by slice position, `position_scores`). `knn_monitor` scores embeddings
+by kNN votes.
 """
 
 import dataclasses
@@ -134,19 +136,46 @@ class Predictions:
       return cls(**{field.name: arrays[field.name] for field in dataclasses.fields(cls)})
 
 
-def subject_level(predictions):
+def subject_level(predictions, position_weights=None, positions=None):
   """Per-person predictions: the mean of the slice probabilities of each subject.
+
+  Soft voting as in ClinicaDL's slice-level models: with `position_weights`, a
+  subject's probabilities are the weighted mean of its slices' probabilities,
+  each slice weighted by its position's weight (ClinicaDL: the position's
+  validation (balanced) accuracy, `position_scores`; a weight of 0 leaves the
+  position out). By default every slice counts equally (the plain mean).
+
+  Args:
+    predictions: slice-level `Predictions`.
+    position_weights: optional float [P], non-negative, one weight per slice position.
+    positions: int [n], the position (0 to P - 1) of each row; with `position_weights`.
 
   Returns:
     Predictions with one row per subject (rows: the subject's first row; label:
     its slices' majority class), sorted by subject id.
+
+  Raises:
+    ValueError: positions and weights that do not fit, or a subject whose slices
+      all have weight 0.
   """
   subjects, first, inverse = np.unique(predictions.subject_ids, return_index=True,
                                        return_inverse=True)
+  inverse = inverse.ravel()
   num_classes = predictions.probabilities.shape[1]
-  counts = np.bincount(inverse, minlength=len(subjects)).astype(np.float64)
   probabilities = np.zeros((len(subjects), num_classes))
-  np.add.at(probabilities, inverse, predictions.probabilities)
+  if position_weights is None:
+    if positions is not None:
+      raise ValueError('positions are given without position_weights.')
+    counts = np.bincount(inverse, minlength=len(subjects)).astype(np.float64)
+    np.add.at(probabilities, inverse, predictions.probabilities)
+  else:
+    weights = _slice_weights(position_weights, positions, len(inverse))
+    counts = np.bincount(inverse, weights=weights, minlength=len(subjects))
+    if (counts <= 0).any():
+      raise ValueError(f'Subjects {subjects[counts <= 0][:5].tolist()} have no slice at a '
+                       'position of positive weight.')
+    np.add.at(probabilities, inverse,
+              np.asarray(predictions.probabilities, np.float64) * weights[:, None])
   label_counts = np.zeros((len(subjects), num_classes), np.int64)
   np.add.at(label_counts, (inverse, predictions.labels), 1)
   return Predictions(rows=predictions.rows[first], subject_ids=subjects,
@@ -154,11 +183,45 @@ def subject_level(predictions):
                      probabilities=(probabilities / counts[:, None]).astype(np.float32))
 
 
-def prediction_metrics(predictions, num_classes):
-  """Slice-level classification metrics, and the subject-level ones under 'subject'."""
+def _slice_weights(position_weights, positions, num_rows):
+  """float64 [n]: each row's position weight, checked."""
+  position_weights = np.asarray(position_weights, np.float64)
+  if positions is None:
+    raise ValueError('position_weights need positions (the position of each row).')
+  positions = np.asarray(positions)
+  if position_weights.ndim != 1 or positions.shape != (num_rows,):
+    raise ValueError(f'Expected position_weights [P] and positions [{num_rows}], got '
+                     f'{position_weights.shape} and {positions.shape}.')
+  if not np.all(np.isfinite(position_weights)) or (position_weights < 0).any():
+    raise ValueError('position_weights must be finite and non-negative.')
+  if num_rows and (positions.min() < 0 or positions.max() >= len(position_weights)):
+    raise ValueError(f'positions must lie in 0..{len(position_weights) - 1}.')
+  return position_weights[positions]
+
+
+def position_scores(predictions, positions, num_positions, metric='balanced_accuracy'):
+  """float64 [P]: the metric of each slice position's rows (validation predictions).
+
+  ClinicaDL's soft-voting weights: pass the result as `subject_level`'s
+  `position_weights`. A position without rows scores 0.
+  """
+  positions = np.asarray(positions)
+  num_classes = predictions.probabilities.shape[1]
+  cells = (positions * num_classes + predictions.labels) * num_classes + (
+      predictions.probabilities.argmax(-1))
+  matrices = np.bincount(cells, minlength=num_positions * num_classes**2).reshape(
+      num_positions, num_classes, num_classes)
+  return metrics_of_confusions(matrices)[metric]
+
+
+def prediction_metrics(predictions, num_classes, position_weights=None, positions=None):
+  """Slice-level classification metrics, and the subject-level ones under 'subject'.
+
+  `position_weights` and `positions`: the subject vote's weighting (`subject_level`).
+  """
   result = classification_metrics(predictions.labels, predictions.probabilities.argmax(-1),
                                   num_classes)
-  subjects = subject_level(predictions)
+  subjects = subject_level(predictions, position_weights, positions)
   result['subject'] = classification_metrics(subjects.labels,
                                              subjects.probabilities.argmax(-1), num_classes)
   result['num_subjects'] = int(len(subjects.subject_ids))
