@@ -1,7 +1,7 @@
 """Entry point: `python main.py --config=configs/<mode>.py[:args] --workdir=DIR`.
 
 The config's `mode` picks what runs: pretrain, finetune, baseline (training),
-predict (classification + Grad-CAM of new images), sweep (the label-fraction study)
+predict (classification + Grad-CAM of new images), sweep (the label-budget study)
 or audit (near-duplicate leakage audit). Any config field can be overridden with
 `--config.section.field=value` (e.g. `--config.train.batch_size=64`).
 

@@ -194,7 +194,7 @@ def gradcam_program(config, mesh):
   model = state_lib.create_model(config)
   state = state_lib.abstract_state(config, mesh)
   variables = state_lib.variables(state)
-  repl, rows = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
+  rows = sharding.data_sharding(mesh)
   batch = config.train.batch_size
   images = jax.ShapeDtypeStruct(
       (batch, config.data.image_size, config.data.image_size, config.data.channels),

@@ -4,7 +4,7 @@ Sections (each a nested ConfigDict, as big_vision's `config.input`, `config.mode
 `data` (the data set and its subjects), `split` (train / val / test), `labels` (the
 label task and the labeled subset), `augment` (views and labeled-image
 augmentation), `model`, `train` (run length, batch, logging, checkpoints),
-`pretrain` (SimCLR: projection head, optimizer with SAM/ASAM, NT-Xent),
+`pretrain` (SimCLR: projection head, optimizer with SAM/ASAM, NT-Xent, positive pairs),
 `supervised` (finetune and baseline: head and optimizer), `finetune` (the
 pretraining run it starts from), `eval` (model selection and monitors).
 
@@ -125,10 +125,12 @@ def get_config(arg=None):
   config.data = data_section()
   config.split = split_section()
   config.labels = ml_collections.ConfigDict()
-  config.labels.task = 'four_class'  # four_class (the four stages) | binary (binary_negative_class vs the rest: CDR 0 vs CDR > 0).
+  config.labels.task = 'four_class'  # four_class (the four stages) | binary (binary_negative_class vs the rest: CDR 0 vs CDR > 0) | three_class (CDR 0 / 0.5 / >= 1: Mild and Moderate merged).
   config.labels.binary_negative_class = 'Non_Demented'  # binary: the class that is label 0; the others become 'Demented'.
-  config.labels.fraction = 1.0  # Share of the labeled train split used by finetune/baseline, in (0, 1].
-  config.labels.seed = 0  # Seed of the nested, stratified label subsets.
+  config.labels.unit = 'slice'  # What finetune/baseline label: slice (labels.fraction of each class's train slices) | subject (labels.subjects people, all their slices).
+  config.labels.fraction = 1.0  # unit=slice: share of each class's train slices labeled, in (0, 1].
+  config.labels.subjects = 0  # unit=subject: train subjects labeled, stratified by class (0: all of them).
+  config.labels.seed = 0  # Seed of the nested, stratified label subsets (slices or subjects).
   # Cross entropy: none (the reference) | balanced (class k weighs n / (K * n_k) of the labeled images).
   # balanced chosen on validation: 62.2 vs 48.4 % validation balanced accuracy (docs/results/README.md).
   config.labels.class_weights = 'balanced'
@@ -176,6 +178,8 @@ def get_config(arg=None):
   config.pretrain.sam = 'asam'  # none | sam | asam.
   config.pretrain.sam_rho = 2.0  # SAM neighbourhood radius (the reference: ASAM with rho 2).
   config.pretrain.sam_eta = 0.0  # ASAM offset: |w| + eta scales the perturbation (0: davda54/sam, as the reference).
+  config.pretrain.positive_pairs = 'image'  # image (SimCLR: two views of one image) | subject (MICLe, Azizi et al. 2021: view 2 from a random nearby slice of the same subject).
+  config.pretrain.positive_max_slice_distance = 2  # subject: the partner's slice index differs by at most this (0: the image itself); needs stored subject ids and slice positions.
   config.pretrain.joint_views = True  # Both views in one pass (BatchNorm over 2N, as SimCLR); False: the reference's two calls.
   config.pretrain.temperature = 0.5  # NT-Xent temperature.
   config.pretrain.temperature_schedule = False  # The reference's step-down (0.5 -> 0.3 -> 0.1 -> 0.05 as the loss falls).

@@ -1,7 +1,11 @@
-r"""The label-fraction study: SimCLR fine-tuning vs supervised baseline vs raw-pixel 1-NN.
+r"""The label-budget study: SimCLR fine-tuning vs supervised baseline vs raw-pixel 1-NN.
 
-Pretrains once per protocol (honest and reference), then fine-tunes and trains the
-baseline at 1, 10, 20, 50 and 100 % of the labels over seeds; see simclr_jax/sweep.py.
+Pretrains once per protocol (honest and reference) and fold, then fine-tunes and trains
+the baseline on nested label budgets over seeds, for the binary task (CDR 0 vs > 0, the
+primary one) and the three_class task (CDR 0 / 0.5 / >= 1): the honest protocol labels
+4, 8, 16, 32 and all training subjects of each fold (a clinic labels people, not
+slices), the reference protocol 1, 10, 20, 50 and 100 % of the train slices, as the
+reference did; see simclr_jax/study/sweep.py.
 Running the same command again skips finished runs and resumes unfinished ones.
 
 Presets (`:preset=NAME`):
@@ -20,7 +24,10 @@ Presets (`:preset=NAME`):
       python main.py --config=configs/sweep.py:preset=full,dtype=bfloat16 \
         --config.data.path=/path/to/alzheimer-mri-dataset.zip --workdir=gs://bucket/sweep
 Writes results.md, results.csv, sweep.json, label_fraction_curve.png,
-confusion_matrices.png and gradcam_grid.png to the workdir.
+pretraining_curves.png, confusion_matrices.png, gradcam_grid.png and predictions.npz
+to the workdir; `python -m simclr_jax.study.recompute --predictions=WORKDIR/predictions.npz
+--out=DIR` recomputes all but the Grad-CAM grid from predictions.npz and config.json.
+results.md answers the pre-registered primary endpoint (`sweep.primary`) first.
 """
 
 import ml_collections
@@ -50,13 +57,16 @@ def runlocal(config):
   """Embedded synthetic data, a tiny ResNet-18 at 32 px: minutes on a CPU.
 
   Every code path of the study on a small scale: both protocols, both label tasks,
-  2 cross-validation folds, 10 and 100 % of the labels, one seed, about 200 steps
-  per run; add folds, fractions or seeds with e.g. `--config.split.num_folds=5`.
+  2 cross-validation folds (45 training subjects each), honest budgets of 8 and all
+  training subjects, reference budgets of 10 and 100 % of the slices, one seed, at most
+  about 200 steps per run; add folds, budgets or seeds with e.g.
+  `--config.split.num_folds=5` or `"--config.sweep.subject_budgets=(4,8,16,0)"`.
   """
   config = _small(config)
   config.data.image_size = 32
   config.split.num_folds = 2
-  config.sweep.update(seeds=(0,), fractions=(0.1, 1.0), bootstrap_samples=500)
+  config.sweep.update(seeds=(0,), subject_budgets=(8, 0), fractions=(0.1, 1.0),
+                      bootstrap_samples=500)
   # Run lengths: 3 pretraining epochs, supervised runs of about 200 steps.
   config.sweep.update(pretrain_num_epochs=3, max_steps_per_run=200, evals_per_run=3)
   config.train.update(num_epochs=15, log_every_steps=20)
@@ -79,8 +89,8 @@ def cpu(config):
     up to 10 points;
   - the reference protocol trains every fraction 25 epochs and checks test every
     epoch (as the reference, which trained 100); the honest protocol's runs stop at
-    about 600 steps (a 1 % subset: 300 epochs), which bounds its 5 folds x 2 tasks
-    x 5 fractions x 2 arms = 100 runs;
+    about 600 steps (4 subjects, 128 slices: 150 epochs), which bounds its 5 folds
+    x 2 tasks x 5 subject budgets x 2 arms = 100 runs;
   - the learning rate is 10x the reference's because the runs are far shorter.
   """
   config = _small(config)
@@ -128,19 +138,42 @@ def sweep_section():
   """The sweep's own fields (the presets then set run lengths and sizes)."""
   sweep = ml_collections.ConfigDict()
   sweep.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
-  sweep.tasks = ('four_class', 'binary')  # Label tasks of the fine-tuning and baseline runs (a pretraining serves both).
+  sweep.tasks = ('binary', 'three_class')  # Label tasks of the fine-tuning and baseline runs, the primary first (a pretraining serves all): binary | three_class | four_class.
   sweep.reference_tasks = config_dict.placeholder(tuple)  # reference protocol: only these of the tasks (None: all).
-  sweep.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions, nested subsets of the train split.
+  sweep.label_unit = 'subject'  # honest protocol's label budgets: subject (subject_budgets) | slice (fractions); the reference protocol always uses fractions.
+  sweep.subject_budgets = (4, 8, 16, 32, 0)  # label_unit=subject: labeled train subjects per fold with all their slices (0: all), nested, stratified by class.
+  sweep.fractions = (0.01, 0.1, 0.2, 0.5, 1.0)  # Label fractions of the train slices (the reference protocol; honest with label_unit=slice), nested.
   sweep.seeds = (0,)  # Seeds of the honest protocol (label subset, init and data order together), in every fold.
   sweep.multi_seed_max_fraction = 0.2  # Larger fractions run with the first seed only.
+  sweep.multi_seed_max_subjects = 16  # Larger subject budgets (and all subjects) run with the first seed only.
   sweep.reference_seeds = (0,)  # Seeds of the reference protocol.
   sweep.pretrain_num_epochs = 100  # SimCLR pretraining epochs (train.num_epochs is for finetune/baseline).
   sweep.max_steps_per_run = config_dict.placeholder(int)  # Cap: a run's epochs are cut to about this many steps (None: no cap).
   sweep.reference_num_epochs = config_dict.placeholder(int)  # reference protocol: every fraction trains this many epochs, no cap (None: as the other protocols).
   sweep.evals_per_run = config_dict.placeholder(int)  # Validations per run (None: every eval.every_epochs).
   sweep.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
-  sweep.bootstrap_samples = 2000  # Resamples of subjects behind each 95 % confidence interval.
+  sweep.bootstrap_samples = 2000  # Resamples of subjects (and seeds) behind each 95 % confidence interval.
+  sweep.equivalence_margin = 5.0  # Points: a − b is "equivalent" where its 95 % interval lies inside ±this (verdicts: ahead, behind, equivalent, inconclusive).
+  sweep.primary = primary_section()
   return sweep
+
+
+def primary_section():
+  """The pre-registered primary endpoint: results.md states it before any number, answers it first.
+
+  Every other comparison of the report is labeled exploratory. The positive control
+  is the same comparison under the leaky reference protocol at its few-label
+  fractions (up to `max_fraction`).
+  """
+  primary = ml_collections.ConfigDict()
+  primary.protocol = 'honest'  # The protocol that answers the question: honest | reference.
+  primary.task = 'binary'  # The label task (one of sweep.tasks, else results.md says it did not run).
+  primary.level = 'subject'  # subject (one prediction per person) | slice.
+  primary.metric = 'balanced_accuracy'  # accuracy | balanced_accuracy | macro_f1 | roc_auc | sensitivity | specificity | brier | ece.
+  primary.comparison = 'finetune-baseline'  # a-b: finetune-baseline (SimCLR − baseline) | finetune-floor | baseline-floor.
+  primary.max_subjects = 16  # Few labels: subject budgets up to this many subjects per fold (none: the smallest).
+  primary.max_fraction = 0.1  # Few labels: slice fractions up to this (the positive control; label_unit=slice).
+  return primary
 
 
 def get_config(arg=None):

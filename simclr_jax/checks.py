@@ -26,6 +26,8 @@ from simclr_jax.model import resnet
 from simclr_jax.train import workdirs
 from simclr_jax.model import sam
 from simclr_jax.data import splits as splits_lib
+from simclr_jax.data import batches
+from simclr_jax.data import subjects
 from simclr_jax.data.datasets import DATASET_NAMES
 from simclr_jax.data.datasets import nifti_folder
 from simclr_jax.data.datasets import synthetic_mri
@@ -198,8 +200,7 @@ def check_training_fields(config):
     fields.fail('data.channels', channels,
                 'must be 1 (gray) or 3 (gray repeated, as the reference)', 1)
   check_split_fields(config)
-  fields.real(config, 'labels.fraction', 0, 1, low_open=True, example=0.1,
-              meaning=', the share of the labeled train split used')
+  check_label_budget(config)
   fields.seeds(config, 'labels.seed')
   fields.boolean(config, 'split.include_test_in_pretrain', 'augment.labeled', 'augment.flip',
                  'augment.blur', 'pretrain.joint_views', 'pretrain.temperature_schedule',
@@ -250,6 +251,13 @@ def check_training_fields(config):
     fields.fail('pretrain.temperature_steps', steps, 'must be a tuple of (epoch-loss threshold, '
                 'temperature) pairs with positive temperatures',
                 ((3.0, 0.3), (2.0, 0.1), (1.0, 0.05)))
+  fields.choice(config, 'pretrain.positive_pairs', batches.POSITIVE_PAIRS,
+                'set --config.pretrain.positive_pairs to image (two views of one image) or '
+                'subject (of one subject\'s nearby slices)')
+  fields.integer(config, 'pretrain.positive_max_slice_distance', low=0, example=2)
+  if fields.get(config, 'mode') in ('pretrain', 'sweep') and fields.get(
+      config, 'pretrain.positive_pairs') == 'subject':
+    subjects.check_subject_pairs(config)
   fields.real(config, 'supervised.optimizer.learning_rate', 0, low_open=True, example=1e-4)
   fields.real(config, 'supervised.optimizer.weight_decay', 0, example=1e-8)
 
@@ -266,6 +274,26 @@ def check_training_fields(config):
               optional=True)
   fields.integer(config, 'train.keep_checkpoints', example=2)
   fields.integer(config, 'train.num_summary_images', low=0, example=8)
+
+
+def check_label_budget(config):
+  """labels.unit, and the one of labels.fraction / labels.subjects that it reads."""
+  fields.choice(config, 'labels.unit', splits_lib.LABEL_UNITS,
+                'set --config.labels.unit to slice (a share of the slices) or subject (k people '
+                'with all their slices)')
+  fields.real(config, 'labels.fraction', 0, 1, low_open=True, example=0.1,
+              meaning=', the share of the labeled train split used')
+  fields.integer(config, 'labels.subjects', low=0, example=8, optional=True)
+  unit, subjects = fields.get(config, 'labels.unit'), fields.get(config, 'labels.subjects')
+  fraction = fields.get(config, 'labels.fraction')
+  if unit == 'slice' and subjects not in (fields.MISSING, None, 0):
+    raise errors.UserError(
+        f'--config.labels.subjects={subjects} is read only with --config.labels.unit=subject; '
+        'add --config.labels.unit=subject (or leave labels.subjects at 0).')
+  if unit == 'subject' and fraction not in (fields.MISSING, 1.0):
+    raise errors.UserError(
+        f'--config.labels.fraction={fraction} is read only with --config.labels.unit=slice; '
+        'set --config.labels.unit=slice (or leave labels.fraction at 1.0).')
 
 
 def check_cam_fields(config):

@@ -108,19 +108,29 @@ ARM_STYLES = (('floor', 'raw-pixel 1-NN (no training)', 'tab:gray', 's'),
 LEVEL_STYLES = (('slice', 'per slice', '-', 0.18), ('subject', 'per subject', '--', 0.09))
 
 
+def _budget_position(entry):
+  """A budget's x: its fraction of the slices, or its (mean) number of labeled subjects."""
+  budget = entry['budget']
+  if budget['unit'] == 'slice':
+    return budget['size']
+  return entry.get('num_labeled_subjects') or budget['size'] or 1
+
+
 def plot_label_fraction_curves(summary, path=None):
-  """Test scores against the label fraction, with 95 % bands over subjects.
+  """Test scores against the label budget, with 95 % bands over subjects.
 
   One row per protocol and task, columns balanced accuracy and accuracy; in each
   panel the three arms, per slice (solid line, darker band) and per subject
-  (dashed line, lighter band), on a log x axis of the label fraction.
+  (dashed line, lighter band), on a log x axis of the label budget: the fraction of
+  the slices, or the number of labeled subjects (all subjects at their mean count).
 
   Args:
-    summary: the sweep's aggregates (`sweep_results.aggregate`):
+    summary: the sweep's aggregates (`study.results.aggregate`):
       summary['protocols'][protocol]['tasks'][task] holds 'class_names',
-      'majority_share', 'subject_majority_share' and 'fractions', a list of
-      {'fraction', 'num_labeled', 'arms': {arm: {'slice' | 'subject': {metric:
-      {'value', 'low', 'high'}}}}} with arms among floor, baseline, finetune.
+      'majority_share', 'subject_majority_share' and 'budgets', a list of
+      {'budget': {'unit', 'size', 'label'}, 'num_labeled', 'num_labeled_subjects',
+      'arms': {arm: {'slice' | 'subject': {metric: {'value', 'low', 'high'}}}}} with
+      arms among floor, baseline, finetune.
     path: PNG to write, or None.
 
   Returns:
@@ -129,7 +139,7 @@ def plot_label_fraction_curves(summary, path=None):
   metrics = (('balanced_accuracy', 'balanced accuracy'), ('accuracy', 'accuracy'))
   panels = [(protocol, task, entry)
             for protocol, result in summary['protocols'].items()
-            for task, entry in result['tasks'].items() if entry['fractions']]
+            for task, entry in result['tasks'].items() if entry['budgets']]
   num_rows = max(1, len(panels))
   fig, axes = plt.subplots(num_rows, len(metrics), squeeze=False, dpi=100,
                            figsize=(5.2 * len(metrics), 3.3 * num_rows + 0.9))
@@ -138,11 +148,11 @@ def plot_label_fraction_curves(summary, path=None):
       ax.axis('off')
     axes[0, 0].text(0.5, 0.5, 'no finished run yet', ha='center', transform=axes[0, 0].transAxes)
   for row, (protocol, task, entry) in enumerate(panels):
-    fractions = [e['fraction'] for e in entry['fractions']]
+    positions = [_budget_position(e) for e in entry['budgets']]
     for col, (metric, metric_name) in enumerate(metrics):
       ax = axes[row, col]
       for offset, (arm, _, color, marker) in zip((-1, 0, 1), ARM_STYLES):
-        points = [(e['fraction'], e['arms'][arm]) for e in entry['fractions']
+        points = [(x, e['arms'][arm]) for x, e in zip(positions, entry['budgets'])
                   if arm in e['arms']]
         if not points:
           continue
@@ -161,18 +171,18 @@ def plot_label_fraction_curves(summary, path=None):
       else:
         ax.axhline(100 / len(entry['class_names']), color='k', linestyle='-.', linewidth=1)
       ax.set_xscale('log')
-      ax.set_xticks(fractions, [f'{100 * f:g} %\n({e["num_labeled"]:,})'
-                                for f, e in zip(fractions, entry['fractions'])], fontsize=8)
+      ax.set_xticks(positions, [f'{e["budget"]["label"]}\n({e["num_labeled"]:,})'
+                                for e in entry['budgets']], fontsize=8)
       ax.minorticks_off()
-      if len(fractions) == 1:
-        ax.set_xlim(fractions[0] / 1.5, fractions[0] * 1.5)
+      if len(positions) == 1:
+        ax.set_xlim(positions[0] / 1.5, positions[0] * 1.5)
       ax.set_ylim(0, 100)
       ax.grid(alpha=0.3)
       ax.set_title(f'{protocol}, {task.replace("_", "-")}: {metric_name}', fontsize=10)
       if col == 0:
         ax.set_ylabel('test score (%)')
       if row == num_rows - 1:
-        ax.set_xlabel('labeled training images (fraction; count per fold or split)')
+        ax.set_xlabel('label budget (labeled training slices per fold or split)')
   handles = [matplotlib.lines.Line2D([], [], color=color, marker=marker, label=label)
              for _, label, color, marker in ARM_STYLES]
   handles += [matplotlib.lines.Line2D([], [], color='k', linestyle=style, label=label)
@@ -183,10 +193,64 @@ def plot_label_fraction_curves(summary, path=None):
                                       label='chance (balanced accuracy)')]
   fig.legend(handles=handles, loc='upper center', ncol=4, fontsize=8, frameon=False)
   fig.text(0.5, 1 - 0.62 / fig.get_figheight(),
-           'Bands: 95 % intervals of a stratified bootstrap over subjects (seeds averaged); '
+           'Bands: 95 % intervals of a stratified bootstrap over subjects (and seeds, where '
+           'several ran); '
            'scores of the out-of-fold predictions pooled over folds.',
            ha='center', va='top', fontsize=8, color='dimgray')
   fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()))
+  return save_figure(fig, path)
+
+
+CURVE_PANELS = (('loss', 'NT-Xent loss (training batches)', 1),
+                ('knn', 'kNN (k = 1) balanced accuracy (%)', 100),
+                ('probe', 'linear-probe balanced accuracy (%)', 100))
+
+
+def plot_pretraining_curves(curves, path=None):
+  """Each pretraining's curves: its NT-Xent loss and its embeddings' monitors, per fold.
+
+  One row per protocol; columns: the training loss, the kNN (k = 1) and the
+  linear-probe balanced accuracy on the selection split (the fold's validation
+  subjects under cross-validation); one line per fold, a dash-dotted line at chance.
+
+  Args:
+    curves: [{'protocol', 'fold' (None: one split), 'split', 'chance' (a fraction, or
+      None), 'lines': [{'step', and some of 'loss', 'knn', 'probe' (fractions)}]}].
+    path: PNG to write, or None.
+
+  Returns:
+    The figure as an RGB uint8 array.
+  """
+  protocols = list(dict.fromkeys(c['protocol'] for c in curves)) or [None]
+  fig, axes = plt.subplots(len(protocols), len(CURVE_PANELS), squeeze=False, dpi=100,
+                           figsize=(4.6 * len(CURVE_PANELS), 3.1 * len(protocols) + 0.4))
+  for row, protocol in enumerate(protocols):
+    runs = [c for c in curves if c['protocol'] == protocol]
+    for index, curve in enumerate(runs):
+      label = 'one split' if curve['fold'] is None else f'fold {curve["fold"]}'
+      for col, (key, _, scale) in enumerate(CURVE_PANELS):
+        points = [(line['step'], scale * line[key]) for line in curve['lines'] if key in line]
+        if points:
+          axes[row, col].plot(*zip(*points), color=plt.cm.tab10(index % 10), label=label,
+                              marker=None if key == 'loss' else 'o', markersize=3,
+                              linewidth=1)
+    for col, (key, title, _) in enumerate(CURVE_PANELS):
+      ax = axes[row, col]
+      split = f', {runs[0]["split"]} split' if runs and key != 'loss' else ''
+      ax.set_title(f'{protocol}: {title}{split}' if protocol else title, fontsize=9)
+      ax.set_xlabel('step', fontsize=8)
+      ax.tick_params(labelsize=8)
+      ax.grid(alpha=0.3)
+      chance = runs[0].get('chance') if runs else None
+      if key != 'loss':
+        ax.set_ylim(0, 100)
+        if chance is not None:
+          ax.axhline(100 * chance, color='k', linestyle='-.', linewidth=1, label='chance')
+      if not runs:
+        ax.text(0.5, 0.5, 'no curves', ha='center', transform=ax.transAxes)
+    if runs:
+      axes[row, -1].legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
   return save_figure(fig, path)
 
 

@@ -2,6 +2,8 @@
 
 import csv
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -43,6 +45,19 @@ def with_fields(config, **overrides):
   return config
 
 
+def run_on_host_devices(code, num_devices=8, timeout=900):
+  """Runs Python `code` in a new process with `num_devices` CPU devices; its stdout.
+
+  Fails the test, with the end of its stderr, when the process fails.
+  """
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout
+
+
 def set_field(config, path, value):
   """config.a.b = value for path 'a.b', creating missing sections."""
   *sections, name = path.split('.')
@@ -55,8 +70,16 @@ def set_field(config, path, value):
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Tests that compile the same tiny steps share one persistent compilation cache."""
-  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  """Tests that compile the same tiny steps share one persistent compilation cache.
+
+  One for the whole session: with pytest-xdist (-n) its workers share it too (their
+  temporary folders sit side by side in one base folder).
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  cache = str(base / 'jax_cache')
+  os.makedirs(cache, exist_ok=True)
   os.environ['SIMCLR_JAX_CACHE'] = cache  # Subprocesses (main.py) use it too.
   jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
@@ -86,3 +109,12 @@ def wait_all(processes, timeout):
     for process in processes:
       if process.poll() is None:
         process.kill()
+
+
+@pytest.fixture(scope='session')
+def fake_sweep(data_dir, tmp_path_factory):
+  """(config, workdir, fake, summary, gradcam calls) of one sweep with training faked
+  (tests/fake_sweep.py), shared by the tests that read its reports."""
+  from tests import fake_sweep as fake  # pylint: disable=g-import-not-at-top
+  with pytest.MonkeyPatch.context() as monkeypatch:  # Undone before the other tests.
+    return fake.run_fake_sweep(data_dir, str(tmp_path_factory.mktemp('sweep')), monkeypatch)

@@ -5,6 +5,8 @@ import pytest
 
 from simclr_jax.data import arrays as arrays_lib
 from simclr_jax.data import splits as splits_lib
+from simclr_jax.data.datasets import alzheimer_mri
+from simclr_jax.data.datasets import synthetic_mri
 from tests import fake_data
 
 
@@ -43,3 +45,35 @@ def test_binary_task_is_the_negative_class_against_every_other():
   assert same is arrays.labels and names == list(arrays.class_names)
   with pytest.raises(ValueError, match='--config.labels.binary_negative_class'):
     arrays_lib.task_labels(arrays, fake_data.config(task='binary'))  # No Non_Demented here.
+
+
+def test_three_class_task_merges_mild_and_moderate():
+  arrays = fake_data.fake_arrays()
+  config = fake_data.config(task='three_class')
+  with pytest.raises(ValueError, match=r"class 'Mild'.*--config\.labels\.task=four_class"):
+    arrays_lib.task_labels(arrays, config)  # Classes without the CDR names are refused.
+  arrays.class_names = list(alzheimer_mri.CLASS_NAMES)  # Mild, Moderate, Non, Very_Mild.
+  labels, class_names = arrays_lib.task_labels(arrays, config)
+  assert class_names == ['Non_Demented', 'Very_Mild_Demented', 'Mild_or_Moderate_Demented']
+  assert labels.dtype == np.int32
+  expected = {'Mild_Demented': 2, 'Moderate_Demented': 2, 'Non_Demented': 0,
+              'Very_Mild_Demented': 1}
+  for label, name in enumerate(arrays.class_names):
+    assert np.all(labels[arrays.labels == label] == expected[name]), name
+  # Every subject keeps one class; the merged class holds both source classes' subjects.
+  assert np.bincount(labels).tolist() == [
+      fake_data.SLICES_PER_SUBJECT * n for n in (20, 14, 10 + 2)]
+  # A data set without any class of a group cannot make the three classes.
+  keep = arrays.labels != 3
+  arrays.labels, arrays.class_names = arrays.labels[keep], arrays.class_names[:3]
+  with pytest.raises(ValueError, match='needs a class Very_Mild_Demented'):
+    arrays_lib.task_labels(arrays, config)
+
+
+def test_synthetic_data_has_the_classes_every_task_needs():
+  for task in arrays_lib.TASKS:  # The embedded data set's class names are the Kaggle ones.
+    arrays = fake_data.fake_arrays()
+    arrays.class_names = list(synthetic_mri.CLASS_NAMES)
+    labels, class_names = arrays_lib.task_labels(arrays, fake_data.config(task=task))
+    assert len(class_names) == {'four_class': 4, 'three_class': 3, 'binary': 2}[task]
+    assert set(np.unique(labels)) == set(range(len(class_names)))

@@ -6,9 +6,18 @@ import jax
 import numpy as np
 import pytest
 
+from simclr_jax import errors
+from simclr_jax import run
+from simclr_jax.train import compile_cache
 from simclr_jax.train import evaluators
+from simclr_jax.train import optimizers
+from simclr_jax.train import recipes
+from simclr_jax.train import state as state_lib
+from simclr_jax.train import steps as steps_lib
+from simclr_jax.train import trainer
 from simclr_jax.data import batches
 from simclr_jax.parallel import sharding
+from tests import conftest
 from tests import fake_data
 
 
@@ -148,3 +157,161 @@ def test_preprocess_resizes_and_repeats_channels():
   np.testing.assert_allclose(same_size, arrays.images[:3] / 255.0, atol=1e-6)
   with pytest.raises(ValueError, match='channels'):
     batches.preprocess(arrays.images[:3], fake_data.config(channels=2))
+
+
+# ----------------------------------------------------------------------------- MICLe partners
+
+
+def _subject_rows(arrays, max_distance, seed=1, batch_size=8):
+  """Training rows of all but a few slices: row 0's subject keeps row 0 only."""
+  dropped = ((arrays.subject_ids == arrays.subject_ids[0]) & (np.arange(len(arrays)) != 0)
+             | np.isin(np.arange(len(arrays)), [9, 22]))
+  rows = np.flatnonzero(~dropped)
+  partners = batches.SubjectPartners(arrays.subject_ids, arrays.slice_index, rows,
+                                     max_distance)
+  return batches.TrainingRows(rows, batch_size, seed, partners=partners)
+
+
+def test_partners_are_nearby_slices_of_the_same_subject_in_the_run():
+  arrays = fake_data.shuffled(fake_data.fake_arrays(), seed=3)
+  for distance in (1, 2):
+    rows = _subject_rows(arrays, distance)
+    for position, row in enumerate(rows.rows):  # The candidates, by brute force.
+      expected = rows.rows[(arrays.subject_ids[rows.rows] == arrays.subject_ids[row]) & (
+          np.abs(arrays.slice_index[rows.rows] - arrays.slice_index[row]) <= distance)]
+      assert row in expected
+      np.testing.assert_array_equal(np.sort(rows.partners.candidates(position)),
+                                    np.sort(expected))
+    drawn = [rows.step_inputs(step) for step in range(3 * rows.steps_per_epoch)]
+    row, partner = (np.concatenate([d[k] for d in drawn]) for k in ('row', 'partner'))
+    assert partner.dtype == np.int32 and np.isin(partner, rows.rows).all()
+    np.testing.assert_array_equal(arrays.subject_ids[partner], arrays.subject_ids[row])
+    gaps = np.abs(arrays.slice_index[partner] - arrays.slice_index[row])
+    assert gaps.max() == distance and (partner != row).mean() > 0.4
+  # A subject with one slice in the run pairs with itself.
+  (alone,) = np.flatnonzero(rows.rows == 0)
+  np.testing.assert_array_equal(rows.partners.candidates(alone), [0])
+
+
+def test_partners_replay_for_a_resumed_run_and_follow_the_seed():
+  arrays = fake_data.fake_arrays()
+  continued = [_subject_rows(arrays, 2).step_inputs(step) for step in range(12)]
+  resumed = _subject_rows(arrays, 2)
+  for step in (11, 5, 6):
+    for key in ('row', 'position', 'partner'):
+      np.testing.assert_array_equal(resumed.step_inputs(step)[key], continued[step][key])
+  other_seed = _subject_rows(arrays, 2, seed=2)
+  assert not np.array_equal(other_seed.step_inputs(0)['partner'], continued[0]['partner'])
+  # The rows themselves are those of positive_pairs=image.
+  image_rows = batches.TrainingRows(resumed.rows, 8, seed=1)
+  for step in (0, 7):
+    assert set(image_rows.step_inputs(step)) == {'row', 'position'}
+    np.testing.assert_array_equal(image_rows.step_inputs(step)['row'], continued[step]['row'])
+
+
+@pytest.mark.parametrize('on_device', [True, False])
+def test_distance_zero_gives_exactly_the_simclr_batches(on_device):
+  arrays, config = fake_data.fake_arrays(), fake_data.config(batch_size=8)
+  rows = _subject_rows(arrays, 0)
+  image_rows = batches.TrainingRows(rows.rows, 8, seed=1)
+  for step in (0, 9):
+    inputs, image_inputs = rows.step_inputs(step), image_rows.step_inputs(step)
+    np.testing.assert_array_equal(inputs['partner'], inputs['row'])
+    for key in image_inputs:
+      np.testing.assert_array_equal(inputs[key], image_inputs[key])
+  views = _pretrain_views(arrays, rows.step_inputs(0), config, on_device)
+  simclr = _pretrain_views(arrays, image_rows.step_inputs(0), config, on_device)
+  for key in simclr:
+    np.testing.assert_array_equal(views[key], simclr[key])
+
+
+def check_partner_views(num_devices):
+  """View 1 is the row's SimCLR view, view 2 the partner's, on and off the devices."""
+  assert jax.device_count() == num_devices
+  arrays, config = fake_data.fake_arrays(), fake_data.config(batch_size=8)
+  inputs = _subject_rows(arrays, 2).step_inputs(4)
+  assert (inputs['partner'] != inputs['row']).any()
+  simclr = jax.jit(lambda images, positions: batches.pretrain_batch(
+      images, positions, batches.augment_key(config.seed), config))
+  expected = {'image1': simclr(arrays.images[inputs['row']], inputs['position'])['image1'],
+              'image2': simclr(arrays.images[inputs['partner']], inputs['position'])['image2']}
+  for on_device in (True, False):
+    views = _pretrain_views(arrays, inputs, config, on_device)
+    for name, value in expected.items():  # A batch split over devices: float round-off.
+      np.testing.assert_allclose(views[name], np.asarray(value), atol=1e-6, err_msg=name)
+
+
+def test_subject_pairs_make_view_two_from_the_partner():
+  check_partner_views(1)
+
+
+def test_subject_pairs_on_eight_host_devices():
+  code = ('from tests.test_batches import check_partner_views; check_partner_views(8); '
+          'print("partner views on 8 devices")')
+  assert 'partner views on 8 devices' in conftest.run_on_host_devices(code, timeout=600)
+
+
+def test_subject_pairs_without_ids_or_positions_are_one_line_errors():
+  arrays = fake_data.fake_arrays()
+  arrays.slice_index[5] = -1
+  with pytest.raises(errors.UserError) as error:
+    batches.SubjectPartners(arrays.subject_ids, arrays.slice_index, np.arange(len(arrays)), 2)
+  assert str(error.value) == (
+      '--config.pretrain.positive_pairs=subject needs subject ids and slice positions, which 1 '
+      f'of the {len(arrays)} training images lack; set --config.pretrain.positive_pairs=image.')
+  # The rows a run does not train on do not matter.
+  batches.SubjectPartners(arrays.subject_ids, arrays.slice_index, np.arange(6, 20), 2)
+  subject = {'pretrain.positive_pairs': 'subject'}
+  run.check_config(conftest.tiny_config(None, **subject))  # Stored ids: fine.
+  for overrides, needle in [
+      ({'pretrain.positive_pairs': 'patient'}, r'^Unknown pretrain\.positive_pairs .*subject'),
+      ({'pretrain.positive_max_slice_distance': -1},
+       r'^--config\.pretrain\.positive_max_slice_distance=-1 must be a whole number >= 0'),
+      (subject | {'data.subject_ids': 'recovered'},
+       r'^--config\.pretrain\.positive_pairs=subject needs subject ids and slice positions, '
+       r'but synthetic_mri/small\'s subjects are recovered'),
+      (subject | {'data.name': 'image_folder', 'data.path': conftest.REPO},
+       r'image_folder\'s subjects are recovered .*--config\.data\.subject_ids=dataset')]:
+    with pytest.raises(errors.UserError, match=needle) as error:
+      run.check_config(conftest.tiny_config(None, **overrides))
+    assert '\n' not in str(error.value)
+  # A fine-tuning run does not pair: its recovered subjects are fine.
+  run.check_config(conftest.tiny_config(None, 'baseline', **subject,
+                                        **{'data.subject_ids': 'recovered'}))
+
+
+def test_pretrain_steps_with_subject_pairs_scanned_off_the_devices(data_dir):
+  """Two scanned steps of the tiny config, partner images sent by the host: a finite loss.
+
+  (On the devices the step gathers the partners itself: the views are the same,
+  `check_partner_views`.)
+  """
+  config = conftest.tiny_config(data_dir, **{
+      'pretrain.positive_pairs': 'subject', 'data.on_device': 'False',  # As flags set it.
+      'train.steps_per_dispatch': 2, 'pretrain.sam': 'none'})
+  run.check_config(config)
+  mesh, cache = sharding.create_mesh(), compile_cache.CompileCache()
+  recipe = recipes.create_recipe(config, mesh, cache)
+  assert not recipe.device_data.on_device
+  arrays, inputs = recipe.rows_of.arrays, recipe.rows.step_inputs(1)
+  assert (inputs['partner'] != inputs['row']).any()
+  np.testing.assert_array_equal(arrays.subject_ids[inputs['partner']],
+                                arrays.subject_ids[inputs['row']])
+  assert np.abs(arrays.slice_index[inputs['partner']]
+                - arrays.slice_index[inputs['row']]).max() <= 2
+  dispatch = trainer.dispatch_inputs(recipe, 0, 2, 2)
+  assert dispatch['partner_image'].shape == dispatch['image'].shape
+  assert dispatch['partner_image'].shape[:2] == (2, recipe.rows.batch_size)
+  state = state_lib.create_train_state(recipe.config, recipe.model, jax.random.key(0),
+                                       optimizers.create_optimizer(recipe.config), mesh)
+  rngs = sharding.replicate_tree({'dropout': jax.random.key(1),
+                                  'augment': batches.augment_key(config.seed)}, mesh)
+  values = sharding.replicate_tree(steps_lib.step_values(
+      2, recipe.rows.steps_per_epoch, recipe.class_weights,
+      optimizers.schedule_values(recipe.config, 10)), mesh)
+  run_steps = steps_lib.make_train_steps(recipe.config, recipe.objective, mesh, cache,
+                                         recipe.key)
+  state, metrics = run_steps(state, sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh),
+                             dispatch, recipe.device_data.arrays, rngs, values)
+  assert int(state.step) == 2 and int(metrics.loss.count) == 2
+  assert np.isfinite(float(metrics.compute()['loss']))

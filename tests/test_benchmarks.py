@@ -119,3 +119,24 @@ def test_train_run_and_accuracy_curve_on_a_tiny_run(tmp_path, data_dir, capsys):
   assert out.exists() and (tmp_path / 'curve.csv').exists()
   with open(tmp_path / 'curve.csv') as f:
     assert len(f.read().splitlines()) >= 2  # A header and a point per evaluation.
+
+
+def test_pretrain_length_reads_validation_only_on_a_tiny_fold(tmp_path, data_dir, capsys):
+  """A tiny pretraining, fine-tuned and probed; a baseline beside; validation only."""
+  pretrain_length = _load('pretrain_length')
+  overrides = ['data.name=synthetic_mri/small', f'data.dir={data_dir}', 'model.width=0.125',
+               'pretrain.projection_dims=(32, 16)', 'train.batch_size=16',
+               'sweep.max_steps_per_run=6', 'eval.knn_k=(1, 5)', 'sweep.evals_per_run=2']
+  out = tmp_path / 'length'
+  pretrain_length.main(['--preset=runlocal', '--epochs=1', '--subjects=4',
+                        f'--workdir={tmp_path / "runs"}', f'--out={out}'] +
+                       [f'--override={o}' for o in overrides])
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  arms = [(row['pretrain_epochs'], row['arm']) for row in printed['rows']]
+  assert arms == [(0, 'baseline'), (1, 'finetune'), (1, 'linear_probe')]
+  for row in printed['rows']:
+    assert 0.0 <= row['val_balanced_accuracy'] <= 1.0
+  assert all(0.0 <= row['val_probe_balanced_accuracy'] <= 1.0 for row in printed['rows'][1:])
+  assert out.with_suffix('.png').exists()
+  with open(out.with_suffix('.csv')) as f:
+    assert 'test' not in f.readline()  # Validation only.

@@ -21,7 +21,8 @@ SHAPING = [('data.image_size', 64), ('data.channels', 3), ('model.width', 0.25),
 NOT_SHAPING = [('seed', 3), ('labels.fraction', 0.5), ('labels.seed', 2), ('split.fold', 1),
                ('split.seed', 4), ('train.num_epochs', 9), ('eval.every_epochs', 3),
                ('eval.selection_split', 'test'), ('labels.class_weights', 'none'),
-               ('finetune.pretrained_workdir', '/elsewhere'), ('data.path', '/x.zip')]
+               ('finetune.pretrained_workdir', '/elsewhere'), ('data.path', '/x.zip'),
+               ('labels.unit', 'subject'), ('labels.subjects', 4)]
 
 
 @pytest.mark.parametrize('field,value', SHAPING)

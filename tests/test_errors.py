@@ -22,7 +22,6 @@ import pytest
 from configs import audit as audit_config
 from configs import predict as predict_config
 from configs import sweep as sweep_config
-from simclr_jax import checks
 from simclr_jax import errors
 from simclr_jax import run
 from simclr_jax.train import workdirs
@@ -99,6 +98,7 @@ def assert_user_error(result, *words):
     (['--config.eval.batch_size=0'], ['--config.eval.batch_size=0', 'device(s)']),
     (['--config.data.channels=2'], ['--config.data.channels=2', '1 (gray) or 3']),
     (['--config.split.test_fraction=1.0'], ['--config.split.test_fraction=1.0', '[0, 1)']),
+    (['--config.labels.subjects=4'], ['--config.labels.subjects=4', '--config.labels.unit=subject']),
 ])
 def test_bad_training_flags_are_one_line(tmp_path, args, words):
   assert_user_error(_main(tmp_path / 'run', *args), *words)
@@ -318,6 +318,10 @@ TRAIN_CASES = [
     ('split.fold', -1, r'split\.fold=-1'),
     ('labels.fraction', 0.0, r'labels\.fraction=0\.0 must be in \(0, 1\]'),
     ('labels.seed', -1, r'labels\.seed=-1'),
+    ('labels.unit', 'people', r'Unknown labels\.unit .*subject \(k people'),
+    ('labels.subjects', -2, r'labels\.subjects=-2 must be a whole number >= 0'),
+    ('labels.subjects', 8, r'labels\.subjects=8 is read only with --config\.labels\.unit=subject'),
+    ('labels.task', 'five_class', r'Unknown labels\.task.*three_class'),
     ('augment.crop_scale', (0.0, 1.0), 'low <= high <= 1'),
     ('augment.crop_scale', (0.8, 0.5), 'low <= high <= 1'),
     ('augment.crop_scale', (0.5,), 'pair'),
@@ -373,12 +377,27 @@ def test_every_check_family_rejects_its_bad_values(data_dir, field, value, needl
     run.check_config(_nested(config, field, value))
 
 
+def test_a_subject_budget_with_a_fraction_is_one_line(data_dir):
+  config = _train(data_dir, **{'labels.unit': 'subject', 'labels.subjects': 8})
+  run.check_config(config)  # 8 labeled subjects are fine ...
+  with pytest.raises(errors.UserError) as error:  # ... a fraction beside them is not.
+    run.check_config(_nested(config, 'labels.fraction', 0.5))
+  assert str(error.value) == ('--config.labels.fraction=0.5 is read only with '
+                              '--config.labels.unit=slice; set --config.labels.unit=slice (or '
+                              'leave labels.fraction at 1.0).')
+
+
 def test_sweep_predict_and_audit_fields(tmp_path):
   for preset in sweep_config.PRESETS:
     run.check_config(sweep_config.get_config(f'preset={preset}'))
   for overrides, needle in [
       (dict(seeds=(0, -1)), 'seeds'), (dict(reference_seeds=()), 'at least one seed'),
       (dict(multi_seed_max_fraction=1.5), r'\[0, 1\]'),
+      ({'sweep.label_unit': 'person'}, r'Unknown sweep\.label_unit.*subject'),
+      ({'sweep.subject_budgets': (4, -1)}, r'sweep\.subject_budgets=.*whole numbers >= 0'),
+      ({'sweep.subject_budgets': ()}, r'sweep\.subject_budgets'),
+      ({'sweep.multi_seed_max_subjects': -1}, r'sweep\.multi_seed_max_subjects=-1'),
+      (dict(tasks=('binary', 'two_class')), r'Unknown tasks.*three_class'),
       (dict(pretrain_num_epochs=0), 'pretrain_num_epochs'),
       (dict(evals_per_run=0), 'evals_per_run'), (dict(floor_image_size=0), 'floor_image_size'),
       (dict(cam_method='scorecam'), r'Unknown cam\.method'),

@@ -14,7 +14,7 @@ def _read(*path):
 def test_ci_runs_the_readme_test_command():
   readme = _read('README.md')
   ci = _read('.ci', 'run')
-  test_command = 'python -m pytest -q tests'
+  test_command = 'python -m pytest -q -n auto tests'
   assert test_command in readme
   assert re.search(r'^' + re.escape(test_command) + r'$', ci, re.MULTILINE)
   assert 'pip install -q -r requirements.txt' in ci and 'pip install -r requirements.txt' in readme

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 
+from simclr_jax import errors
 from simclr_jax.data import splits as splits_lib
 from tests import fake_data
 
@@ -114,6 +115,99 @@ def test_label_subset_rejects_fractions_outside_0_1(fraction):
   with pytest.raises(ValueError, match=r'label_fraction'):
     splits_lib.label_subset(np.zeros(10, np.int32), np.arange(10),
                                 fraction, 0)
+
+
+# ---------------------------------------------------------------- Subject budgets.
+
+
+def _subject_classes(arrays, rows):
+  """{subject id: class} of the subjects of `rows`."""
+  return dict(zip(arrays.subject_ids[rows].tolist(), arrays.labels[rows].tolist()))
+
+
+def test_subject_budgets_are_whole_nested_stratified_subjects(caplog):
+  arrays = fake_data.fake_arrays()  # 10 / 2 / 20 / 14 subjects of 4 slices per class.
+  train = splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1)['train']
+  train_classes = _subject_classes(arrays, train)
+  sizes = np.bincount(list(train_classes.values()), minlength=len(fake_data.CLASS_NAMES))
+  budgets = (1, 2, 3, 4, 8, 16, len(train_classes), 0)
+  with caplog.at_level(logging.INFO):
+    subsets = [splits_lib.subject_subset(arrays.labels, arrays.subject_ids, train, k, 5)
+               for k in budgets]
+  assert 'Label budget of 4 subjects' in caplog.text
+  for smaller, larger in itertools.pairwise(subsets):
+    assert set(smaller) <= set(larger)  # Nested: the 4 subjects lie inside the 8.
+  np.testing.assert_array_equal(subsets[-1], train)  # 0: every train subject.
+  np.testing.assert_array_equal(subsets[-2], train)
+  by_class = np.argsort(-sizes, kind='stable')  # The classes, most train subjects first.
+  for k, subset in zip(budgets, subsets):
+    assert subset.dtype == np.int64 and np.all(np.diff(subset) > 0)
+    chosen = _subject_classes(arrays, subset)
+    assert len(chosen) == (k or len(train_classes))
+    # Every chosen subject comes with all of its train slices, and only train slices.
+    np.testing.assert_array_equal(subset, train[np.isin(arrays.subject_ids[train],
+                                                        list(chosen))])
+    counts = np.bincount(list(chosen.values()), minlength=len(sizes))
+    if 0 < k < np.count_nonzero(sizes):  # Fewer subjects than classes: the largest classes.
+      assert set(np.flatnonzero(counts)) == set(by_class[:k])
+    else:  # One of every class present, then in proportion (within one of its quota).
+      assert np.all(counts[sizes > 0] >= 1)
+      assert np.all(np.abs(counts - len(chosen) * sizes / sizes.sum()) < 1)
+  # The 8-subject budget of this split, worked by hand: one subject of each class
+  # (7 / 1 / 14 / 10 train subjects), then Sainte-Laguë: Non, VeryMild, Non, Mild.
+  np.testing.assert_array_equal(sizes, [7, 1, 14, 10])
+  assert np.bincount(list(_subject_classes(arrays, subsets[4]).values())).tolist() == [2, 1, 3, 2]
+
+
+def test_subject_budgets_follow_the_seed_not_the_row_order():
+  arrays = fake_data.fake_arrays()
+  train = splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1)['train']
+  subset = splits_lib.subject_subset(arrays.labels, arrays.subject_ids, train, 8, 5)
+  np.testing.assert_array_equal(
+      subset, splits_lib.subject_subset(arrays.labels, arrays.subject_ids, train, 8, 5))
+  assert not np.array_equal(
+      subset, splits_lib.subject_subset(arrays.labels, arrays.subject_ids, train, 8, 6))
+  shuffled = fake_data.shuffled(arrays, seed=2)
+  shuffled_train = splits_lib.make_splits(shuffled, 'subject', 0, 0.2, 0.1)['train']
+  again = splits_lib.subject_subset(shuffled.labels, shuffled.subject_ids, shuffled_train, 8, 5)
+  assert set(arrays.file_names[subset]) == set(shuffled.file_names[again])
+
+
+@pytest.mark.parametrize('k', [33, -1])
+def test_a_subject_budget_beyond_the_train_subjects_is_a_one_line_error(k):
+  arrays = fake_data.fake_arrays()
+  train = splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1)['train']  # 32 subjects.
+  with pytest.raises(errors.UserError) as error:
+    splits_lib.subject_subset(arrays.labels, arrays.subject_ids, train, k, 0)
+  message = str(error.value)
+  assert '\n' not in message and 'the 32 subjects of the train split' in message
+  assert '--config.labels.subjects' in message and '--config.sweep.subject_budgets' in message
+  arrays.subject_ids[train[:3]] = -1
+  with pytest.raises(errors.UserError, match=r'unknown subject ids.*labels\.unit=slice'):
+    splits_lib.subject_subset(arrays.labels, arrays.subject_ids, train, 4, 0)
+
+
+def test_budgets_label_name_and_order_themselves():
+  slices, subjects = splits_lib.Budget('slice', 0.1), splits_lib.Budget('subject', 4)
+  every, one = splits_lib.Budget('subject', 0), splits_lib.Budget('subject', 1)
+  assert (slices.label, slices.name, slices.phrase) == ('10 %', 'f0.1', '10 % of the labels')
+  assert (subjects.label, subjects.name) == ('4 subjects', 'k4')
+  assert (every.label, every.name, every.is_all) == ('all subjects', 'kall', True)
+  assert one.label == '1 subject' and splits_lib.ALL_SLICES.is_all and not subjects.is_all
+  assert sorted([every, subjects, one], key=lambda b: b.sort_key) == [one, subjects, every]
+  assert splits_lib.Budget.from_dict(subjects.to_dict()) == subjects
+
+
+def test_labeled_rows_follow_the_labels_section():
+  arrays = fake_data.fake_arrays()
+  train = splits_lib.make_splits(arrays, 'subject', 0, 0.2, 0.1)['train']
+  config = fake_data.config(label_fraction=0.5, label_seed=3)
+  np.testing.assert_array_equal(splits_lib.labeled_rows(config, arrays, train),
+                                splits_lib.label_subset(arrays.labels, train, 0.5, 3))
+  config.labels.update(unit='subject', subjects=4, fraction=1.0)
+  np.testing.assert_array_equal(
+      splits_lib.labeled_rows(config, arrays, train),
+      splits_lib.subject_subset(arrays.labels, arrays.subject_ids, train, 4, 3))
 
 
 def test_pretrain_indices_add_test_only_when_asked(caplog):

@@ -8,10 +8,7 @@ fails here.
 """
 
 import functools
-import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -99,14 +96,9 @@ def test_four_scanned_steps_equal_four_single_steps(sam):
 
 
 def test_scanned_steps_on_eight_host_devices():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
   code = ('from tests.test_steps import check_scanned_equals_single; '
           'check_scanned_equals_single(8, "asam"); print("scanned == single on 8 devices")')
-  result = subprocess.run([sys.executable, '-c', code], cwd=conftest.REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-4000:]
-  assert 'scanned == single on 8 devices' in result.stdout
+  assert 'scanned == single on 8 devices' in conftest.run_on_host_devices(code)
 
 
 def _exported_text(fn, *args):

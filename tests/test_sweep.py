@@ -1,6 +1,5 @@
-"""Tests of the label-fraction sweep: plan, pooled reports, verdicts, reruns, one real run."""
+"""Tests of the label-budget sweep: pooled reports, caps, reruns, configs, one real run."""
 
-import csv
 import json
 import os
 
@@ -15,180 +14,158 @@ from simclr_jax.metrics import bootstrap
 from simclr_jax.study import sweep
 from simclr_jax.study import markdown as markdown_lib
 from simclr_jax.study import plan as plan_lib
+from simclr_jax.study import records as records_lib
 from simclr_jax.study import report as report_lib
 from simclr_jax.study import results as results_lib
+from simclr_jax.study import rows as rows_lib
+from simclr_jax.study import tables as tables_lib
 from simclr_jax.metrics import classification
 from simclr_jax import run
-from tests.conftest import tiny_config
-
-SWEEP_OVERRIDES = dict(
-    protocols=('honest', 'reference'), tasks=('four_class', 'binary'), num_folds=2,
-    fractions=(0.5, 1.0), seeds=(0, 1), multi_seed_max_fraction=0.5, reference_seeds=(0,),
-    pretrain_num_epochs=1, max_steps_per_run=None, evals_per_run=None, floor_image_size=16,
-    cam_method='gradcam', cam_layer='stage3', bootstrap_samples=200)
-
-
-def sweep_test_config(data_dir, **overrides):
-  return tiny_config(data_dir, 'sweep', **{**SWEEP_OVERRIDES, **overrides})
-
-
-class FakeTraining:
-  """Stands in for train.train_and_evaluate: writes metrics.json and test predictions.
-
-  Each test slice is answered right with probability `right[mode]`; the draws do
-  not depend on the mode, so arms of equal `right` answer identically, and a
-  better arm is right wherever a worse one is (paired predictions).
-  """
-
-  def __init__(self, arrays, right=None):
-    self.arrays = arrays
-    self.right = right or {'baseline': 0.6, 'finetune': 0.65}
-    self.calls = []
-
-  def __call__(self, config, workdir, cache=None):
-    del cache  # A stand-in compiles nothing.
-    self.calls.append((config, workdir))
-    if config.mode == 'pretrain':
-      result = {'mode': 'pretrain', 'fold': config.split.fold, 'knn1_accuracy': 0.5}
-      workdirs.write_metrics(workdir, result)
-      return result
-    # The sweep pretrains the fold before it fine-tunes.
-    assert workdirs.is_finished(config.finetune.pretrained_workdir) or config.mode == 'baseline'
-    labels, class_names = arrays_lib.task_labels(self.arrays, config)
-    splits = splits_lib.load_splits(config, self.arrays)
-    test = splits['test']
-    num_classes = len(class_names)
-    rng = np.random.default_rng([config.seed, int(100 * config.labels.fraction), config.split.fold,
-                                 config.labels.task == 'binary'])
-    uniform, other = rng.uniform(size=len(test)), rng.integers(1, num_classes, len(test))
-    predicted = np.where(uniform < self.right[config.mode], labels[test],
-                         (labels[test] + other) % num_classes)
-    probabilities = np.full((len(test), num_classes), 0.2 / num_classes, np.float32)
-    probabilities[np.arange(len(test)), predicted] += 0.8
-    predictions = classification.Predictions(np.asarray(test, np.int64),
-                                       self.arrays.subject_ids[test], labels[test],
-                                       probabilities)
-    workdirs.write_predictions(workdir, predictions)
-    result = classification.prediction_metrics(predictions, num_classes)
-    train_idx = splits_lib.label_subset(self.arrays.labels, splits['train'],
-                                        config.labels.fraction, config.labels.seed)
-    select = splits[config.eval.selection_split]
-    result.update(
-        mode=config.mode, task=config.labels.task, fold=config.split.fold, chosen_step=3,
-        class_names=class_names, num_train_images=int(len(train_idx)),
-        selection_classes=[class_names[k] for k in np.unique(labels[select])],
-        **{f'selection_{config.eval.selection_split}_{config.eval.selection_metric}':
-           float(rng.uniform())})
-    workdirs.write_metrics(workdir, result)
-    return result
-
-
-def run_fake_sweep(data_dir, workdir, monkeypatch, right=None, **overrides):
-  """A sweep with training replaced by FakeTraining (both protocols by default)."""
-  config = sweep_test_config(data_dir, **overrides)
-  fake = FakeTraining(arrays_lib.load_arrays(config), right)
-  monkeypatch.setattr(sweep.trainer, 'train_and_evaluate', fake)
-  gradcam_calls = []
-  monkeypatch.setattr(report_lib, 'write_gradcam_grid',
-                      lambda *args: gradcam_calls.append(args))
-  summary = run.run(config, workdir)
-  return config, workdir, fake, summary, gradcam_calls
-
-
-@pytest.fixture(scope='module')
-def fake_sweep(data_dir, tmp_path_factory):
-  with pytest.MonkeyPatch.context() as monkeypatch:  # Undone before the other tests.
-    return run_fake_sweep(data_dir, str(tmp_path_factory.mktemp('sweep')), monkeypatch)
-
-
-def read_rows(workdir):
-  with open(os.path.join(workdir, 'results.csv')) as f:
-    return list(csv.DictReader(f))
-
-
-def read_text(workdir, name):
-  with open(os.path.join(workdir, name)) as f:
-    return f.read()
-
-
-def run_rows(rows):
-  return [r for r in rows if r['fold'] != 'pooled']
-
-
-def pooled_rows(rows):
-  return [r for r in rows if r['fold'] == 'pooled']
+from tests.fake_sweep import is_all
+from tests.fake_sweep import NUM_CLASSES
+from tests.fake_sweep import pooled_rows
+from tests.fake_sweep import read_rows
+from tests.fake_sweep import read_text
+from tests.fake_sweep import run_fake_sweep
+from tests.fake_sweep import run_rows
+from tests.fake_sweep import sweep_test_config
 
 
 def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
   config, workdir, fake, summary, gradcam_calls = fake_sweep
-  for name in ('results.csv', 'results.md', 'sweep.json', 'config.json',
-               'label_fraction_curve.png', 'confusion_matrices.png'):
+  for name in ('results.csv', 'results.md', 'sweep.json', 'config.json', 'predictions.npz',
+               'label_fraction_curve.png', 'confusion_matrices.png', 'pretraining_curves.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert len(gradcam_calls) == 1
   rows = read_rows(workdir)
-  assert list(rows[0]) == list(results_lib.CSV_COLUMNS)
-  keys = sorted((r['protocol'], r['task'], r['fold'], r['arm'], float(r['fraction']),
-                 int(r['seed'])) for r in run_rows(rows))
-  honest_cells = ((0.5, 0), (0.5, 1), (1.0, 0))  # Seed 1 only up to 50 %.
+  assert list(rows[0]) == list(rows_lib.CSV_COLUMNS)
+  tasks = config.sweep.tasks
+  keys = sorted((r['protocol'], r['task'], r['fold'], r['arm'], r['budget'], r['budget_unit'],
+                 r['budget_size'], int(r['seed'])) for r in run_rows(rows))
+  # Seed 1 only up to 4 subjects; the honest protocol's budgets are subjects.
+  honest_cells = (('4 subjects', '4', 0), ('4 subjects', '4', 1), ('all subjects', '0', 0))
   expected = sorted(
-      [('honest', task, str(fold), arm, f, s) for task in config.sweep.tasks for fold in (0, 1)
-       for arm in plan_lib.ARMS for f, s in honest_cells]
-      + [('reference', task, '', arm, f, 0) for task in config.sweep.tasks
-         for arm in plan_lib.ARMS for f in (0.5, 1.0)])
+      [('honest', task, str(fold), arm, label, 'subject', size, s) for task in tasks
+       for fold in (0, 1) for arm in plan_lib.ARMS for label, size, s in honest_cells]
+      + [('reference', task, '', arm, label, 'slice', size, 0) for task in tasks
+         for arm in plan_lib.ARMS for label, size in (('50 %', '0.5'), ('100 %', '1.0'))])
   assert keys == expected
-  # One pooled row per honest (task, arm, fraction, seed); the reference has one split.
-  assert sorted((r['protocol'], r['task'], r['arm'], float(r['fraction']), int(r['seed']))
+  # One pooled row per honest (task, arm, budget, seed); the reference has one split.
+  assert sorted((r['protocol'], r['task'], r['arm'], r['budget'], int(r['seed']))
                 for r in pooled_rows(rows)) == sorted(
-      ('honest', task, arm, f, s) for task in config.sweep.tasks for arm in plan_lib.ARMS
-      for f, s in honest_cells)
-  # Pretraining once per fold (2 honest + 1 reference), then 2 arms x 2 tasks x
+      ('honest', task, arm, label, s) for task in tasks for arm in plan_lib.ARMS
+      for label, _, s in honest_cells)
+  for r in run_rows(rows):  # A subject budget: k subjects, each with all of its slices.
+    if r['budget'] == '4 subjects':
+      assert r['num_labeled_subjects'] == '4' and int(r['num_labeled']) == 4 * 8
+  # Pretraining once per fold (2 honest + 1 reference), then 2 arms x 3 tasks x
   # (2 folds x 3 honest + 2 reference) runs.
   modes = [c.mode for c, _ in fake.calls]
-  assert modes.count('pretrain') == 3 and len(modes) == 3 + 2 * 2 * (2 * 3 + 2)
+  assert modes.count('pretrain') == 3 and len(modes) == 3 + 2 * 3 * (2 * 3 + 2)
   markdown = read_text(workdir, 'results.md')
   for needle in ('## Protocol `honest`', '## Protocol `reference`', '### `honest`, task '
-                 '`binary`', 'raw-pixel 1-NN', '50 % (', 'SimCLR − baseline',
-                 'baseline − raw-pixel 1-NN', 'per subject', 'Balanced accuracy per fold',
-                 'inflation', plan_lib.REFERENCE_DIFFERENCES,
-                 plan_lib.PROTOCOL_DESCRIPTIONS['honest'][1:],
-                 '](label_fraction_curve.png)', '](confusion_matrices.png)', 'Wall time'):
+                 '`binary`', '### `honest`, task `three_class` (3 classes)', 'raw-pixel 1-NN',
+                 '50 % (', '4 subjects (32 slices per fold)', 'all subjects (',
+                 'Label budgets: 4 subjects and all subjects (training subjects per fold',
+                 'Label budgets: 50 % and 100 % of the training slices', 'Sainte-Laguë',
+                 'SimCLR − baseline', 'baseline − raw-pixel 1-NN', 'per subject',
+                 'Balanced accuracy per fold', 'inflation', 'all (100 % / all subjects)',
+                 plan_lib.REFERENCE_DIFFERENCES, plan_lib.PROTOCOL_DESCRIPTIONS['honest'][1:],
+                 '](label_fraction_curve.png)', '](confusion_matrices.png)', 'Wall time',
+                 '](pretraining_curves.png)', '#### Discrimination and calibration',
+                 '#### Seed spread', '## Primary endpoint: SimCLR − baseline',
+                 '## Positive control', '| primary |', '| positive control |',
+                 '| exploratory |'):
     assert needle in markdown, needle
-  # It opens with the three-sentence answer, generated from the numbers.
-  assert markdown.splitlines()[2] == '**Answer.** ' + ' '.join(summary['answer'])
-  assert len(summary['answer']) == 3
-  entry = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]
-  assert entry['arms']['baseline']['seeds'] == [0, 1]  # Two seeds at 50 %.
+  # It states the primary endpoint, then opens with the answer generated from the numbers.
+  lines = markdown.splitlines()
+  assert lines[2].startswith('**Primary endpoint** (pre-registered')
+  assert lines[4] == '**Answer.** ' + ' '.join(summary['answer'])
+  assert 'detectabl' not in markdown  # Never the bare "not detectably different".
+  entry = summary['protocols']['honest']['tasks']['binary']['budgets'][0]
+  assert summary['primary']['cells'][0]['difference'] == (
+      entry['comparisons']['finetune-baseline']['subject']['balanced_accuracy'])
+  entry = summary['protocols']['honest']['tasks']['four_class']['budgets'][0]
+  assert entry['budget'] == {'unit': 'subject', 'size': 4, 'label': '4 subjects'}
+  assert entry['arms']['baseline']['seeds'] == [0, 1]  # Two seeds at 4 subjects.
   with open(os.path.join(workdir, 'sweep.json')) as f:
+    num_runs = 3 * 8 * len(tasks)
     assert json.load(f)['num_runs'] == {
-        'finished': 3 + 12 * 3 + 4 * 3, 'planned': 3 + 12 * 3 + 4 * 3,
-        'floor_finished': 16, 'baseline_finished': 16, 'finetune_finished': 16,
+        'finished': 3 + num_runs, 'planned': 3 + num_runs, 'floor_finished': num_runs // 3,
+        'baseline_finished': num_runs // 3, 'finetune_finished': num_runs // 3,
         'pretrain_finished': 3}
+
+
+def test_reports_state_the_cap_of_classes_never_validated(fake_sweep):
+  _, workdir, _, summary, _ = fake_sweep
+  tasks = summary['protocols']['honest']['tasks']
+  # The small synthetic set's 3 Mild and 2 Moderate subjects leave a fold's training
+  # split too few of either for a validation subject: selection never scores them.
+  assert tasks['four_class']['cap'] == {
+      'classes': ['Mild_Demented', 'Moderate_Demented'], 'subjects': [3, 2],
+      'max_balanced_accuracy': 0.5}
+  assert tasks['three_class']['cap'] == {
+      'classes': ['Mild_or_Moderate_Demented'], 'subjects': [5],
+      'max_balanced_accuracy': pytest.approx(2 / 3)}
+  assert tasks['binary']['cap'] is None
+  assert summary['protocols']['reference']['tasks']['four_class']['cap'] is None
+  markdown = read_text(workdir, 'results.md')
+  section = markdown.split('### `honest`, task `four_class`')[1].split('###')[0]
+  assert ('Cap: Mild_Demented and Moderate_Demented (3 and 2 subjects each) are never in a '
+          'fold\'s validation split' in section)
+  assert ('pooled four_class balanced accuracy (the mean of the 4 class recalls) is capped '
+          'at 50 %.' in section)
+  assert markdown.count('Cap: ') == 2  # four_class and three_class, honest only.
+  assert 'The honest four_class scores are capped at 50 % balanced accuracy' in markdown
+  assert 'capped' not in ' '.join(summary['answer'])  # The primary task, binary, has no cap.
+
+
+def test_the_cap_of_the_kaggle_datas_four_classes_is_75_percent():
+  """The Kaggle data: Moderate_Demented's 2 subjects are in no fold's validation split."""
+  names = ['Mild_Demented', 'Moderate_Demented', 'Non_Demented', 'Very_Mild_Demented']
+  missing = {'missing': ['Moderate_Demented'], 'num_runs': 10}
+  entry = {'class_names': names, 'subjects_per_class': [28, 2, 100, 70],
+           'selection': {'num_trained_runs': 10, 'missing': [missing]}}
+  cap = results_lib._balanced_accuracy_cap(entry, 5)  # pylint: disable=protected-access
+  assert cap == {'classes': ['Moderate_Demented'], 'subjects': [2],
+                 'max_balanced_accuracy': 0.75}
+  assert tables_lib.cap_note('four_class', cap, 4) == (
+      'Cap: Moderate_Demented (2 subjects) is never in a fold\'s validation split, so model '
+      'selection never scores it and training sees at most a few of its subjects; where its '
+      'test subjects are all missed, pooled four_class balanced accuracy (the mean of the 4 '
+      'class recalls) is capped at 75 %.')
+  missing['num_runs'] = 9  # Validated somewhere: no cap.
+  assert results_lib._balanced_accuracy_cap(entry, 5) is None  # pylint: disable=protected-access
+  assert results_lib._balanced_accuracy_cap(entry, None) is None  # pylint: disable=protected-access
 
 
 def test_label_subsets_are_nested_and_floor_scores_are_probabilities(fake_sweep):
   config, workdir, _, _, _ = fake_sweep
   rows = read_rows(workdir)
   for r in run_rows(rows):
-    if float(r['fraction']) == 0.5 and r['seed'] == '0':
-      full = next(o for o in run_rows(rows) if float(o['fraction']) == 1.0 and
+    if r['budget'] in ('4 subjects', '50 %') and r['seed'] == '0':
+      full = next(o for o in run_rows(rows) if is_all(o) and
                   all(o[k] == r[k] for k in ('protocol', 'task', 'fold', 'arm')))
       assert int(r['num_labeled']) < int(full['num_labeled'])
+      if r['budget_unit'] == 'subject':  # 50 % of the slices still has every subject.
+        assert int(r['num_labeled_subjects']) < int(full['num_labeled_subjects'])
   arrays = arrays_lib.load_arrays(config)
   for fold in (0, 1):
     train = plan_lib.protocol_splits(config, 'honest', arrays, fold)['train']
-    half, full = (set(splits_lib.label_subset(arrays.labels, train, f, 0)) for f in (0.5, 1.0))
-    assert half < full
+    few, every = (set(splits_lib.budget_subset(arrays, train, splits_lib.Budget('subject', k), 0))
+                  for k in (4, 0))
+    assert few < every and every == set(train)
   for r in run_rows(rows):
     if r['arm'] == 'floor':
       for metric in plan_lib.METRICS:
         assert 0.0 <= float(r[metric]) <= 1.0
   floor = classification.Predictions.load(workdirs.predictions_path(
-      os.path.join(workdir, 'honest', 'binary', 'fold0', 'floor_f0.5_s0')))
+      os.path.join(workdir, 'honest', 'binary', 'fold0', 'floor_k4_s0')))
   np.testing.assert_array_equal(floor.probabilities.sum(1), 1.0)
   assert set(np.unique(floor.probabilities)) <= {0.0, 1.0}
   # The slice split leaks near-identical slices: the floor is far higher there.
   mean_floor = {p: np.mean([float(r['accuracy']) for r in run_rows(rows) if r['protocol'] == p
-                            and r['arm'] == 'floor' and float(r['fraction']) == 1.0])
+                            and r['arm'] == 'floor' and is_all(r)])
                 for p in ('honest', 'reference')}
   assert mean_floor['reference'] > mean_floor['honest'] + 0.2
 
@@ -200,79 +177,31 @@ def test_pooled_rows_join_the_folds_and_hold_every_subject_once(fake_sweep):
   rows = read_rows(workdir)
   for pooled in pooled_rows(rows):
     folds = [r for r in run_rows(rows) if all(
-        r[k] == pooled[k] for k in ('protocol', 'task', 'arm', 'fraction', 'seed'))]
+        r[k] == pooled[k] for k in ('protocol', 'task', 'arm', 'budget', 'seed'))]
     assert sorted(r['fold'] for r in folds) == ['0', '1'] and pooled['folds_pooled'] == '2'
     assert int(pooled['num_test_subjects']) == num_subjects
     assert int(pooled['num_test_slices']) == sum(int(r['num_test_slices']) for r in folds)
     assert int(pooled['num_test_slices']) == len(arrays.labels)
   # Every subject in exactly one fold's test predictions; the pooled metrics are theirs.
-  run_dir = os.path.join(workdir, 'honest', 'four_class', 'fold{}', 'baseline_f0.5_s1')
+  run_dir = os.path.join(workdir, 'honest', 'four_class', 'fold{}', 'baseline_k4_s1')
   parts = [classification.Predictions.load(workdirs.predictions_path(run_dir.format(k))) for k in (0, 1)]
   assert not set(parts[0].subject_ids) & set(parts[1].subject_ids)
-  joined = results_lib._concatenate(parts)  # pylint: disable=protected-access
+  joined = rows_lib._concatenate(parts)  # pylint: disable=protected-access
   expected = classification.prediction_metrics(joined, 4)
   row = next(r for r in pooled_rows(rows) if r['task'] == 'four_class' and
-             r['arm'] == 'baseline' and float(r['fraction']) == 0.5 and r['seed'] == '1')
+             r['arm'] == 'baseline' and r['budget'] == '4 subjects' and r['seed'] == '1')
   assert float(row['balanced_accuracy']) == pytest.approx(expected['balanced_accuracy'])
   assert float(row['subject_accuracy']) == pytest.approx(expected['subject']['accuracy'])
   # The aggregates average the seeds' pooled scores and bootstrap over all subjects.
-  arm = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]['arms'][
+  arm = summary['protocols']['honest']['tasks']['four_class']['budgets'][0]['arms'][
       'baseline']
   assert arm['num_subjects'] == num_subjects and arm['folds_pooled'] == 2
   seeds = [float(r['subject_balanced_accuracy']) for r in pooled_rows(rows)
            if r['task'] == 'four_class' and r['arm'] == 'baseline'
-           and float(r['fraction']) == 0.5]
+           and r['budget'] == '4 subjects']
   assert arm['subject']['balanced_accuracy']['value'] == pytest.approx(np.mean(seeds))
   assert (arm['subject']['balanced_accuracy']['low'] <= arm['subject']['balanced_accuracy'][
       'value'] <= arm['subject']['balanced_accuracy']['high'])
-
-
-def test_verdicts_in_results_md_follow_the_intervals(fake_sweep):
-  _, workdir, _, summary, _ = fake_sweep
-  markdown = read_text(workdir, 'results.md')
-  seen = set()
-  for protocol in summary['protocols'].values():
-    for task in protocol['tasks'].values():
-      for entry in task['fractions']:
-        for comparison in entry['comparisons'].values():
-          for level in bootstrap.LEVELS:
-            for value in comparison[level].values():
-              seen.add(value['outcome'])
-              assert value['outcome'] == ('ahead' if value['low'] > 0 else 'behind'
-                                          if value['high'] < 0 else
-                                          'no difference detectable')
-          verdict = comparison['verdict']['subject']
-          if comparison['a'] == 'finetune' and comparison['b'] == 'baseline':
-            assert verdict in markdown
-          outcome = comparison['subject']['balanced_accuracy']['outcome']
-          assert ('is ahead of' in verdict) == (outcome == 'ahead')
-          assert ('is behind' in verdict) == (outcome == 'behind')
-          assert ('no difference detectable at this sample size: the interval is ['
-                  in verdict) == (outcome == 'no difference detectable')
-  assert 'ahead' in seen  # The fake arms beat the floor's random answers somewhere.
-
-
-@pytest.mark.parametrize('right,opening,outcome', [
-    ({'finetune': 1.0, 'baseline': 0.0}, 'Yes: with few labels', 'ahead'),
-    ({'finetune': 0.0, 'baseline': 1.0}, 'No, the reverse: with few labels', 'behind'),
-    ({'finetune': 0.6, 'baseline': 0.6}, 'Not detectably: with few labels',
-     'no difference detectable'),
-])
-def test_the_answer_follows_the_intervals_at_few_labels(data_dir, tmp_path, monkeypatch,
-                                                        right, opening, outcome):
-  config, workdir, _, summary, _ = run_fake_sweep(
-      data_dir, str(tmp_path), monkeypatch, right, protocols=('honest',),
-      tasks=('four_class',), fractions=(0.1, 1.0), seeds=(0,))
-  entry = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]
-  comparison = entry['comparisons']['finetune-baseline']
-  assert entry['fraction'] == 0.1
-  assert comparison['subject']['balanced_accuracy']['outcome'] == outcome
-  answer = read_text(workdir, 'results.md').splitlines()[2]
-  assert answer.startswith('**Answer.** ' + opening)
-  assert '(10 %; four-class task)' in answer and 'four-class 100 %' not in answer
-  low, high = (comparison['subject']['balanced_accuracy'][k] for k in ('low', 'high'))
-  assert f'four-class 10 %: [{low:+.1f}, {high:+.1f}]' in answer
-  assert 'the reference protocol was not run' in answer
 
 
 def test_run_configs_follow_the_protocols_tasks_folds_and_seeds(fake_sweep):
@@ -289,13 +218,16 @@ def test_run_configs_follow_the_protocols_tasks_folds_and_seeds(fake_sweep):
     if config.mode == 'pretrain':
       assert parts == [protocol, *fold_dir, 'pretrain']
       continue
-    assert parts[1] == config.labels.task and config.labels.task in ('four_class', 'binary')
-    assert config.model.num_classes == (4 if config.labels.task == 'four_class' else 2)
+    assert parts[1] == config.labels.task and config.labels.task in NUM_CLASSES
+    assert config.model.num_classes == NUM_CLASSES[config.labels.task]
     if config.mode == 'finetune':
       assert config.finetune.pretrained_workdir == os.path.join(workdir, protocol, *fold_dir,
                                                        'pretrain')
     assert config.labels.seed == config.seed
-    assert parts[-1] == f'{config.mode}_f{config.labels.fraction:g}_s{config.seed}'
+    # Honest runs label subjects, reference runs a fraction of the slices.
+    assert config.labels.unit == ('subject' if protocol == 'honest' else 'slice')
+    budget = splits_lib.Budget.of_labels(config.labels)
+    assert parts[-1] == f'{config.mode}_{budget.name}_s{config.seed}'
 
 
 def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_path,
@@ -308,13 +240,13 @@ def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_p
   assert len(fake.calls) == num_calls
   assert read_rows(workdir) == before
   # An interrupted run (no metrics.json) is run again, and only it.
-  interrupted = os.path.join(workdir, 'honest', 'binary', 'fold1', 'baseline_f0.5_s1')
+  interrupted = os.path.join(workdir, 'honest', 'binary', 'fold1', 'baseline_k4_s1')
   os.remove(os.path.join(interrupted, 'metrics.json'))
   # Meanwhile the reports cover the finished runs: one fold pooled for that cell.
   arrays = arrays_lib.load_arrays(config)
   planned = plan_lib.plan_runs(config, workdir, arrays)
   summary = report_lib.write_reports(config, workdir, planned, arrays, figures=False)
-  arm = summary['protocols']['honest']['tasks']['binary']['fractions'][0]['arms']['baseline']
+  arm = summary['protocols']['honest']['tasks']['binary']['budgets'][0]['arms']['baseline']
   assert arm['seeds'] == [0, 1] and arm['folds_pooled'] == 1 and arm['folds_planned'] == 2
   assert 'baseline (1 of 2 folds)' in read_text(workdir, 'results.md')
   assert len(run_rows(read_rows(workdir))) == len(run_rows(before)) - 1
@@ -328,45 +260,28 @@ def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_p
     run.run(config, workdir)
 
 
-def test_schedule_caps_steps_and_spreads_evaluations(data_dir):
-  config = sweep_test_config(data_dir, num_epochs=50, max_steps_per_run=40,
-                             evals_per_run=5, batch_size=16)
-  # 20 images: 2 steps per epoch, 50 epochs = 100 steps > 40: cut to 20 epochs.
-  assert plan_lib.supervised_schedule(config, 20) == (20, 4)
-  # 4 images: 1 step per epoch, 50 epochs = 50 steps: cut to 40 epochs.
-  assert plan_lib.supervised_schedule(config, 4) == (40, 8)
-  # 300 images: 19 steps per epoch: 2 whole epochs fit in 40 steps.
-  assert plan_lib.supervised_schedule(config, 300) == (2, 1)
-  # 1000 images: 63 steps per epoch, more than the cap: one epoch all the same.
-  assert plan_lib.supervised_schedule(config, 1000) == (1, 1)
-  config.sweep.max_steps_per_run = None
-  config.sweep.evals_per_run = None
-  assert plan_lib.supervised_schedule(config, 20) == (50, config.eval.every_epochs)
-  assert plan_lib.fraction_seeds(config, 'honest', 0.5) == (0, 1)
-  assert plan_lib.fraction_seeds(config, 'honest', 1.0) == (0,)
-  assert plan_lib.fraction_seeds(config, 'reference', 0.5) == (0,)
-
-
 def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):
   config = sweep_test_config(data_dir, reference_tasks=('four_class',))
   arrays = arrays_lib.load_arrays(config)
   planned = plan_lib.plan_runs(config, str(tmp_path), arrays)
   tasks = lambda protocol: {r.task for r in planned if r.protocol == protocol and r.task}
-  assert tasks('honest') == {'four_class', 'binary'}
+  assert tasks('honest') == set(config.sweep.tasks)
   assert tasks('reference') == {'four_class'}
   # The runs it keeps are the ones the full plan has, with the same configs.
   config.sweep.reference_tasks = None
   full = {r.workdir: r.config for r in plan_lib.plan_runs(config, str(tmp_path), arrays)}
   assert len(full) > len(planned)
-  for run in planned:
-    assert run.config == full[run.workdir]
+  for planned_run in planned:
+    assert planned_run.config == full[planned_run.workdir]
   config.sweep.reference_tasks = ('four_class',)
-  text = markdown_lib.results_markdown(
-      {'answer': [], 'bootstrap_samples': 10, 'bootstrap_seed': 0,
-       'inflation': [],
-       'protocols': {'reference': {'description': 'x', 'num_folds': None, 'tasks': {}}}},
-      config)
-  assert 'Left out under this protocol: the binary task' in text
+  summary = results_lib.aggregate(config, [], [])  # No run finished yet.
+  summary['answer'] = markdown_lib.answer_sentences(summary, config)
+  text = markdown_lib.results_markdown(summary, config)
+  assert 'Left out under this protocol: the binary and three_class tasks' in text
+  # The positive control: the reference protocol's first task where it has not the primary.
+  assert summary['positive_control']['task'] == 'four_class'
+  assert summary['answer'][0].startswith('The positive control has not finished')
+  assert 'Not answered yet' in summary['answer'][1]
 
 
 @pytest.mark.parametrize('overrides,needle', [
@@ -375,6 +290,14 @@ def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):
     (dict(seeds=()), 'seed'),
     (dict(max_steps_per_run=0), 'max_steps_per_run'),
     (dict(tasks=('binary',), reference_tasks=('four_class',)), 'reference_tasks'),
+    ({'sweep.label_unit': 'people'}, 'label_unit'),
+    ({'sweep.subject_budgets': (8, -4)}, 'subject_budgets'),
+    ({'sweep.equivalence_margin': -1.0}, 'equivalence_margin'),
+    ({'sweep.primary.metric': 'auc'}, 'primary.metric'),
+    ({'sweep.primary.comparison': 'baseline-finetune'}, 'primary.comparison'),
+    ({'sweep.primary.task': 'three_class', 'sweep.primary.metric': 'sensitivity'},
+     'needs the binary task'),
+    ({'sweep.primary.max_fraction': 0.0}, 'max_fraction'),
 ])
 def test_bad_sweep_config_is_one_clear_error(data_dir, overrides, needle):
   with pytest.raises(ValueError, match=needle):
@@ -386,10 +309,16 @@ def test_presets_are_sweep_configs_and_runs_drop_sweep_fields():
     config = sweep_config.get_config(f'preset={preset}')
     assert config.mode == 'sweep'
     run.check_config(config)
-    run_config = plan_lib.run_config(config, 'honest', 'baseline', seed=1, num_classes=4,
-                                       fraction=0.1, num_labeled=400)
+    assert config.sweep.tasks[0] == 'binary' and 'three_class' in config.sweep.tasks
+    budget = plan_lib.protocol_budgets(config, 'honest')[0]
+    assert budget.unit == 'subject'
+    assert plan_lib.protocol_budgets(config, 'reference')[0].unit == 'slice'
+    run_config = plan_lib.run_config(config, 'honest', 'baseline', seed=1, num_classes=2,
+                                     budget=budget, num_labeled=400, task='binary')
     assert not set(plan_lib.SWEEP_SECTIONS) & set(run_config)
     assert run_config.labels.seed == 1 and run_config.split.scheme == 'subject'
+    assert run_config.labels.unit == 'subject' and run_config.labels.subjects == budget.size
+    run.check_config(run_config)
   assert sweep_config.get_config().data.name == 'synthetic_mri'  # runlocal by default.
   with pytest.raises(ValueError, match='preset'):
     sweep_config.get_config('preset=gpu')
@@ -399,11 +328,12 @@ def test_tiny_real_sweep_trains_every_arm_and_reruns_nothing(data_dir, tmp_path,
                                                              monkeypatch):
   # Two pretraining epochs as test_train's pretraining: the same compiled step.
   config = sweep_test_config(data_dir, protocols=('honest',), tasks=('four_class',),
-                             fractions=(1.0,), seeds=(0,), pretrain_num_epochs=2,
-                             num_epochs=1)
+                             seeds=(0,), pretrain_num_epochs=2, num_epochs=1,
+                             **{'sweep.subject_budgets': (0,)})
   workdir = str(tmp_path / 'sweep')
   summary = run.run(config, workdir)
-  entry = summary['protocols']['honest']['tasks']['four_class']['fractions'][0]
+  entry = summary['protocols']['honest']['tasks']['four_class']['budgets'][0]
+  assert entry['budget']['label'] == 'all subjects'
   assert set(entry['arms']) == set(plan_lib.ARMS)
   for arm in plan_lib.ARMS:
     assert entry['arms'][arm]['folds_pooled'] == 2
@@ -411,6 +341,13 @@ def test_tiny_real_sweep_trains_every_arm_and_reruns_nothing(data_dir, tmp_path,
       assert 0.0 <= entry['arms'][arm][level]['balanced_accuracy']['value'] <= 1.0
   assert os.path.getsize(os.path.join(workdir, 'gradcam_grid.png')) > 0
   assert '](gradcam_grid.png)' in read_text(workdir, 'results.md')
+  # Each fold's pretraining curves, from its curves.jsonl: the loss and both monitors.
+  _, meta = records_lib.load(os.path.join(workdir, records_lib.PREDICTIONS_FILE))
+  assert sorted(curve['fold'] for curve in meta['curves']) == [0, 1]
+  for curve in meta['curves']:
+    assert curve['split'] == 'val' and any('loss' in line for line in curve['lines'])
+    assert any({'knn', 'probe'} <= set(line) for line in curve['lines'])
+  assert '](pretraining_curves.png)' in read_text(workdir, 'results.md')
 
   def fail(*args):
     raise AssertionError(f'finished run trained again: {args}')

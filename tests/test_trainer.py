@@ -15,6 +15,7 @@ import pytest
 
 from simclr_jax.data import arrays as arrays_lib
 from simclr_jax.train import compile_cache
+from simclr_jax.train import curves
 from simclr_jax.train import evaluators
 from simclr_jax.data import batches
 from simclr_jax import run
@@ -45,6 +46,13 @@ def test_pretrain_writes_outputs_and_knn_metrics(pretrain_workdir):
   assert workdirs.latest_step(pretrain_workdir) == metrics['total_steps']
   assert workdirs.latest_step(pretrain_workdir, 'best') == metrics['chosen_step']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(pretrain_workdir))
+  assert 0.0 <= metrics['probe_balanced_accuracy'] <= 1.0
+  # The learning curves: the NT-Xent loss at summaries, the monitors at evaluations.
+  lines = curves.read_curves(pretrain_workdir)
+  losses = [line['step'] for line in lines if 'train/loss' in line]
+  monitors = [line for line in lines if 'val/probe_balanced_accuracy' in line]
+  assert losses and losses == sorted(losses) and losses[-1] == metrics['total_steps']
+  assert monitors and all('val/knn1_balanced_accuracy' in line for line in monitors)
 
 
 def test_finetune_loads_encoder_and_reports_test_metrics(pretrain_workdir, data_dir, tmp_path):
@@ -243,6 +251,9 @@ def test_resume_after_kill_9_ends_with_the_same_metrics(data_dir, tmp_path):
   for key in ('accuracy', 'balanced_accuracy', 'macro_f1', 'chosen_step'):
     assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
   assert resumed['confusion_matrix'] == expected['confusion_matrix']
+  # The resumed run's curves hold each step once, as the uninterrupted run's.
+  assert [line['step'] for line in curves.read_curves(killed)] == [
+      line['step'] for line in curves.read_curves(reference)]
 
 
 def test_linear_probe_step_neither_trains_nor_perturbs_the_encoder(data_dir):

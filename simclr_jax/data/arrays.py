@@ -125,18 +125,21 @@ def _load_arrays(config):
   return arrays
 
 
-
-
-TASKS = ('four_class', 'binary')
+TASKS = ('four_class', 'binary', 'three_class')
+# three_class: the clinical dementia rating groups CDR 0 / 0.5 / >= 1, each a class
+# name and the data set's classes it merges (the Kaggle and synthetic class names).
+THREE_CLASS_GROUPS = (('Non_Demented', ('Non_Demented',)),
+                      ('Very_Mild_Demented', ('Very_Mild_Demented',)),
+                      ('Mild_or_Moderate_Demented', ('Mild_Demented', 'Moderate_Demented')))
 
 
 def task_labels(arrays, config):
-  """The labels and class names of `config.labels.task` (four_class | binary).
+  """The labels and class names of `config.labels.task` (four_class | binary | three_class).
 
   binary: `config.labels.binary_negative_class` (Non_Demented: CDR 0) is 0, every other
-  class (CDR 0.5, 1, 2) is 1, 'Demented'. Splits and label subsets are drawn on
-  the data set's own classes whatever the task, so both tasks see the same folds
-  and the same labeled images.
+  class (CDR 0.5, 1, 2) is 1, 'Demented'. three_class: `three_class_labels`. Splits
+  and label subsets are drawn on the data set's own classes whatever the task, so
+  every task sees the same folds and the same labeled images.
 
   Returns:
     (int32 [N] labels, class names).
@@ -144,6 +147,8 @@ def task_labels(arrays, config):
   task = config.labels.task
   if task == 'four_class':
     return arrays.labels, list(arrays.class_names)
+  if task == 'three_class':
+    return three_class_labels(arrays, config.data.name)
   if task != 'binary':
     raise errors.UserError(f'Unknown task {task!r}; set --config.labels.task to one of {TASKS}.')
   negative = config.labels.binary_negative_class
@@ -153,3 +158,29 @@ def task_labels(arrays, config):
         f'have; set --config.labels.binary_negative_class to one of {list(arrays.class_names)}.')
   labels = (arrays.labels != arrays.class_names.index(negative)).astype(np.int32)
   return labels, [negative, 'Demented']
+
+
+def three_class_labels(arrays, dataset_name):
+  """The three_class task: Non_Demented 0, Very_Mild_Demented 1, Mild_or_Moderate_Demented 2.
+
+  CDR 0 / 0.5 / >= 1: Mild_Demented (CDR 1) and Moderate_Demented (CDR 2, 2 subjects
+  in the Kaggle data) merge into one class. Every class of the data set must be one
+  of the four, and each of the three groups must have a class.
+
+  Returns:
+    (int32 [N] labels, the three class names).
+  """
+  group_of = {name: k for k, (_, members) in enumerate(THREE_CLASS_GROUPS) for name in members}
+  known = ', '.join(group_of)
+  for name in arrays.class_names:
+    if name not in group_of:
+      raise errors.UserError(
+          f'The three_class task merges the classes {known}; {dataset_name} has the class '
+          f'{name!r}: name its class folders so, or set --config.labels.task=four_class.')
+  for group, members in THREE_CLASS_GROUPS:
+    if not set(members) & set(arrays.class_names):
+      raise errors.UserError(
+          f'The three_class task needs a class {" or ".join(members)} for {group}, which '
+          f'{dataset_name} does not have; set --config.labels.task=binary or four_class.')
+  mapping = np.array([group_of[name] for name in arrays.class_names], np.int32)
+  return mapping[arrays.labels], [group for group, _ in THREE_CLASS_GROUPS]

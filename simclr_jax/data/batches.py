@@ -10,6 +10,12 @@ travel as uint8 with one channel and become model inputs inside the jitted step
   the epoch's other rows, so no batch holds an image twice. The batches are a
   pure function of (seed, step), so a run resumed at step s sees exactly the
   batches it would have seen.
+- Partners. With `config.pretrain.positive_pairs=subject` (MICLe, Azizi et al.
+  2021) the second view of each pair is made from a partner row: a slice of the
+  same subject at most `positive_max_slice_distance` slices away, itself
+  included, drawn on the host (`SubjectPartners`, seeded by (seed, step)) and
+  sent as the step's 'partner' input. The default ('image') sends none, so its
+  steps are unchanged.
 - Views. Each example's augmentation key is folded from the run's key and the
   example's stream position (step * B + i), so views are a pure function of
   (seed, step, example) as well.
@@ -38,6 +44,11 @@ from simclr_jax.parallel import sharding
 _AUGMENT_STREAM = 0x5EED
 # Data sets up to this size live on the devices (the Kaggle set is 105 MB as uint8).
 _DEVICE_DATA_MAX_BYTES = 2 * 2**30
+# Stream of the partner draws: np.random seeds [seed, step, this], apart from the
+# epoch permutations' [seed, epoch] and their fillers' [seed, epoch, 1].
+_PARTNER_STREAM = 0x9A1
+# config.pretrain.positive_pairs: two views of one image (SimCLR) or of one subject (MICLe).
+POSITIVE_PAIRS = ('image', 'subject')
 
 
 def steps_per_epoch(num_examples, batch_size):
@@ -93,22 +104,81 @@ def _epoch_permutation(num_examples, seed, epoch):
   return permutation
 
 
+class SubjectPartners:
+  """Same-subject partners of a run's rows (MICLe): slices at most `max_distance` apart.
+
+  The candidates of the row at position p of `rows` are the rows of `rows` (so
+  never another split's) of its subject whose slice index differs from its own by
+  at most `max_distance`, itself included; with 0, itself only. Sorted by
+  (subject, slice), a row's candidates are one contiguous range of the sorted
+  rows, kept as its start and length.
+  """
+
+  def __init__(self, subject_ids, slice_index, rows, max_distance):
+    """Builds the candidate ranges once.
+
+    Args:
+      subject_ids: int [N] subject of each data-set row (-1 unknown).
+      slice_index: int [N] slice position of each data-set row (-1 unknown).
+      rows: int [R] the run's rows (`TrainingRows.rows`).
+      max_distance: int >= 0, the largest slice distance of a partner.
+
+    Raises:
+      errors.UserError: some row has no subject id or no slice position.
+    """
+    rows = np.asarray(rows, np.int64)
+    subjects = np.asarray(subject_ids)[rows]
+    slices = np.asarray(slice_index)[rows].astype(np.int64)
+    unknown = int(np.sum((subjects < 0) | (slices < 0)))
+    if unknown:
+      raise errors.UserError(
+          '--config.pretrain.positive_pairs=subject needs subject ids and slice positions, '
+          f'which {unknown} of the {len(rows)} training images lack; set '
+          '--config.pretrain.positive_pairs=image.')
+    _, group = np.unique(subjects, return_inverse=True)
+    # One sort key: a subject's slices +- max_distance never reach another subject's keys.
+    key = group.reshape(-1).astype(np.int64) * (slices.max(initial=0) + max_distance + 1) + slices
+    order = np.argsort(key, kind='stable')
+    self.sorted_rows = rows[order]
+    if max_distance == 0:  # Itself only, even beside another scan's slice of that index.
+      self.start, self.count = np.argsort(order), np.ones(len(rows), np.int64)
+    else:
+      self.start = np.searchsorted(key[order], key - max_distance, side='left')
+      self.count = np.searchsorted(key[order], key + max_distance, side='right') - self.start
+
+  def candidates(self, position):
+    """The data-set rows the row at `position` of the run's rows may pair with."""
+    return self.sorted_rows[self.start[position]:self.start[position] + self.count[position]]
+
+  def draw(self, positions, seed, step):
+    """One partner of each of `positions`, uniform over its candidates; seeded by (seed, step)."""
+    rng = np.random.default_rng([seed, step, _PARTNER_STREAM])
+    return self.sorted_rows[self.start[positions] + rng.integers(0, self.count[positions])]
+
+
 @dataclasses.dataclass
 class TrainingRows:
   """Which rows of the data set a run trains on, and how its batches walk them."""
   rows: np.ndarray  # int64 row indices into the data set (the train split or a subset).
   batch_size: int  # Global batch size (`train_batch_size`).
   seed: int
+  partners: SubjectPartners | None = None  # positive_pairs=subject: each row's partners.
 
   @property
   def steps_per_epoch(self):
     return steps_per_epoch(len(self.rows), self.batch_size)
 
   def step_inputs(self, step):
-    """The data-set rows and stream positions of global batch `step` (0-based)."""
+    """The data-set rows and stream positions of global batch `step` (0-based).
+
+    With `partners`, also 'partner': the data-set row of each row's second view.
+    """
     positions = batch_positions(len(self.rows), self.batch_size, self.seed, step)
     stream = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-    return {'row': self.rows[positions].astype(np.int32), 'position': stream.astype(np.int32)}
+    inputs = {'row': self.rows[positions].astype(np.int32), 'position': stream.astype(np.int32)}
+    if self.partners is not None:
+      inputs['partner'] = self.partners.draw(positions, self.seed, step).astype(np.int32)
+    return inputs
 
 
 class DeviceDataset:
@@ -121,7 +191,8 @@ class DeviceDataset:
   def __init__(self, arrays, mesh, on_device='auto', labels=None):
     self.mesh = mesh
     fits = arrays.images.nbytes + arrays.labels.nbytes <= _DEVICE_DATA_MAX_BYTES
-    self.on_device = fits if on_device == 'auto' else bool(on_device)
+    # The config's field is a string: 'False' from the command line means False.
+    self.on_device = fits if on_device == 'auto' else on_device in (True, 'True', 'true')
     labels = arrays.labels if labels is None else labels  # The run's task's labels.
     self._images, self._labels = arrays.images, np.asarray(labels, np.int32)
     self.arrays = ({'images': sharding.replicate(self._images, mesh),
@@ -138,14 +209,24 @@ class DeviceDataset:
     local = sharding.local_rows(host_inputs, batch_axis)
     if not self.on_device:
       local = dict(local, image=self._images[local['row']], label=self._labels[local['row']])
+      if 'partner' in local:
+        local['partner_image'] = self._images[local['partner']]
     return sharding.to_global(local, sharding.data_sharding(self.mesh, batch_axis))
 
   @staticmethod
   def images(data, inputs):
-    """Inside a step: (uint8 [..., H, W, 1] images, int32 labels) of the inputs' rows."""
+    """Inside a step: (uint8 [..., H, W, 1] images, int32 labels) of the inputs' rows.
+
+    With a 'partner' input (positive_pairs=subject) the images are a pair: (the
+    rows' images, their partners' images).
+    """
     if data is None:
-      return inputs['image'], inputs['label']
-    return data['images'][inputs['row']], data['labels'][inputs['row']]
+      images, labels = inputs['image'], inputs['label']
+      partners = inputs.get('partner_image')
+    else:
+      images, labels = data['images'][inputs['row']], data['labels'][inputs['row']]
+      partners = data['images'][inputs['partner']] if 'partner' in inputs else None
+    return (images, labels) if partners is None else ((images, partners), labels)
 
 
 def augment_key(seed):
@@ -154,11 +235,18 @@ def augment_key(seed):
 
 
 def pretrain_batch(images, positions, key, config):
-  """Two SimCLR views of each image: {'image1', 'image2'} [B, S, S, C]; jittable."""
+  """Two SimCLR views of each image: {'image1', 'image2'} [B, S, S, C]; jittable.
+
+  `images`: uint8 [B, H, W, 1], both views made from each image; or the pair
+  (images, partner images) of `DeviceDataset.images` under positive_pairs=subject,
+  view 2 made from the partner. Either way view v of example i draws from the key
+  of (stream position i, v), so a partner equal to its row gives the SimCLR views.
+  """
+  sources = images if isinstance(images, tuple) else (images, images)
   views = {}
-  for view in (1, 2):
+  for view, source in zip((1, 2), sources):
     keys = augment.view_keys(key, positions, view)
-    views[f'image{view}'] = augment.augment_batch(keys, images, config.augment,
+    views[f'image{view}'] = augment.augment_batch(keys, source, config.augment,
                                                   config.data.image_size, config.data.channels)
   return views
 
@@ -172,7 +260,7 @@ def supervised_image(images, positions, key, config):
 
 
 def simclr_batch(images, labels, positions, key, values, *, config):
-  """Two augmented views of each uint8 image, the SimCLR batch; jittable."""
+  """Two augmented views of each uint8 image (or image and partner), the SimCLR batch; jittable."""
   del labels, values  # Unused: pretraining is self-supervised.
   return pretrain_batch(images, positions, key, config)
 

@@ -6,10 +6,17 @@ Both split schemes work on any data set:
   axial slices are near-identical, so anything else leaks test people into train.
 - `slice`: the reference study's random slice-level split, kept to reproduce it.
 
+A finetune or baseline run labels part of the train split, by its label budget
+(`Budget`): a share of each class's train slices (`labels.unit=slice`,
+`label_subset`), or k train subjects with all their slices (`labels.unit=subject`,
+`subject_subset`), as a clinic labels people, not slices. Both are stratified by
+class, nested (a smaller budget's rows lie inside a larger one's) and seeded.
+
 Splits depend only on (seed, sorted subject ids or file names), never on the
 order of the rows.
 """
 
+import dataclasses
 import warnings
 
 from absl import logging
@@ -20,6 +27,73 @@ from simclr_jax.data import arrays as arrays_lib
 from simclr_jax import errors
 
 SPLIT_SCHEMES = ('subject', 'slice')
+LABEL_UNITS = ('slice', 'subject')
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A label budget: how much of the train split a finetune or baseline run labels.
+
+  The one representation of a budget: runs, workdir names, results.csv, results.md
+  and the figures all read it from here.
+
+  Attributes:
+    unit: 'slice' (a share of each class's train slices) or 'subject' (k train
+      subjects, each with all of their slices).
+    size: slice: the share, in (0, 1]; subject: k >= 1, or 0 for every train subject.
+  """
+  unit: str
+  size: float | int
+
+  @classmethod
+  def of_labels(cls, labels):
+    """The budget of a config's `labels` section (unit, fraction, subjects)."""
+    if labels.get('unit', 'slice') == 'subject':
+      return cls('subject', int(labels.get('subjects') or 0))
+    return cls('slice', float(labels.fraction))
+
+  @property
+  def is_all(self):
+    """Whether the budget labels the whole train split (100 %, or all subjects)."""
+    return self.size == 0 if self.unit == 'subject' else self.size >= 1.0
+
+  @property
+  def label(self):
+    """'10 %', '4 subjects', '1 subject' or 'all subjects'."""
+    if self.unit == 'slice':
+      return f'{100 * self.size:g} %'
+    if self.is_all:
+      return 'all subjects'
+    return f'{self.size} subject{"" if self.size == 1 else "s"}'
+
+  @property
+  def phrase(self):
+    """The budget in a sentence: '10 % of the labels', 'the labels of 4 subjects'."""
+    if self.unit == 'slice':
+      return f'{self.label} of the labels'
+    return f'the labels of {"all training subjects" if self.is_all else self.label}'
+
+  @property
+  def name(self):
+    """Its part of a run's workdir name: 'f0.1' (a fraction), 'k4' or 'kall' (subjects)."""
+    if self.unit == 'slice':
+      return f'f{self.size:g}'
+    return 'kall' if self.is_all else f'k{self.size}'
+
+  @property
+  def sort_key(self):
+    """Smallest first within a unit, the whole train split last."""
+    return LABEL_UNITS.index(self.unit), self.is_all, self.size
+
+  def to_dict(self):
+    return {'unit': self.unit, 'size': self.size, 'label': self.label}
+
+  @classmethod
+  def from_dict(cls, value):
+    return cls(value['unit'], value['size'])
+
+
+ALL_SLICES = Budget('slice', 1.0)
 
 
 def _split_sizes(num_units, test_fraction, val_fraction):
@@ -201,6 +275,109 @@ def label_subset(labels, train_idx, fraction, seed):
   logging.info('Label fraction %g: %d of %d train images; per class label: %s.',
                fraction, sum(counts.values()), len(train_idx), counts)
   return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def subject_order(labels, subject_ids, train_idx, seed):
+  """The train split's subjects in the order that subject budgets take them.
+
+  Each subject's class is the class of most of its slices. Each class's subjects
+  are put in one fixed random order (seeded by (seed, class), as `label_subset`
+  orders slices), and the classes take turns: first one subject of every class
+  present (the class with most train subjects first, ties by label), then always
+  the next subject of the class with the largest n_c / (taken_c + 0.5), where n_c is
+  the class's train subjects and taken_c those taken so far (Sainte-Laguë's
+  proportional allocation; ties go to the larger class, then the lower label). A
+  budget of k subjects takes the first k: stratified by class (every class present
+  once k reaches the number of classes, then in proportion), and nested (the 4
+  subjects lie inside the 8).
+
+  Args:
+    labels: int [N] labels of the whole data set (its own classes).
+    subject_ids: int [N] subject ids of the whole data set.
+    train_idx: int row indices of the train split.
+    seed: seed of the per-class orders.
+
+  Returns:
+    (subject ids, their classes): int64 [S] and int64 [S] in budget order.
+
+  Raises:
+    UserError: if a train row's subject id is unknown (-1).
+  """
+  train_idx = np.sort(np.asarray(train_idx, np.int64))
+  row_ids = subject_ids[train_idx]
+  if np.any(row_ids < 0):
+    raise errors.UserError(
+        f'{int(np.sum(row_ids < 0))} train images have unknown subject ids (-1), so labels '
+        'cannot be budgeted in subjects; set --config.data.subject_ids=recovered, or '
+        '--config.labels.unit=slice (a sweep: --config.sweep.label_unit=slice).')
+  subjects, row_subject = np.unique(row_ids, return_inverse=True)
+  counts = np.zeros((len(subjects), int(labels.max(initial=0)) + 1), np.int64)
+  np.add.at(counts, (row_subject, labels[train_idx]), 1)
+  classes = counts.argmax(axis=1)
+  queues = {int(c): np.random.default_rng([seed, int(c)]).permutation(subjects[classes == c])
+            for c in np.unique(classes)}
+  sizes = {c: len(queue) for c, queue in queues.items()}
+  taken = dict.fromkeys(queues, 0)
+  order, order_classes = [], []
+
+  def take(c):
+    order.append(queues[c][taken[c]])
+    order_classes.append(c)
+    taken[c] += 1
+
+  for c in sorted(queues, key=lambda c: (-sizes[c], c)):  # One of each class first.
+    take(c)
+  while len(order) < len(subjects):  # Then Sainte-Laguë over the classes with subjects left.
+    take(max((c for c in queues if taken[c] < sizes[c]),
+             key=lambda c: (sizes[c] / (taken[c] + 0.5), sizes[c], -c)))
+  return np.asarray(order, np.int64), np.asarray(order_classes, np.int64)
+
+
+def subject_subset(labels, subject_ids, train_idx, num_subjects, seed):
+  """Returns the labeled rows of a budget of `num_subjects` train subjects.
+
+  The first `num_subjects` subjects of `subject_order` (stratified by class, nested,
+  seeded), each with all of its train slices; 0 takes every train subject.
+
+  Args:
+    labels: int [N] labels of the whole data set (its own classes).
+    subject_ids: int [N] subject ids of the whole data set.
+    train_idx: int row indices of the train split.
+    num_subjects: k >= 1, or 0 for all.
+    seed: seed of the per-class orders.
+
+  Returns:
+    Sorted int64 row indices, a subset of `train_idx`.
+
+  Raises:
+    UserError: if k is negative or more than the train split's subjects (a budget
+      is never quietly shrunk: a sweep would run the same subset twice).
+  """
+  train_idx = np.sort(np.asarray(train_idx, np.int64))
+  order, classes = subject_order(labels, subject_ids, train_idx, seed)
+  if not 0 <= num_subjects <= len(order):
+    raise errors.UserError(
+        f'A label budget of {num_subjects} subjects does not fit the {len(order)} subjects '
+        f'of the train split; set --config.labels.subjects (a sweep: '
+        f'--config.sweep.subject_budgets) to 1 .. {len(order)}, or 0 for all of them.')
+  count = num_subjects or len(order)
+  rows = train_idx[np.isin(subject_ids[train_idx], order[:count])]
+  logging.info('Label budget of %s: %d of %d train images; subjects per class label: %s.',
+               Budget('subject', num_subjects).label, len(rows), len(train_idx),
+               {int(c): int(n) for c, n in zip(*np.unique(classes[:count], return_counts=True))})
+  return rows
+
+
+def budget_subset(arrays, train_idx, budget, seed):
+  """The labeled rows of `budget` (a `Budget`): `label_subset` or `subject_subset`."""
+  if budget.unit == 'subject':
+    return subject_subset(arrays.labels, arrays.subject_ids, train_idx, budget.size, seed)
+  return label_subset(arrays.labels, train_idx, budget.size, seed)
+
+
+def labeled_rows(config, arrays, train_idx):
+  """The labeled rows of a finetune or baseline run: its `labels` section's budget and seed."""
+  return budget_subset(arrays, train_idx, Budget.of_labels(config.labels), config.labels.seed)
 
 
 def pretrain_indices(splits, include_test):

@@ -34,6 +34,22 @@ def subject_id_source(config):
   return source
 
 
+def check_subject_pairs(config):
+  """positive_pairs=subject needs stored subject ids: recovered groups have no slice order.
+
+  The recovered groups (chains of near-duplicates) are not the subjects that the
+  stored slice positions count in (alzheimer_mri's file numbering), so a partner's
+  slice distance would mean nothing. Rows without ids or positions are refused
+  later, on the data (`batches.SubjectPartners`).
+  """
+  if config.pretrain.positive_pairs == 'subject' and subject_id_source(config) == 'recovered':
+    raise errors.UserError(
+        '--config.pretrain.positive_pairs=subject needs subject ids and slice positions, but '
+        f'{config.data.name}\'s subjects are recovered from near-duplicate slices, which have '
+        'no slice positions; set --config.pretrain.positive_pairs=image, or '
+        '--config.data.subject_ids=dataset where the data set stores both.')
+
+
 def recovered_subject_ids(arrays, config, cache_dir=None):
   """Subject ids recovered from chains of near-duplicate slices (see neighbours).
 

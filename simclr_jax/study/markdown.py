@@ -1,274 +1,237 @@
-"""results.md: the study's report, from the sweep's aggregates (`results_lib.aggregate`).
+"""results.md: the study's report, from the sweep's aggregates (`results.aggregate`).
 
-It opens with a plain answer (does SimCLR beat supervised training at few labels,
-under which protocol, how sure), generated from the intervals, then per protocol
-and task the tables of scores, paired comparisons and verdicts, per-fold scores,
-the missing classes of model selection, and the honest-vs-reference inflation.
+It states the pre-registered primary endpoint (`sweep.primary`) before any number,
+then answers it (`answer_sentences`): the positive control first where it did not
+pass, the primary verdicts at each few-label budget, each arm's level against chance
+and the raw-pixel floor, the control where it passed, how sure. Then the primary
+endpoint's and the control's tables, and per protocol and task the tables of scores,
+discrimination and calibration, paired comparisons (each labeled primary, positive
+control or exploratory), seed spread, per-fold scores, the missing classes of model
+selection, the pretraining curves, and the honest-vs-reference inflation.
 """
 
+from simclr_jax.data import splits as splits_lib
 from simclr_jax.study import plan as plan_lib
 from simclr_jax.study import results as results_lib
+from simclr_jax.study import tables
+from simclr_jax.study import verdicts
+
+join = tables.join
+
+
+def _budgets_text(budgets):
+  """'1 % and 10 % of the slices', '4, 8 and 16 subjects per fold' of budget dicts."""
+  budgets = [splits_lib.Budget.from_dict(b) for b in budgets]
+  if budgets and all(b.unit == 'subject' and not b.is_all for b in budgets):
+    sizes = [b.size for b in budgets]
+    return join(str(k) for k in sizes) + (' subject' if sizes == [1] else ' subjects') + (
+        ' per fold')
+  return join(b.label for b in budgets) + (' of the slices' if budgets and all(
+      b.unit == 'slice' for b in budgets) else '')
+
+
+def _task(task):
+  return task.replace('_', '-')
+
+
+def primary_statement(summary):
+  """The pre-registered primary endpoint in words, from the config: no result in it."""
+  primary, control = summary['primary'], summary['positive_control']
+  budgets = (f'at {_budgets_text(primary["budgets"])}' if primary['budgets'] else
+             'at its few-label budgets (its protocol is not in this sweep)')
+  text = (f'**Primary endpoint** (pre-registered in the sweep\'s config: `sweep.primary`, '
+          f'`sweep.equivalence_margin`): {primary["name"]} in {primary["what"]}, '
+          f'{_task(primary["task"])} task, {primary["protocol"]} protocol, {budgets}. Each '
+          'budget gets one verdict from the 95 % interval of the paired difference over '
+          'subjects and seeds: ahead or behind where the interval excludes 0, equivalent where '
+          f'it lies inside ±{primary["margin"]:g} points, else inconclusive. ')
+  if control['status'] == 'not run':
+    text += 'Positive control: none (the reference protocol is not in this sweep). '
+  else:
+    text += (f'Positive control: the same comparison under the leaky reference protocol '
+             f'({_task(control["task"])} task) at {_budgets_text(control["budgets"])}, where '
+             f'{verdicts.arm_name(primary["a"])} should come out ahead. ')
+  return text + 'Every other comparison in this report is exploratory.'
 
 
 # ----------------------------------------------------------------------------- answer
 
 
-def _few_label_fractions(config):
-  few = [f for f in config.sweep.fractions if f <= results_lib.FEW_LABELS_MAX_FRACTION + 1e-9]
-  return sorted(few) if few else [min(config.sweep.fractions)]
+def _cell_text(cell, primary):
+  d = cell['difference']
+  words = verdicts.outcome_text(cell['outcome'], primary['margin'], d)
+  if cell['outcome'] in ('ahead', 'behind'):
+    words = f'{verdicts.arm_name(primary["a"])} {cell["outcome"]}'
+  return (f'{cell["budget"]["label"]}: {d["difference"]:+.1f} [{d["low"]:+.1f}, '
+          f'{d["high"]:+.1f}] points, {words}')
 
 
-def _and(items):
-  items = list(items)
-  if len(items) <= 1:
-    return ''.join(items)
-  return ', '.join(items[:-1]) + ' and ' + items[-1]
+def _overall(cells, primary):
+  """The answer's first words, from the verdicts of the finished primary cells."""
+  a, b = verdicts.arm_name(primary['a']), verdicts.arm_name(primary['b'], article=True)
+  outcomes = [c['outcome'] for c in cells]
+  every = 'every primary budget' if len(cells) > 1 else 'the primary budget'
+  if all(o == 'ahead' for o in outcomes):
+    return f'Yes: {a} is ahead of {b} at {every}.'
+  if all(o == 'behind' for o in outcomes):
+    return f'No, the reverse: {a} is behind {b} at {every}.'
+  if all(o == 'equivalent' for o in outcomes):
+    return (f'No: {a} and {b} are equivalent within ±{primary["margin"]:g} points at '
+            f'{every}.')
+  if all(o == 'inconclusive' for o in outcomes):
+    return (f'Inconclusive: at {every} the interval of {primary["name"]} neither excludes 0 '
+            f'nor lies within ±{primary["margin"]:g} points.')
+  counts = [f'{verdicts.outcome_text(o, primary["margin"])} at {outcomes.count(o)}'
+            for o in ('ahead', 'behind', 'equivalent', 'inconclusive') if o in outcomes]
+  return f'Mixed: {a} vs {b} is {join(counts)} of the {len(cells)} primary budgets.'
 
 
-def _simclr_comparisons(summary, protocol, fractions):
-  """[(task, fraction, comparison or None)] of SimCLR − baseline at `fractions`."""
-  result = summary['protocols'].get(protocol)
-  found = []
-  for task, entry in (result or {}).get('tasks', {}).items():
-    by_fraction = {results_lib._fraction_key(e['fraction']): e for e in entry['fractions']}
-    for fraction in fractions:
-      fraction_entry = by_fraction.get(results_lib._fraction_key(fraction), {})
-      found.append((task, fraction,
-                    fraction_entry.get('comparisons', {}).get('finetune-baseline')))
-  return found
+def _control_cells_text(cells, margin):
+  return '; '.join(f'{c["budget"]["label"]}: {tables.difference(c["difference"])} points, '
+                   f'{verdicts.outcome_text(c["outcome"], margin)}'
+                   for c in cells if c['difference'] is not None)
 
 
-def _outcome_counts(comparisons):
-  outcomes = [c[results_lib.HEADLINE_LEVEL][results_lib.HEADLINE_METRIC]['outcome'] for _, _, c in comparisons]
-  return {o: outcomes.count(o) for o in ('ahead', 'behind', 'no difference detectable')}
+def control_sentence(control, primary):
+  """The positive control's outcome in one sentence."""
+  a, b = verdicts.arm_name(primary['a']), verdicts.arm_name(primary['b'], article=True)
+  few = [c for c in control['cells'] if c.get('few_labels')]
+  if control['status'] == 'not run':
+    return ('There is no positive control: the reference protocol was not run, so a primary '
+            f'result without an effect cannot be told from a weak {a} arm.')
+  if control['status'] == 'waiting':
+    return ('The positive control has not finished: the reference protocol\'s runs at '
+            f'{_budgets_text(control["budgets"])} are missing, so a primary result without '
+            f'an effect cannot yet be told from a weak {a} arm.')
+  where = (f'under the leaky reference protocol ({_task(control["task"])} task, '
+           f'{control["what"]}) at {_budgets_text(control["budgets"])} '
+           f'({_control_cells_text(few, primary["margin"])})')
+  if control['status'] == 'passed':
+    return (f'The positive control passed: {where} {a} is ahead of {b}, so the pipeline '
+            'finds an effect where one is there to find (the leak\'s).')
+  return (f'The positive control failed: {where} {a} is not ahead of {b}, so the '
+          f'{primary["protocol"]}-protocol comparison cannot tell a weak {a} arm from no '
+          'effect.')
 
 
-def _counts_text(counts, total, noun, the='the'):
-  """'ahead in 1 and not detectably different in 2 of the 3 {noun}' (zero counts left out)."""
-  parts = [f'{name} in {counts[outcome]}' for outcome, name in (
-      ('ahead', 'ahead'), ('behind', 'behind'),
-      ('no difference detectable', 'not detectably different')) if counts[outcome]]
-  return f'{_and(parts)} of {the} {total} {noun}'
+def _levels_sentence(primary):
+  """Each arm's level against chance and the raw-pixel floor, at each primary budget."""
+  parts = []
+  for cell in primary['cells']:
+    arms = []
+    for arm, value in cell.get('arms', {}).items():
+      notes = [value['against_chance']] if value['against_chance'] else []
+      floor = value['minus_floor']
+      if floor is not None:
+        notes.append(f'− raw-pixel 1-NN {tables.difference(floor)}, '
+                     f'{verdicts.outcome_text(floor["outcome"], primary["margin"])}')
+      arms.append(f'{verdicts.arm_name(arm)} {tables.interval(value, primary["metric"])}'
+                  + (f' ({"; ".join(notes)})' if notes else ''))
+    if arms:
+      parts.append(f'at {cell["budget"]["label"]}, ' + ', '.join(arms))
+  if not parts:
+    return None
+  chance = next((c['chance'] for c in primary['cells'] if c.get('chance') is not None), None)
+  against = f'chance ({100 * chance:.1f} %)' if chance is not None else 'chance'
+  return (f'Levels ({primary["what"]}, against {against} and against the raw-pixel 1-NN '
+          f'floor): {"; ".join(parts)}.')
+
+
+def _primary_sentence(primary):
+  if primary['status'] == 'not run':
+    return (f'The primary endpoint was not run: the {_task(primary["task"])} task under the '
+            f'{primary["protocol"]} protocol is not in this sweep (`sweep.tasks`, '
+            '`sweep.protocols`), so every comparison below is exploratory.')
+  done = [c for c in primary['cells'] if c['difference'] is not None]
+  if not done:
+    return (f'Not answered yet: no {primary["name"]} comparison of the primary endpoint has '
+            'finished.')
+  text = (f'{_overall(done, primary)} Primary endpoint ({primary["name"]}, '
+          f'{primary["what"]}, {_task(primary["task"])} task, {primary["protocol"]} '
+          f'protocol): {"; ".join(_cell_text(c, primary) for c in done)}')
+  waiting = [c['budget']['label'] for c in primary['cells']
+             if c['difference'] is None or c['partial']]
+  if waiting:
+    text += f'; still waiting for runs at {join(waiting)}'
+  return text + '.'
+
+
+def _how_sure(summary, primary):
+  done = [c for c in primary['cells'] if c['difference'] is not None]
+  seeds = max([len(c['seeds']) for c in done] or [1])
+  subjects = max([c['num_subjects'] for c in done] or [0])
+  who = f'the {subjects} test subjects' if subjects else 'the test subjects'
+  seeds_text = (f'{seeds} seeds resampled with them' if seeds > 1 else '1 seed')
+  return (f'How sure: 95 % percentile intervals of a stratified bootstrap over {who} '
+          f'({summary["bootstrap_samples"]} resamples, {seeds_text}); "equivalent" needs the '
+          f'whole interval inside ±{primary["margin"]:g} points (`sweep.equivalence_margin`), '
+          '"inconclusive" means differences that large are not excluded.')
+
+
+def _exploratory_sentence(summary, config):
+  """The reference protocol's leak, by its floor, and the caps of the primary task."""
+  parts = []
+  floor = [r for r in summary['inflation'] if r['arm'] == 'floor']
+  if floor:
+    row = max(floor, key=lambda r: (r['task'] == config.sweep.tasks[0],
+                                    results_lib.budget_of(r).sort_key))
+    parts.append(f'the reference protocol\'s raw-pixel 1-NN, which learns nothing, scores '
+                 f'{100 * row["accuracy"]["reference"]:.1f} % accuracy per slice against '
+                 f'{100 * row["accuracy"]["honest"]:.1f} % under the honest protocol '
+                 f'({_task(row["task"])}, {tables.inflation_budget(row)}): the slice split '
+                 'rewards finding a person\'s other slices')
+  primary = summary['primary']
+  cap = summary['protocols'].get(primary['protocol'], {}).get('tasks', {}).get(
+      primary['task'], {}).get('cap')
+  if cap:
+    parts.append(f'{_task(primary["task"])} balanced accuracy is capped at '
+                 f'{100 * cap["max_balanced_accuracy"]:.0f} % where the test subjects of '
+                 f'{join(cap["classes"])} are missed (see its section)')
+  if not parts:
+    return None
+  text = '; '.join(parts)
+  return f'Exploratory: {text}.'
 
 
 def answer_sentences(summary, config):
-  """The report's opening: three sentences generated from the intervals.
-
-  1. Does SimCLR beat the supervised baseline at few labels (the fractions up to
-     results_lib.FEW_LABELS_MAX_FRACTION), by the headline level and metric? 2. Under which
-     protocol, and what the reference protocol says. 3. How sure: the intervals.
-  """
-  protocol = results_lib.ANSWER_PROTOCOL if results_lib.ANSWER_PROTOCOL in summary['protocols'] else config.sweep.protocols[0]
-  fractions = _few_label_fractions(config)
-  fraction_text = _and(plan_lib.percent_label(f) for f in fractions)
-  what = (f'{plan_lib.METRIC_TITLES[results_lib.HEADLINE_METRIC].lower()} '
-          f'{results_lib.LEVEL_NAMES[results_lib.HEADLINE_LEVEL]}')
-  found = _simclr_comparisons(summary, protocol, fractions)
-  done = [c for c in found if c[2] is not None]
-  if not done:
-    return [f'Not answered yet: no SimCLR and baseline runs of the {protocol} protocol '
-            f'have finished at {fraction_text} of the labels.',
-            f'The {protocol} protocol is {plan_lib.PROTOCOL_DESCRIPTIONS[protocol]}.',
-            'The intervals follow once both arms have finished runs.']
-  differences = [c[results_lib.HEADLINE_LEVEL][results_lib.HEADLINE_METRIC]['difference'] for _, _, c in done]
-  span = (f'{min(differences):+.1f}' if len(differences) == 1 else
-          f'{min(differences):+.1f} to {max(differences):+.1f}')
-  counts = _outcome_counts(done)
-  tasks = _and(task.replace('_', '-') for task in config.sweep.tasks
-               if any(t == task for t, _, _ in done))
-  where = f'with few labels ({fraction_text}; {tasks} task{"s" if "and" in tasks else ""})'
-  if counts['ahead'] == len(done):
-    first = (f'Yes: {where}, SimCLR fine-tuning beats the supervised baseline here, by '
-             f'{span} points of {what}.')
-  elif counts['behind'] == len(done):
-    first = (f'No, the reverse: {where}, SimCLR fine-tuning is behind the supervised '
-             f'baseline here, by {span} points of {what}.')
-  elif counts['no difference detectable'] == len(done):
-    first = (f'Not detectably: {where}, SimCLR fine-tuning and the supervised baseline '
-             f'differ by {span} points of {what}, which this many subjects cannot tell '
-             'apart from no difference.')
-  else:
-    first = (f'Not consistently: {where}, SimCLR fine-tuning is '
-             f'{_counts_text(counts, len(done), "comparisons with the supervised baseline")}'
-             f' ({span} points of {what}).')
-  result = summary['protocols'][protocol]
-  if result['num_folds']:
-    how = (f'{result["num_folds"]}-fold cross-validation grouped by subject, every subject '
-           'tested once, out of fold, checkpoints chosen on validation subjects')
-  else:
-    how = plan_lib.PROTOCOL_DESCRIPTIONS[protocol]
-  second = f'That is under the {protocol} protocol ({how})'
-  other = 'reference' if protocol != 'reference' else None
-  other_done = ([c for c in _simclr_comparisons(summary, other, fractions) if c[2]]
-                if other in summary['protocols'] else [])
-  if other_done:
-    second += ('; under the reference protocol\'s slice split SimCLR is '
-               + _counts_text(_outcome_counts(other_done), len(other_done),
-                              'comparisons', the='the same'))
-    floor = [r for r in summary['inflation'] if r['arm'] == 'floor']
-    if floor:
-      row = max(floor, key=lambda r: (r['task'] == config.sweep.tasks[0], r['fraction']))
-      second += (f', and its raw-pixel 1-NN, which learns nothing, scores '
-                 f'{100 * row["accuracy"]["reference"]:.1f} % accuracy against '
-                 f'{100 * row["accuracy"]["honest"]:.1f} % under the honest protocol '
-                 f'({row["task"].replace("_", "-")}, {plan_lib.percent_label(row["fraction"])}'
-                 ' of the labels): the slice split rewards finding a person\'s other slices')
-  elif other is not None and other not in summary['protocols']:
-    second += '; the reference protocol was not run'
-  second += '.'
-  num_subjects = max(c['num_subjects'] for _, _, c in done)
-  seeds = max(len(c['seeds']) for _, _, c in done)
-  intervals = '; '.join(
-      f'{task.replace("_", "-")} {plan_lib.percent_label(fraction)}: '
-      f'[{c[results_lib.HEADLINE_LEVEL][results_lib.HEADLINE_METRIC]["low"]:+.1f}, '
-      f'{c[results_lib.HEADLINE_LEVEL][results_lib.HEADLINE_METRIC]["high"]:+.1f}]'
-      for task, fraction, c in done)
-  third = (f'How sure: the 95 % intervals of SimCLR − baseline over the {num_subjects} '
-           f'test subjects (stratified bootstrap over subjects, '
-           f'{summary["bootstrap_samples"]} resamples, {seeds} seed'
-           f'{"s" if seeds > 1 else ""}{" averaged" if seeds > 1 else ""}) are {intervals} '
-           'points')
-  incomplete = len(found) - len(done)
-  partial = [c for t, f, c in done if _partial(summary, protocol, t, f)]
-  if incomplete or partial:
-    third += (f', with {incomplete + len(partial)} of the {len(found)} comparisons still '
-              'waiting for runs')
-  third += '; an interval that contains 0 means no difference was detected.'
-  return [first, second, third]
-
-
-def _partial(summary, protocol, task, fraction):
-  entry = next(e for e in summary['protocols'][protocol]['tasks'][task]['fractions']
-               if results_lib._fraction_key(e['fraction']) == results_lib._fraction_key(fraction))
-  return any(arm['folds_pooled'] < arm['folds_planned'] for arm in entry['arms'].values())
+  """The report's answer, generated from the intervals (module docstring)."""
+  primary, control = summary['primary'], summary['positive_control']
+  sentences = []
+  if control['status'] != 'passed':
+    sentences.append(control_sentence(control, primary))
+  sentences.append(_primary_sentence(primary))
+  levels = _levels_sentence(primary)
+  if levels:
+    sentences.append(levels)
+  if control['status'] == 'passed':
+    sentences.append(control_sentence(control, primary))
+  if any(c['difference'] is not None for c in primary['cells']):
+    sentences.append(_how_sure(summary, primary))
+  exploratory = _exploratory_sentence(summary, config)
+  if exploratory:
+    sentences.append(exploratory)
+  return sentences
 
 
 # ----------------------------------------------------------------------------- markdown
 
 
-def _interval(value):
-  """'45.1 [40.2, 50.3]' of a {'value', 'low', 'high'} fraction."""
-  return f'{100 * value["value"]:.1f} [{100 * value["low"]:.1f}, {100 * value["high"]:.1f}]'
-
-
-def _difference(value):
-  return f'{value["difference"]:+.1f} [{value["low"]:+.1f}, {value["high"]:+.1f}]'
-
-
-def _fraction_label(entry, cross_validated):
-  per_fold = ' per fold' if cross_validated else ''
-  return f'{plan_lib.percent_label(entry["fraction"])} ({entry["num_labeled"]:,}{per_fold})'
-
-
-def _table(header, rows):
-  lines = ['| ' + ' | '.join(header) + ' |',
-           '|' + '|'.join(['---'] * 2 + ['---:'] * (len(header) - 2)) + '|']
-  lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
-  return lines
-
-
-def _folds_note(arm):
-  if arm['folds_pooled'] < arm['folds_planned']:
-    return f' ({arm["folds_pooled"]} of {arm["folds_planned"]} folds)'
-  return ''
-
-
-def _scores_table(entry, cross_validated):
-  header = ['labeled', 'arm', 'subjects', 'slices']
-  for metric in results_lib.REPORT_METRICS:
-    header += [f'{plan_lib.METRIC_TITLES[metric]} {results_lib.LEVEL_NAMES[level]}' for level in results_lib.LEVELS]
-  header.append('seeds')
-  rows = []
-  for fraction_entry in entry['fractions']:
-    for arm_name, arm in fraction_entry['arms'].items():
-      cells = [_fraction_label(fraction_entry, cross_validated),
-               plan_lib.ARM_NAMES[arm_name] + _folds_note(arm),
-               f'{arm["num_subjects"]:,}', f'{arm["num_slices"]:,}']
-      for metric in results_lib.REPORT_METRICS:
-        cells += [_interval(arm[level][metric]) for level in results_lib.LEVELS]
-      cells.append(str(len(arm['seeds'])))
-      rows.append(cells)
-  return _table(header, rows)
-
-
-def _comparisons_table(entry, cross_validated):
-  header = ['labeled', 'comparison', 'subjects']
-  for metric in results_lib.REPORT_METRICS:
-    header += [f'{plan_lib.METRIC_TITLES[metric]} {results_lib.LEVEL_NAMES[level]}' for level in results_lib.LEVELS]
-  header.append(f'verdict ({plan_lib.METRIC_TITLES[results_lib.HEADLINE_METRIC].lower()} '
-                f'{results_lib.LEVEL_NAMES[results_lib.HEADLINE_LEVEL]})')
-  rows = []
-  for fraction_entry in entry['fractions']:
-    for comparison in fraction_entry['comparisons'].values():
-      cells = [_fraction_label(fraction_entry, cross_validated), comparison['name'],
-               f'{comparison["num_subjects"]:,}']
-      for metric in results_lib.REPORT_METRICS:
-        cells += [_difference(comparison[level][metric]) for level in results_lib.LEVELS]
-      cells.append(comparison[results_lib.HEADLINE_LEVEL][results_lib.HEADLINE_METRIC]['outcome'])
-      rows.append(cells)
-  return _table(header, rows) if rows else []
-
-
-def _per_fold_table(entry, num_folds):
-  header = ['labeled', 'arm', 'seed'] + [f'fold {k}' for k in range(num_folds)] + ['pooled']
-  rows = []
-  for fraction_entry in entry['fractions']:
-    for arm_name, arm in fraction_entry['arms'].items():
-      for seed in arm['seeds']:
-        by_fold = {f['fold']: f for f in arm['per_fold'] if f['seed'] == seed}
-        cells = [plan_lib.percent_label(fraction_entry['fraction']),
-                 plan_lib.ARM_NAMES[arm_name], str(seed)]
-        for k in range(num_folds):
-          f = by_fold.get(k)
-          cells.append('-' if f is None else
-                       f'{100 * f["slice"]["balanced_accuracy"]:.1f} / '
-                       f'{100 * f["subject"]["balanced_accuracy"]:.1f}')
-        pooled = next(p for p in arm['per_seed'] if p['seed'] == seed)
-        cells.append(f'{100 * pooled["slice"]["balanced_accuracy"]:.1f} / '
-                     f'{100 * pooled["subject"]["balanced_accuracy"]:.1f}')
-        rows.append(cells)
-  return _table(header, rows)
-
-
-def _selection_lines(selection):
-  lines = []
-  for group in selection['missing']:
-    folds = [f for f in group['folds'] if f is not None]
-    where = (f'of fold{"s" if len(folds) > 1 else ""} {_and(str(f) for f in folds)} '
-             if folds else '')
-    key = (group['key'] or 'selection metric').replace('_', ' ')
-    lines.append(
-        f'Missing classes in model selection: the {group["split"]} split {where}holds no '
-        f'subject of {_and(group["missing"])}, so the selection metric ({group["split"]} '
-        f'{key}) averages over {_and(group["averaged_over"])} only '
-        f'({group["num_runs"]} of the {selection["num_trained_runs"]} trained runs).')
-  return lines
-
-
-def _md_verdicts(entry, cross_validated):
-  lines = []
-  for fraction_entry in entry['fractions']:
-    comparison = fraction_entry['comparisons'].get('finetune-baseline')
-    if comparison is None:
-      lines.append(f'- {_fraction_label(fraction_entry, cross_validated)}: not both '
-                   'SimCLR and the baseline have finished yet.')
-      continue
-    lines.append(f'- {_fraction_label(fraction_entry, cross_validated)}: '
-                 f'{comparison["verdict"][results_lib.HEADLINE_LEVEL]} Per slice: '
-                 f'{comparison["verdict"]["slice"]}')
-  return lines
-
-
-def results_markdown(summary, config, figures=()):
-  """results.md: the answer, the figures, then per protocol and task the tables."""
-  lines = ['# Does SimCLR pretraining beat supervised training at few labels?', '',
-           '**Answer.** ' + ' '.join(summary['answer']), '']
-  if 'label_fraction_curve.png' in figures:
-    lines += ['![Balanced accuracy and accuracy against the label fraction, per protocol '
-              'and task, with 95 % intervals over subjects](label_fraction_curve.png)', '']
-  fraction_note = ('labeled images per fold (the training subjects\' slices at that '
-                   'fraction, nested and stratified)')
-  lines += [
+def _settings_lines(summary, config):
+  """What ran and how to read the numbers."""
+  units = {result.get('label_unit', 'slice') for result in summary['protocols'].values()}
+  notes = []
+  if 'subject' in units:
+    notes.append('a number of subjects: that many of the fold\'s training subjects are '
+                 'labeled, each with all of its slices, stratified by class (one subject of '
+                 'each class first, the largest class first, then in proportion: '
+                 'Sainte-Laguë), nested (the 4 inside the 8) and seeded; in brackets the '
+                 'labeled slices per fold')
+  if 'slice' in units:
+    notes.append('a percentage: that share of each class\'s training slices is labeled, '
+                 'nested and stratified; in brackets the labeled slices per fold (or split)')
+  fraction_note = 'the label budget, ' + '; or '.join(notes)
+  margin = summary['equivalence_margin']
+  return [
       f'Data: `{config.data.name}`; model {config.model.name} (width {config.model.width:g}, '
       f'{config.model.encoder_output}), {config.data.image_size} px, {config.data.channels} channel(s), '
       f'batch {config.train.batch_size}; SimCLR pretraining {config.sweep.pretrain_num_epochs} epochs '
@@ -284,63 +247,161 @@ def results_markdown(summary, config, figures=()):
       'cross-validation every subject is tested once, by the fold that held it out, and '
       'the scores are those of all these out-of-fold predictions together. Per slice: '
       'every test slice counts; per subject: one prediction per person, the mean of the '
-      'slices\' class probabilities. Brackets: 95 % percentile intervals of a stratified '
-      'cluster bootstrap over subjects '
+      'slices\' class probabilities. Brier score (0 to 2) and ECE (expected calibration '
+      'error, 15 bins) are numbers, lower is better; sensitivity (of the demented class) '
+      'and specificity for the binary task. Brackets: 95 % percentile intervals of a '
+      'stratified cluster bootstrap over subjects '
       f'({summary["bootstrap_samples"]:,} resamples, seeded by config.seed = '
       f'{summary["bootstrap_seed"]}): subjects are drawn with replacement within their '
       'class (each class keeps its number of subjects), each with all of their slices; '
       'both arms of a comparison are scored on the same draws (paired: same subjects, '
-      'same labeled subsets); where several seeds ran, the statistic of a draw is the '
-      'mean over the seeds, so the intervals are over subjects with seeds averaged, not '
-      'over seeds. Differences are in points (a − b). Verdicts follow the intervals: '
-      '"ahead" when the whole interval is above 0, "behind" when it is below 0, else no '
-      f'difference detectable at this sample size. "Labeled": {fraction_note}.', '']
+      'same labeled subsets); where several seeds ran, each draw also draws the seeds with '
+      'replacement (the same for both arms) and averages them, so the intervals cover '
+      'subjects and seeds together, and the seed spread table shows each seed. '
+      'Differences are in points (a − b; 100 x the difference of fractions, Brier and ECE '
+      'too). Verdicts follow the intervals and the equivalence margin of '
+      f'±{margin:g} points: "ahead" when the whole interval is above 0 (below for Brier and '
+      'ECE), "behind" when it is on the other side, "equivalent" when it lies inside the '
+      'margin, else "inconclusive". Each comparison is labeled primary, positive control or '
+      f'exploratory. "Labeled": {fraction_note}.', '']
+
+
+def _wall_lines(summary):
   wall = summary.get('wall_seconds')
-  if wall:
-    lines += [f'Wall time: {results_lib.duration(wall["runs_total"])} summed over the '
-              f'{summary["num_runs"]["finished"]} finished runs of '
-              f'{summary["num_runs"]["planned"]} planned ({results_lib.duration(wall["pretraining"])} '
-              f'of it pretraining, {results_lib.duration(wall["floor"])} the raw-pixel floor)'
-              + ('' if wall['last_invocation'] is None else
-                 f'; the last invocation of the sweep took '
-                 f'{results_lib.duration(wall["last_invocation"])}') + '.', '']
+  if not wall:
+    return []
+  return [f'Wall time: {results_lib.duration(wall["runs_total"])} summed over the '
+          f'{summary["num_runs"]["finished"]} finished runs of '
+          f'{summary["num_runs"]["planned"]} planned ({results_lib.duration(wall["pretraining"])} '
+          f'of it pretraining, {results_lib.duration(wall["floor"])} the raw-pixel floor)'
+          + ('' if wall['last_invocation'] is None else
+             f'; the last invocation of the sweep took '
+             f'{results_lib.duration(wall["last_invocation"])}') + '.', '']
+
+
+def _endpoint_lines(summary):
+  primary, control = summary['primary'], summary['positive_control']
+  margin = summary['equivalence_margin']
+  lines = [f'## Primary endpoint: {primary["name"]}, {primary["what"]}, '
+           f'{_task(primary["task"])} task, {primary["protocol"]} protocol', '']
+  lines += [_primary_sentence(primary), '']
+  lines += tables.primary_tables(primary, margin)
+  lines += ['## Positive control: the leaky reference protocol', '',
+            control_sentence(control, primary), '']
+  control_rows = tables.control_table(control, margin)
+  if control_rows:
+    lines += control_rows + ['']
+  return lines
+
+
+def _task_lines(summary, protocol, result, task, entry):
+  cross_validated = bool(result['num_folds'])
+  class_names = entry['class_names']
+  pooled = (f'pooled over {entry["folds_pooled"]} of {entry["folds_planned"]} folds'
+            if cross_validated else 'one split')
+  per_class = ', '.join(f'{n} {c}' for n, c in zip(entry['subjects_per_class'], class_names))
+  lines = [f'### `{protocol}`, task `{task}` ({len(class_names)} classes)', '',
+           f'Test: {entry["num_test_subjects"]:,} subjects ({per_class}), '
+           f'{entry["num_test_slices"]:,} slices, {pooled}. Always answering the '
+           f'majority class scores {100 * entry["majority_share"]:.1f} % accuracy '
+           f'per slice and {100 * entry["subject_majority_share"]:.1f} % per subject; '
+           f'chance balanced accuracy is {100 / len(class_names):.1f} %.', '']
+  if entry.get('cap'):
+    lines += [tables.cap_note(task, entry['cap'], len(class_names)), '']
+  lines += ['#### Test scores (%, 95 % interval)', '']
+  lines += tables.scores_table(entry, cross_validated) + ['']
+  probability = tables.probability_table(entry, cross_validated)
+  if probability:
+    lines += ['#### Discrimination and calibration (95 % interval; ROC AUC, sensitivity '
+              'and specificity in %, Brier and ECE lower is better)', '']
+    lines += probability + ['']
+  lines += ['#### Paired comparisons (a − b, points, 95 % interval)', '']
+  lines += tables.comparisons_table(summary, protocol, task, entry, cross_validated) + ['']
+  lines += tables.verdict_lines(summary, protocol, task, entry, cross_validated) + ['']
+  seeds = tables.seed_table(summary, entry, cross_validated)
+  if seeds:
+    lines += [f'#### Seed spread ({verdicts.what(**summary["headline"])}, each seed\'s '
+              'pooled value)', ''] + seeds + ['']
+  if cross_validated:
+    lines += ['#### Balanced accuracy per fold (%, per slice / per subject)', '']
+    lines += tables.per_fold_table(entry, result['num_folds']) + ['']
+  selection = tables.selection_lines(entry['selection'])
+  return lines + (selection + [''] if selection else [])
+
+
+def _protocol_lines(summary, config, protocol, result):
+  description = result['description']
+  lines = [f'## Protocol `{protocol}`', '', f'{description[0].upper()}{description[1:]}.', '']
+  if protocol == 'reference':
+    lines += [f'Still otherwise than the reference: {plan_lib.REFERENCE_DIFFERENCES}.', '']
+  budgets = plan_lib.protocol_budgets(config, protocol)
+  lines += [f'Label budgets: {join(b.label for b in budgets)}'
+            + (' (training subjects per fold, each with all of its slices).'
+               if budgets[0].unit == 'subject' else ' of the training slices.'), '']
+  ran = plan_lib.protocol_tasks(config, protocol)
+  left_out = [t for t in config.sweep.tasks if t not in ran]
+  if left_out:
+    lines += [f'Left out under this protocol: the {join(left_out)} '
+              f'task{"s" if len(left_out) > 1 else ""} '
+              f'(`--config.sweep.reference_tasks` ran only {join(ran)}).', '']
+  if not result['tasks']:
+    lines += ['No run of this protocol has finished yet.', '']
+  for task, entry in result['tasks'].items():
+    lines += _task_lines(summary, protocol, result, task, entry)
+  return lines
+
+
+def _inflation_lines(summary):
+  lines = ['## Honest vs reference protocol: how much the reference\'s choices inflate '
+           'the scores', '',
+           'Pooled test scores per slice under each protocol and the difference '
+           '(reference − honest, in points): what the reference\'s numbers owe to its '
+           'slice split, transductive pretraining and test-set selection (different '
+           'test sets, so no paired interval).', '']
+  rows = []
+  for row in summary['inflation']:
+    cells = [row['task'], tables.inflation_budget(row, short=True),
+             plan_lib.ARM_NAMES[row['arm']]]
+    for metric in ('accuracy', 'balanced_accuracy'):
+      m = row[metric]
+      cells += [f'{100 * m["honest"]:.1f}', f'{100 * m["reference"]:.1f}',
+                f'{m["inflation"]:+.1f}']
+    rows.append(cells)
+  lines += tables.table(['task', 'labeled', 'arm', 'accuracy honest', 'accuracy reference',
+                         'inflation (pts)', 'bal. acc. honest', 'bal. acc. reference',
+                         'inflation (pts)'], rows)
+  lines.append('')
+  honest = summary['protocols'].get('honest', {}).get('tasks', {})
+  capped = [(task, honest[task]['cap']) for task in dict.fromkeys(
+      row['task'] for row in summary['inflation']) if honest.get(task, {}).get('cap')]
+  for task, cap in capped:
+    lines += [f'The honest {task} scores are capped at '
+              f'{100 * cap["max_balanced_accuracy"]:.0f} % balanced accuracy where the test '
+              f'subjects of {join(cap["classes"])} are missed (see its section).', '']
+  return lines
+
+
+def results_markdown(summary, config, figures=()):
+  """results.md: the primary endpoint, the answer, the figures, then the tables."""
+  lines = ['# Does SimCLR pretraining beat supervised training at few labels?', '',
+           primary_statement(summary), '',
+           '**Answer.** ' + ' '.join(summary['answer']), '']
+  if 'label_fraction_curve.png' in figures:
+    lines += ['![Balanced accuracy and accuracy against the label budget, per protocol '
+              'and task, with 95 % intervals over subjects](label_fraction_curve.png)', '']
+  lines += _settings_lines(summary, config) + _wall_lines(summary)
+  lines += _endpoint_lines(summary)
   for protocol, result in summary['protocols'].items():
-    cross_validated = bool(result['num_folds'])
-    description = result['description']
-    lines += [f'## Protocol `{protocol}`', '',
-              f'{description[0].upper()}{description[1:]}.', '']
-    if protocol == 'reference':
-      lines += [f'Still otherwise than the reference: {plan_lib.REFERENCE_DIFFERENCES}.', '']
-    ran = plan_lib.protocol_tasks(config, protocol)
-    left_out = [t for t in config.sweep.tasks if t not in ran]
-    if left_out:
-      lines += [f'Left out under this protocol: the {_and(left_out)} task '
-                f'(`--config.sweep.reference_tasks` ran only {_and(ran)}).', '']
-    if not result['tasks']:
-      lines += ['No run of this protocol has finished yet.', '']
-    for task, entry in result['tasks'].items():
-      class_names = entry['class_names']
-      pooled = (f'pooled over {entry["folds_pooled"]} of {entry["folds_planned"]} folds'
-                if cross_validated else 'one split')
-      per_class = ', '.join(f'{n} {c}' for n, c in zip(entry['subjects_per_class'],
-                                                        class_names))
-      lines += [f'### `{protocol}`, task `{task}` ({len(class_names)} classes)', '',
-                f'Test: {entry["num_test_subjects"]:,} subjects ({per_class}), '
-                f'{entry["num_test_slices"]:,} slices, {pooled}. Always answering the '
-                f'majority class scores {100 * entry["majority_share"]:.1f} % accuracy '
-                f'per slice and {100 * entry["subject_majority_share"]:.1f} % per subject; '
-                f'chance balanced accuracy is {100 / len(class_names):.1f} %.', '',
-                '#### Test scores (%, 95 % interval)', '']
-      lines += _scores_table(entry, cross_validated) + ['']
-      lines += ['#### Paired comparisons (a − b, points, 95 % interval)', '']
-      lines += _comparisons_table(entry, cross_validated) + ['']
-      lines += _md_verdicts(entry, cross_validated) + ['']
-      if cross_validated:
-        lines += ['#### Balanced accuracy per fold (%, per slice / per subject)', '']
-        lines += _per_fold_table(entry, result['num_folds']) + ['']
-      selection = _selection_lines(entry['selection'])
-      if selection:
-        lines += selection + ['']
+    lines += _protocol_lines(summary, config, protocol, result)
+  if 'pretraining_curves.png' in figures:
+    lines += ['## Pretraining curves', '',
+              'Each fold\'s SimCLR pretraining: the NT-Xent loss of its training batches, and '
+              'the kNN (k = 1) and linear-probe balanced accuracy of its embeddings on the '
+              'selection split (the fold\'s validation subjects under the honest protocol; '
+              'the test split under the reference protocol, which only monitors it), from '
+              'each pretraining\'s curves.jsonl.', '',
+              '![NT-Xent loss, kNN and linear-probe balanced accuracy of each fold\'s '
+              'pretraining](pretraining_curves.png)', '']
   if 'confusion_matrices.png' in figures:
     lines += ['## Confusion matrices', '',
               '![Pooled out-of-fold confusion matrices of each arm, per slice and per '
@@ -350,25 +411,5 @@ def results_markdown(summary, config, figures=()):
               '![Grad-CAM of the most confident test image of each predicted class]'
               '(gradcam_grid.png)', '']
   if summary['inflation']:
-    lines += ['## Honest vs reference protocol: how much the reference\'s choices inflate '
-              'the scores', '',
-              'Pooled test scores per slice under each protocol and the difference '
-              '(reference − honest, in points): what the reference\'s numbers owe to its '
-              'slice split, transductive pretraining and test-set selection (different '
-              'test sets, so no paired interval).', '']
-    rows = []
-    for row in summary['inflation']:
-      cells = [row['task'], plan_lib.percent_label(row['fraction']),
-               plan_lib.ARM_NAMES[row['arm']]]
-      for metric in ('accuracy', 'balanced_accuracy'):
-        m = row[metric]
-        cells += [f'{100 * m["honest"]:.1f}', f'{100 * m["reference"]:.1f}',
-                  f'{m["inflation"]:+.1f}']
-      rows.append(cells)
-    lines += _table(['task', 'labeled', 'arm', 'accuracy honest', 'accuracy reference',
-                     'inflation (pts)', 'bal. acc. honest', 'bal. acc. reference',
-                     'inflation (pts)'], rows)
-    lines.append('')
+    lines += _inflation_lines(summary)
   return '\n'.join(lines)
-
-

@@ -1,8 +1,8 @@
 """The sweep's plan: protocols, tasks, folds, arms, seeds, and the config and cost of every run.
 
 For each protocol (`config.sweep.protocols`) the sweep pretrains SimCLR (once per fold),
-then, at each label fraction and seed and for each label task
-(`config.sweep.tasks`: four_class, binary), fine-tunes the pretrained encoder
+then, at each label budget and seed and for each label task
+(`config.sweep.tasks`: binary, three_class, four_class), fine-tunes the pretrained encoder
 (`finetune`, the "SimCLR" arm) and trains the same classifier from scratch
 (`baseline`), both on the same labeled subset. A third arm needs no training:
 1-nearest-neighbour on raw pixels (correlation) from the same labeled subset
@@ -13,7 +13,7 @@ then, at each label fraction and seed and for each label task
   exactly one fold; validation subjects for model selection are drawn from each
   fold's training subjects; each fold's pretraining sees only that fold's
   training and validation subjects. Metrics pool the out-of-fold predictions of
-  every subject (sweep_report.py).
+  every subject (rows.py).
 - `reference`: the reference study's choices: one random 80/20 split of slices
   with no validation carve-out (all train slices available for labels), the
   test accuracy checked every epoch and the best test epoch kept, pretraining
@@ -21,24 +21,33 @@ then, at each label fraction and seed and for each label task
   in separate calls.
 
 A pretraining reads no labels and the folds follow the data set's own classes,
-so one pretraining per fold serves both label tasks.
+so one pretraining per fold serves every label task.
+
+Label budgets (`splits.Budget`, `protocol_budgets`). The honest protocol labels k
+training subjects of each fold with all their slices (`sweep.subject_budgets`, 0: all;
+`sweep.label_unit=subject`), as a clinic labels people; `sweep.label_unit=slice` gives
+it the slice fractions instead. The reference protocol labels fractions of the train
+slices (`sweep.fractions`), as the reference did. Either way the subsets are nested
+and stratified by class. A run's length follows its number of labeled slices.
 
 Seeds. Seed s sets the labeled subset (`label_seed`), the data order and the
 initialisation (`seed`) of both arms together. Each fold pretrains once, from
 its first seed's initialisation; at that seed both arms start from the same
-random encoder. Fractions above `multi_seed_max_fraction` run with the first
-seed only, to bound the cost.
+random encoder. Budgets above `multi_seed_max_fraction` (slices) or
+`multi_seed_max_subjects` (subjects; all subjects too) run with the first seed
+only, to bound the cost.
 
 Everything here is a pure function of the sweep config and the data set's
 labels and splits: `plan_runs` lists the runs in execution order, each with its
 workdir and config (`run_config`), so running the sweep again finds the same
-runs. `sweep.py` runs them, `sweep_report.py` writes the tables and figures.
+runs. `sweep.py` runs them, `report.py` writes the tables and figures.
 """
 
 import dataclasses
 import os
 
 import ml_collections
+import numpy as np
 
 from simclr_jax.data import arrays as arrays_lib
 from simclr_jax.data import batches
@@ -83,31 +92,28 @@ METRIC_TITLES = {'accuracy': 'Accuracy', 'balanced_accuracy': 'Balanced accuracy
 # checkpoints), in supervised steps; only used to weigh the ETA.
 RUN_OVERHEAD_STEPS = 150
 
-def percent_label(fraction):
-  """'1 %', '10 %', '0.5 %': a label fraction as the reference wrote it."""
-  return f'{100 * fraction:g} %'
-
 
 @dataclasses.dataclass
 class Run:
   """One run of the sweep (a pretraining, a trained arm, or the floor)."""
   protocol: str
-  task: str | None  # four_class | binary; None for a pretraining (serves both).
+  task: str | None  # binary | three_class | four_class; None for a pretraining (serves all).
   fold: int | None  # The cross-validation fold; None for a single split.
   arm: str  # pretrain | floor | baseline | finetune
-  fraction: float | None
+  budget: splits_lib.Budget | None  # The label budget; None for a pretraining.
   seed: int
   workdir: str
   config: ml_collections.ConfigDict | None  # None for the floor (no training).
-  num_labeled: int | None
+  num_labeled: int | None  # Labeled slices.
   work: float  # Relative cost, for the ETA.
+  num_labeled_subjects: int | None = None  # The subjects of the labeled slices.
 
   @property
   def name(self):
     fold = '' if self.fold is None else f' fold {self.fold}'
     if self.arm == 'pretrain':
       return f'{self.protocol}{fold} pretrain'
-    return (f'{self.protocol} {self.task}{fold} {self.arm} {percent_label(self.fraction)} '
+    return (f'{self.protocol} {self.task}{fold} {self.arm} {self.budget.label} '
             f'seed {self.seed}')
 
   @property
@@ -123,17 +129,37 @@ def protocol_seeds(config, protocol):
   return tuple(config.sweep.reference_seeds if protocol == 'reference' else config.sweep.seeds)
 
 
-def fraction_seeds(config, protocol, fraction):
-  """Seeds run at `fraction`: all of the protocol's up to multi_seed_max_fraction."""
+def protocol_budgets(config, protocol):
+  """The label budgets (`splits.Budget`) a protocol runs, smallest first.
+
+  The reference protocol: the slice fractions `sweep.fractions`, as the reference.
+  Another protocol: `sweep.subject_budgets` (k subjects, 0: all) where
+  `sweep.label_unit` is subject, else the slice fractions.
+  """
+  if protocol != 'reference' and config.sweep.label_unit == 'subject':
+    budgets = {splits_lib.Budget('subject', int(k)) for k in config.sweep.subject_budgets}
+  else:
+    budgets = {splits_lib.Budget('slice', float(f)) for f in config.sweep.fractions}
+  return tuple(sorted(budgets, key=lambda b: b.sort_key))
+
+
+def budget_seeds(config, protocol, budget):
+  """Seeds run at `budget`: all of the protocol's up to multi_seed_max_fraction (slices)
+  or multi_seed_max_subjects (subjects, never all of them), else the first."""
   seeds = protocol_seeds(config, protocol)
-  return seeds if fraction <= config.sweep.multi_seed_max_fraction + 1e-9 else seeds[:1]
+  if budget.unit == 'subject':
+    few = not budget.is_all and budget.size <= config.sweep.multi_seed_max_subjects
+  else:
+    few = budget.size <= config.sweep.multi_seed_max_fraction + 1e-9
+  return seeds if few else seeds[:1]
 
 
 def supervised_schedule(config, num_labeled, protocol='honest'):
   """(num_epochs, eval_every_epochs) of a finetune or baseline run.
 
+  `num_labeled` is the run's number of labeled slices, whatever its budget's unit.
   The whole number of epochs nearest to `max_steps_per_run` steps (at least one)
-  if that is fewer than `num_epochs`, so large fractions get fewer epochs;
+  if that is fewer than `num_epochs`, so large budgets get fewer epochs;
   validation runs about `evals_per_run` times. The reference protocol trains every
   fraction for `reference_num_epochs` epochs (when set), as the reference did
   (100 epochs), and checks the test split after every epoch.
@@ -153,7 +179,7 @@ def _eval_every(config, num_epochs):
   return max(1, num_epochs // config.sweep.evals_per_run)
 
 
-def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
+def run_config(config, protocol, mode, *, seed, num_classes, budget=splits_lib.ALL_SLICES,
                num_labeled=None, pretrained_workdir=None, task='four_class', fold=None):
   """The config of one run: the sweep config without its sweep-only fields.
 
@@ -163,8 +189,8 @@ def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
     mode: pretrain | finetune | baseline.
     seed: seed of the label subset, initialisation and data order.
     num_classes: classes of the task (what train_and_evaluate would set).
-    fraction: label fraction (finetune, baseline).
-    num_labeled: size of the labeled subset (finetune, baseline).
+    budget: the label budget, a `splits.Budget` (finetune, baseline).
+    num_labeled: labeled slices of the budget (finetune, baseline).
     pretrained_workdir: the fold's pretrain workdir (finetune).
     task: the label task (a pretraining takes the first of config.sweep.tasks).
     fold: the cross-validation fold, or None.
@@ -184,7 +210,9 @@ def run_config(config, protocol, mode, *, seed, num_classes, fraction=1.0,
     run.train.num_epochs = int(config.sweep.pretrain_num_epochs)
     run.eval.every_epochs = _eval_every(config, run.train.num_epochs)
   else:
-    run.labels.fraction = float(fraction)
+    run.labels.unit = budget.unit
+    run.labels.fraction = float(budget.size) if budget.unit == 'slice' else 1.0
+    run.labels.subjects = int(budget.size) if budget.unit == 'subject' else 0
     run.labels.seed = int(seed)
     run.train.num_epochs, run.eval.every_epochs = supervised_schedule(config, num_labeled,
                                                                       protocol)
@@ -216,7 +244,8 @@ def plan_runs(config, workdir, arrays):
 
   Per protocol: the floor runs (instant), then fold by fold the pretraining and the
   baseline and finetune runs side by side, task by task and seed by seed, so that an
-  interrupted sweep already holds whole folds.
+  interrupted sweep already holds whole folds. Every labeled subset is drawn here,
+  before any run: a subject budget larger than a fold's training subjects is an error.
   """
   planned = []
   task_classes = {task: len(arrays_lib.task_labels(arrays, task_config(config, task))[1])
@@ -224,19 +253,21 @@ def plan_runs(config, workdir, arrays):
   for protocol in config.sweep.protocols:
     folds = protocol_folds(config, protocol)
     seeds = protocol_seeds(config, protocol)
-    plan = [(seed, fraction) for seed in seeds for fraction in config.sweep.fractions
-            if seed in fraction_seeds(config, protocol, fraction)]
+    plan = [(seed, budget) for seed in seeds for budget in protocol_budgets(config, protocol)
+            if seed in budget_seeds(config, protocol, budget)]
     for fold in folds:
       splits = protocol_splits(config, protocol, arrays, fold)
       fold_dir = os.path.join(workdir, protocol, *([f'fold{fold}'] if fold is not None else []))
       pretrain_dir = os.path.join(fold_dir, 'pretrain')
-      labeled = {(seed, fraction): len(splits_lib.label_subset(
-          arrays.labels, splits['train'], fraction, seed)) for seed, fraction in plan}
+      labeled = {}
+      for seed, budget in plan:
+        rows = splits_lib.budget_subset(arrays, splits['train'], budget, seed)
+        labeled[seed, budget] = (len(rows), len(np.unique(arrays.subject_ids[rows])))
       for task in protocol_tasks(config, protocol):
-        for seed, fraction in plan:
-          planned.append(Run(protocol, task, fold, 'floor', fraction, seed,
-                             _arm_dir(workdir, protocol, task, fold, 'floor', fraction, seed),
-                             None, labeled[seed, fraction], 0.0))
+        for seed, budget in plan:
+          planned.append(Run(protocol, task, fold, 'floor', budget, seed,
+                             _arm_dir(workdir, protocol, task, fold, 'floor', budget, seed),
+                             None, labeled[seed, budget][0], 0.0, labeled[seed, budget][1]))
       pretrain = run_config(config, protocol, 'pretrain', seed=seeds[0],
                             num_classes=task_classes[config.sweep.tasks[0]],
                             task=config.sweep.tasks[0], fold=fold)
@@ -249,24 +280,26 @@ def plan_runs(config, workdir, arrays):
       planned.append(Run(protocol, None, fold, 'pretrain', None, seeds[0], pretrain_dir, pretrain,
                          None, steps * cost + RUN_OVERHEAD_STEPS))
       for task in protocol_tasks(config, protocol):
-        for seed, fraction in plan:
+        for seed, budget in plan:
+          num_labeled, num_subjects = labeled[seed, budget]
           for arm in ('baseline', 'finetune'):
             run = run_config(config, protocol, arm, seed=seed, num_classes=task_classes[task],
-                             fraction=fraction, num_labeled=labeled[seed, fraction],
+                             budget=budget, num_labeled=num_labeled,
                              pretrained_workdir=pretrain_dir, task=task, fold=fold)
             steps = run.train.num_epochs * batches.steps_per_epoch(
-                labeled[seed, fraction], config.train.batch_size)
+                num_labeled, config.train.batch_size)
             cost = 1 if config.supervised.sam == 'none' else 2
-            planned.append(Run(protocol, task, fold, arm, fraction, seed,
-                               _arm_dir(workdir, protocol, task, fold, arm, fraction, seed),
-                               run,
-                               labeled[seed, fraction], steps * cost + RUN_OVERHEAD_STEPS))
+            planned.append(Run(protocol, task, fold, arm, budget, seed,
+                               _arm_dir(workdir, protocol, task, fold, arm, budget, seed),
+                               run, num_labeled, steps * cost + RUN_OVERHEAD_STEPS,
+                               num_subjects))
   return planned
 
 
-def _arm_dir(workdir, protocol, task, fold, arm, fraction, seed):
+def _arm_dir(workdir, protocol, task, fold, arm, budget, seed):
+  """<protocol>/<task>[/fold<k>]/<arm>_<budget.name>_s<seed>, e.g. baseline_k8_s0, floor_f0.1_s0."""
   fold_part = [f'fold{fold}'] if fold is not None else []
-  return os.path.join(workdir, protocol, task, *fold_part, f'{arm}_f{fraction:g}_s{seed}')
+  return os.path.join(workdir, protocol, task, *fold_part, f'{arm}_{budget.name}_s{seed}')
 
 
 def task_config(config, task):

@@ -1,30 +1,30 @@
 """The sweep's numbers: rows of the finished runs, pooled predictions, intervals, verdicts.
 
-The unit of the study is the (protocol, task, arm, fraction, seed) cell. Under
+The unit of the study is the (protocol, task, arm, label budget, seed) cell. Under
 cross-validation its runs are the folds, and concatenating their test
 predictions gives one out-of-fold prediction of every subject (the "pooled"
-rows); every aggregate, interval and verdict is computed from these pooled
-predictions (`stats.py`: a stratified, paired bootstrap over subjects, seeds
-averaged). A verdict follows the 95 % interval of the paired difference, never
-the point estimate alone. `sweep_markdown.py` writes them as results.md,
-`sweep_report.py` writes every file.
+rows, `rows.py`); every aggregate, interval and verdict is computed from these pooled
+predictions (`metrics/bootstrap.py`: a stratified, paired bootstrap over
+subjects, and over seeds too where a cell ran several). A verdict follows the
+95 % interval of the paired difference and the equivalence margin
+(`verdicts.py`), never the point estimate alone. Everything here is a function
+of the config and the runs' records (`records.py`), which is what lets
+`recompute.py` rebuild a report from predictions.npz. `markdown.py` writes
+results.md, `report.py` every file.
 """
 
-import dataclasses
+import collections
+import hashlib
 
-from absl import logging
 import numpy as np
 
-from simclr_jax.train import workdirs
+from simclr_jax.data import splits as splits_lib
 from simclr_jax.metrics import bootstrap
-from simclr_jax.study import plan as plan_lib
 from simclr_jax.metrics import classification
+from simclr_jax.study import plan as plan_lib
+from simclr_jax.study import rows as rows_lib
+from simclr_jax.study import verdicts
 
-CSV_COLUMNS = ('protocol', 'task', 'arm', 'fraction', 'seed', 'fold', 'folds_pooled',
-               'num_labeled', 'num_test_slices', 'num_test_subjects', 'accuracy',
-               'balanced_accuracy', 'macro_f1', 'subject_accuracy',
-               'subject_balanced_accuracy', 'subject_macro_f1', 'chosen_step', 'selection',
-               'wall_seconds')
 # SimCLR - baseline carries the study's question; each learned arm - the floor says
 # whether it learned more than a look-up of the labeled images' pixels.
 COMPARISONS = (('finetune', 'baseline'), ('finetune', 'floor'), ('baseline', 'floor'))
@@ -32,15 +32,10 @@ LEVELS = bootstrap.LEVELS
 # The order of the report's columns: balanced accuracy first (the majority class is
 # half the data, so accuracy alone flatters a model that answers it).
 REPORT_METRICS = ('balanced_accuracy', 'accuracy', 'macro_f1')
-LEVEL_NAMES = {'slice': 'per slice', 'subject': 'per subject'}
-# The headline (answer, verdict column, figures' emphasis): one prediction per person,
-# the unit that is diagnosed, by balanced accuracy (the majority class is half the data).
-HEADLINE_LEVEL = 'subject'
-HEADLINE_METRIC = 'balanced_accuracy'
-# "Few labels": the fractions up to this one (or the smallest fraction if none).
-FEW_LABELS_MAX_FRACTION = 0.1
+LEVEL_NAMES = verdicts.LEVEL_NAMES
 ANSWER_PROTOCOL = 'honest'
-FIGURES = ('label_fraction_curve.png', 'confusion_matrices.png', 'gradcam_grid.png')
+FIGURES = ('label_fraction_curve.png', 'pretraining_curves.png', 'confusion_matrices.png',
+           'gradcam_grid.png')
 
 
 def duration(seconds):
@@ -55,209 +50,138 @@ def comparison_name(a, b):
   return f'{plan_lib.ARM_NAMES[a]} − {plan_lib.ARM_NAMES[b]}'
 
 
-# ----------------------------------------------------------------------------- rows
-
-
-def _selection(metrics):
-  """(split, key, value) of the `selection_<split>_<key>` entry, or (None, None, None)."""
-  for name, value in metrics.items():
-    if (name.startswith('selection_') and '_' in name[len('selection_'):]
-        and isinstance(value, (int, float)) and not isinstance(value, bool)):
-      split, key = name[len('selection_'):].split('_', 1)
-      return split, key, value
-  return None, None, None
-
-
-def _metric_columns(metrics):
-  row = {m: metrics[m] for m in plan_lib.METRICS}
-  row.update({f'subject_{m}': metrics['subject'][m] for m in plan_lib.METRICS})
-  return row
-
-
-def collect_rows(planned):
-  """One dict per finished floor, baseline or finetune run (the per-fold rows of results.csv).
-
-  Each row holds the CSV columns and, for the report, the run's `predictions`
-  (None if it wrote none), confusion matrices, class names and selection details.
-  """
-  rows = []
-  for run in planned:
-    if run.arm == 'pretrain' or not run.finished:
-      continue
-    metrics = workdirs.read_metrics(run.workdir)
-    path = workdirs.predictions_path(run.workdir)
-    predictions = classification.Predictions.load(path) if path.exists() else None
-    if predictions is None:
-      logging.warning('%s has no %s: left out of the pooled results.', run.workdir,
-                      workdirs.PREDICTIONS_FILE)
-    split, key, value = _selection(metrics)
-    rows.append({
-        'protocol': run.protocol, 'task': run.task, 'arm': run.arm,
-        'fraction': run.fraction, 'seed': run.seed, 'fold': run.fold, 'folds_pooled': 1,
-        'num_labeled': metrics.get('num_train_images', run.num_labeled),
-        'num_test_slices': metrics['num_examples'],
-        'num_test_subjects': metrics.get('num_subjects'),
-        **_metric_columns(metrics),
-        'chosen_step': metrics.get('chosen_step'), 'selection': value,
-        'wall_seconds': workdirs.read_wall_time(run.workdir),
-        'selection_split': split, 'selection_key': key,
-        'selection_classes': metrics.get('selection_classes'),
-        'class_names': list(metrics['class_names']),
-        'confusion_matrix': metrics['confusion_matrix'],
-        'subject_confusion_matrix': metrics['subject']['confusion_matrix'],
-        'predictions': predictions, 'workdir': run.workdir,
-    })
-  return rows
-
-
-def _cell_key(row):
-  return row['protocol'], row['task'], row['arm'], row['fraction'], row['seed']
-
-
-def _concatenate(predictions):
-  return classification.Predictions(
-      *(np.concatenate([getattr(p, f.name) for p in predictions])
-        for f in dataclasses.fields(classification.Predictions)))
-
-
-def pool_rows(rows, planned):
-  """One pooled row per (protocol, task, arm, fraction, seed): its folds' predictions joined.
-
-  Under cross-validation each subject is in exactly one fold's test split, so the
-  concatenation of the finished folds' test predictions holds every subject once
-  (each subject of those folds). A protocol without folds has one run per cell,
-  which is its own pooled row. Metrics are recomputed from the pooled predictions.
-
-  Returns:
-    Rows like `collect_rows`'s with fold 'pooled' (None without folds),
-    folds_pooled and folds_planned; rows without predictions are left out.
-  """
-  planned_folds = {}
-  for run in planned:
-    if run.arm in plan_lib.ARMS:
-      key = (run.protocol, run.task, run.arm, run.fraction, run.seed)
-      planned_folds.setdefault(key, set()).add(run.fold)
-  groups = {}
-  for row in rows:
-    if row['predictions'] is not None:
-      groups.setdefault(_cell_key(row), []).append(row)
-  pooled = []
-  for key, group in groups.items():
-    group = sorted(group, key=lambda r: -1 if r['fold'] is None else r['fold'])
-    cross_validated = group[0]['fold'] is not None
-    predictions = _concatenate([r['predictions'] for r in group])
-    class_names = group[0]['class_names']
-    metrics = classification.prediction_metrics(predictions, len(class_names))
-    walls = [r['wall_seconds'] for r in group if r['wall_seconds'] is not None]
-    pooled.append({
-        **{k: group[0][k] for k in ('protocol', 'task', 'arm', 'fraction', 'seed',
-                                    'selection_split', 'selection_key')},
-        'fold': 'pooled' if cross_validated else None, 'folds_pooled': len(group),
-        'folds_planned': len(planned_folds.get(key, ())) or len(group),
-        'folds': [r['fold'] for r in group],
-        'num_labeled': int(round(np.mean([r['num_labeled'] for r in group]))),
-        'num_test_slices': metrics['num_examples'],
-        'num_test_subjects': metrics['num_subjects'], **_metric_columns(metrics),
-        'chosen_step': None if cross_validated else group[0]['chosen_step'],
-        'selection': None if cross_validated else group[0]['selection'],
-        'wall_seconds': float(sum(walls)) if walls else None,
-        'class_names': class_names, 'confusion_matrix': metrics['confusion_matrix'],
-        'subject_confusion_matrix': metrics['subject']['confusion_matrix'],
-        'predictions': predictions, 'fold_rows': group,
-    })
-  return pooled
+def budget_of(entry):
+  """The `splits.Budget` of an aggregate's budget entry."""
+  return splits_lib.Budget.from_dict(entry['budget'])
 
 
 # ----------------------------------------------------------------------------- aggregates
 
 
-def _fraction_key(fraction):
-  return round(float(fraction), 9)
-
-
 def _by_cell(pooled):
-  """{(protocol, task, fraction, arm): [pooled rows sorted by seed]}."""
+  """{(protocol, task, budget, arm): [pooled rows sorted by seed]}."""
   cells = {}
   for row in pooled:
-    key = (row['protocol'], row['task'], _fraction_key(row['fraction']), row['arm'])
+    key = (row['protocol'], row['task'], row['budget'], row['arm'])
     cells.setdefault(key, []).append(row)
   return {k: sorted(v, key=lambda r: r['seed']) for k, v in cells.items()}
 
 
-def _cell_statistics(arms, config):
+_STATISTICS = collections.OrderedDict()  # A sweep rewrites its reports after every run.
+_STATISTICS_SIZE = 256
+
+
+def _fingerprint(predictions):
+  digest = hashlib.sha1()
+  for array in (predictions.subject_ids, predictions.labels, predictions.probabilities):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def _bootstrap(kind, args, kwargs, predictions, layout):
+  """`bootstrap.<kind>(*args, **kwargs)`, kept for prediction sets already seen.
+
+  Mid-sweep the reports are rewritten after every run, and only the cell of the
+  run just finished has new predictions: the others' statistics are reused. The
+  key: the prediction sets' contents, `layout` (how args arrange them) and kwargs.
+  """
+  key = (kind, tuple(_fingerprint(p) for p in predictions), repr(layout),
+         repr(sorted(kwargs.items())))
+  if key in _STATISTICS:
+    _STATISTICS.move_to_end(key)
+    return _STATISTICS[key]
+  value = getattr(bootstrap, kind)(*args, **kwargs)
+  _STATISTICS[key] = value
+  if len(_STATISTICS) > _STATISTICS_SIZE:
+    _STATISTICS.popitem(last=False)
+  return value
+
+
+def _cell_statistics(arms, config, metrics):
   """{level: {'arms': {arm: intervals}, 'differences': {(a, b): differences}}} of a cell.
 
   `arms`: {arm: pooled rows, one per seed}. When every arm has the same seeds and
   subjects (a finished cell), one bootstrap scores them all; mid-sweep, each arm
   is bootstrapped over its own subjects and each pair over the subjects and seeds
-  both have.
+  both have. Where a cell ran several seeds they are resampled too
+  (`resample_seeds`), so the intervals are over subjects and seeds together.
   """
   predictions = {arm: [r['predictions'] for r in rows] for arm, rows in arms.items()}
   seeds = {arm: [r['seed'] for r in rows] for arm, rows in arms.items()}
   pairs = [(a, b) for a, b in COMPARISONS if a in arms and b in arms]
   subject_sets = {tuple(np.unique(p.subject_ids)) for ps in predictions.values() for p in ps}
   whole = len(subject_sets) == 1 and len({tuple(s) for s in seeds.values()}) == 1
+  options = {'num_samples': int(config.sweep.bootstrap_samples), 'seed': int(config.seed),
+             'metrics': tuple(metrics),
+             'resample_seeds': max(len(s) for s in seeds.values()) > 1}
+  everything = [p for ps in predictions.values() for p in ps]
   result = {}
   for level in LEVELS:
     if whole:
-      result[level] = bootstrap.arm_statistics(predictions, pairs, level,
-                                           config.sweep.bootstrap_samples, config.seed)
+      layout = ([(arm, len(ps)) for arm, ps in predictions.items()], pairs, level)
+      result[level] = _bootstrap('arm_statistics', (predictions, pairs, level), options,
+                                 everything, layout)
       continue
-    result[level] = {'arms': {arm: bootstrap.bootstrap_intervals(
-        ps, level, config.sweep.bootstrap_samples, config.seed) for arm, ps in predictions.items()},
+    result[level] = {'arms': {arm: _bootstrap('bootstrap_intervals', (ps, level), options, ps,
+                                              level) for arm, ps in predictions.items()},
                      'differences': {}}
     for a, b in pairs:
       common = sorted(set(seeds[a]) & set(seeds[b]))
       a_sets = [p for s, p in zip(seeds[a], predictions[a]) if s in common]
       b_sets = [p for s, p in zip(seeds[b], predictions[b]) if s in common]
       if common and len(bootstrap.common_subjects(a_sets + b_sets)):
-        result[level]['differences'][a, b] = bootstrap.paired_differences(
-            a_sets, b_sets, level, config.sweep.bootstrap_samples, config.seed)
+        result[level]['differences'][a, b] = _bootstrap(
+            'paired_differences', (a_sets, b_sets, level), options, a_sets + b_sets,
+            (len(a_sets), level))
   return result
 
 
-def _arm_entry(arm, arm_rows, statistics):
+def _levels(row, metrics):
+  return {'slice': {m: row[m] for m in metrics},
+          'subject': {m: row[f'subject_{m}'] for m in metrics}}
+
+
+def _arm_entry(arm, arm_rows, statistics, metrics):
   entry = {'seeds': [r['seed'] for r in arm_rows],
            'folds_pooled': min(r['folds_pooled'] for r in arm_rows),
            'folds_planned': max(r['folds_planned'] for r in arm_rows),
-           'num_labeled': arm_rows[0]['num_labeled']}
+           'num_labeled': arm_rows[0]['num_labeled'],
+           'num_labeled_subjects': arm_rows[0]['num_labeled_subjects']}
   for level in LEVELS:
     intervals = statistics[level]['arms'][arm]
     entry['num_subjects'] = intervals['num_subjects']
     if level == 'slice':
       entry['num_slices'] = intervals['num_slices']
-    entry[level] = {m: intervals[m] for m in plan_lib.METRICS}
+    entry[level] = {m: intervals[m] for m in metrics}  # With each seed's value.
   first = arm_rows[0]
   entry['confusion'] = {'slice': first['confusion_matrix'],
                         'subject': first['subject_confusion_matrix'], 'seed': first['seed']}
   entry['per_fold'] = [
-      {'seed': r['seed'], 'fold': f['fold'],
-       'slice': {m: f[m] for m in plan_lib.METRICS},
-       'subject': {m: f[f'subject_{m}'] for m in plan_lib.METRICS},
+      {'seed': r['seed'], 'fold': f['fold'], **_levels(f, metrics),
        'num_test_subjects': f['num_test_subjects'], 'num_test_slices': f['num_test_slices']}
       for r in arm_rows for f in r['fold_rows']]
-  entry['per_seed'] = [
-      {'seed': r['seed'], 'folds': r['folds'],
-       'slice': {m: r[m] for m in plan_lib.METRICS},
-       'subject': {m: r[f'subject_{m}'] for m in plan_lib.METRICS}} for r in arm_rows]
+  entry['per_seed'] = [{'seed': r['seed'], 'folds': r['folds'], **_levels(r, metrics)}
+                       for r in arm_rows]
   return entry
 
 
-def _comparison_entry(a, b, arms, statistics):
+def _comparison_entry(a, b, arms, statistics, metrics, primary):
+  """a − b of a cell: every metric's difference with its 95 % interval, per-seed
+  values and verdict (`verdicts.outcome`), and a sentence of the headline metric."""
   if (a, b) not in statistics['slice']['differences']:
     return None  # Mid-sweep, the two arms may share no seed or no fold yet.
   seeds = sorted(set(r['seed'] for r in arms[a]) & set(r['seed'] for r in arms[b]))
   entry = {'a': a, 'b': b, 'name': comparison_name(a, b), 'seeds': seeds, 'verdict': {}}
-  b_name = ('the supervised baseline' if b == 'baseline' else
-            f'the {plan_lib.ARM_NAMES[b]} floor' if b == 'floor' else plan_lib.ARM_NAMES[b])
+  metric, margin = primary['metric'], primary['margin']
   for level in LEVELS:
     differences = statistics[level]['differences'][a, b]
     entry['num_subjects'] = differences['num_subjects']
-    entry[level] = {m: {**differences[m], 'outcome': bootstrap.outcome(differences[m])}
-                    for m in plan_lib.METRICS}
+    entry[level] = {m: {**differences[m], 'outcome': verdicts.outcome(differences[m], margin, m)}
+                    for m in metrics}
     entry['verdict'][level] = bootstrap.verdict(
-        differences[HEADLINE_METRIC], plan_lib.ARM_NAMES[a], b_name,
-        f'{plan_lib.METRIC_TITLES[HEADLINE_METRIC].lower()} {LEVEL_NAMES[level]}')
+        differences[metric], verdicts.arm_name(a), verdicts.arm_name(b, article=True),
+        verdicts.what(level, metric), margin=margin,
+        lower_is_better=metric in bootstrap.LOWER_IS_BETTER)
   return entry
 
 
@@ -300,23 +224,35 @@ def _test_set(pooled, protocol, task):
 
 
 def aggregate(config, rows, pooled):
-  """The sweep's aggregates (sweep.json), from the per-fold and the pooled rows."""
+  """The sweep's aggregates (sweep.json), from the per-fold and the pooled rows.
+
+  Besides the protocols' tables: 'primary' (the pre-registered endpoint,
+  `verdicts.primary_endpoint`) and 'positive_control' (`verdicts.positive_control`).
+  """
   cells = _by_cell(pooled)
+  primary = verdicts.settings(config)
   summary = {
       'dataset': config.data.name, 'bootstrap_samples': int(config.sweep.bootstrap_samples),
       'bootstrap_seed': int(config.seed), 'confidence': bootstrap.CONFIDENCE,
       'interval': 'percentile interval of a stratified cluster bootstrap over subjects: '
                   'subjects resampled with replacement within their class, with all '
-                  'their slices; both arms of a comparison on the same resamples; the '
-                  'statistic of a resample is the mean over seeds (intervals are over '
-                  'subjects, seeds averaged)',
-      'headline': {'level': HEADLINE_LEVEL, 'metric': HEADLINE_METRIC},
+                  'their slices; both arms of a comparison on the same resamples; where '
+                  'a cell ran several seeds, each resample also draws the seeds with '
+                  'replacement (the same draw for both arms) and averages them, so the '
+                  'intervals are over subjects and seeds together',
+      'equivalence_margin': primary['margin'],
+      'verdicts': 'ahead: the interval of a − b lies above 0 (below 0 for brier and '
+                  'ece, lower is better); behind: the reverse; equivalent: neither, and '
+                  'the interval lies inside ±equivalence_margin points; inconclusive: '
+                  'neither, and it does not',
+      'headline': {'level': primary['level'], 'metric': primary['metric']},
       'protocols': {}, 'inflation': []}
   for protocol in config.sweep.protocols:
     folds = plan_lib.protocol_folds(config, protocol)
     result = {'description': plan_lib.PROTOCOL_DESCRIPTIONS[protocol],
               **plan_lib.PROTOCOLS[protocol],
-              'num_folds': None if folds == [None] else len(folds), 'tasks': {}}
+              'num_folds': None if folds == [None] else len(folds),
+              'label_unit': plan_lib.protocol_budgets(config, protocol)[0].unit, 'tasks': {}}
     if protocol == 'reference':
       result['differences_from_reference'] = plan_lib.REFERENCE_DIFFERENCES
     for task in plan_lib.protocol_tasks(config, protocol):
@@ -324,54 +260,92 @@ def aggregate(config, rows, pooled):
       if test is None:
         continue
       task_rows = [r for r in pooled if r['protocol'] == protocol and r['task'] == task]
-      entry = {'class_names': task_rows[0]['class_names'], **test,
-               'selection': _selection_summary(rows, protocol, task), 'fractions': []}
-      for fraction in config.sweep.fractions:
-        arms = {arm: cells[protocol, task, _fraction_key(fraction), arm]
-                for arm in plan_lib.ARMS
-                if (protocol, task, _fraction_key(fraction), arm) in cells}
+      metrics = rows_lib.task_metrics(len(task_rows[0]['class_names']))
+      entry = {'class_names': task_rows[0]['class_names'], 'metrics': list(metrics), **test,
+               'selection': _selection_summary(rows, protocol, task), 'budgets': []}
+      entry['cap'] = _balanced_accuracy_cap(entry, result['num_folds'])
+      for budget in plan_lib.protocol_budgets(config, protocol):
+        arms = {arm: cells[protocol, task, budget, arm] for arm in plan_lib.ARMS
+                if (protocol, task, budget, arm) in cells}
         if not arms:
           continue
-        statistics = _cell_statistics(arms, config)
-        fraction_entry = {'fraction': float(fraction),
-                          'num_labeled': next(iter(arms.values()))[0]['num_labeled'],
-                          'arms': {arm: _arm_entry(arm, arm_rows, statistics)
-                                   for arm, arm_rows in arms.items()},
-                          'comparisons': {}}
+        statistics = _cell_statistics(arms, config, metrics)
+        first = next(iter(arms.values()))[0]
+        budget_entry = {'budget': budget.to_dict(), 'num_labeled': first['num_labeled'],
+                        'num_labeled_subjects': first['num_labeled_subjects'],
+                        'arms': {arm: _arm_entry(arm, arm_rows, statistics, metrics)
+                                 for arm, arm_rows in arms.items()},
+                        'comparisons': {}}
         for a, b in COMPARISONS:
           if a in arms and b in arms:
-            comparison = _comparison_entry(a, b, arms, statistics)
+            comparison = _comparison_entry(a, b, arms, statistics, metrics, primary)
             if comparison is not None:
-              fraction_entry['comparisons'][f'{a}-{b}'] = comparison
-        entry['fractions'].append(fraction_entry)
+              budget_entry['comparisons'][f'{a}-{b}'] = comparison
+        entry['budgets'].append(budget_entry)
       result['tasks'][task] = entry
     summary['protocols'][protocol] = result
   if {'honest', 'reference'} <= set(summary['protocols']):
     summary['inflation'] = _inflation(summary['protocols'])
+  summary['primary'] = verdicts.primary_endpoint(summary, config)
+  summary['positive_control'] = verdicts.positive_control(summary, config)
   return summary
 
 
+def _balanced_accuracy_cap(entry, num_folds):
+  """Under cross-validation, the classes no trained run's selection split held, and the cap.
+
+  Such a class (the Kaggle data's Moderate_Demented: 2 subjects, never in a fold's
+  validation split) is never scored by model selection and has at most a subject or two
+  to train on; where its test subjects are all missed, the task's pooled balanced
+  accuracy (the mean of the classes' recalls) is at most (K - m) / K.
+
+  Returns:
+    {'classes', 'subjects' (test subjects of each), 'max_balanced_accuracy'}, or None.
+  """
+  selection = entry['selection']
+  if not num_folds or not selection['num_trained_runs']:
+    return None
+  names = entry['class_names']
+  never = [name for name in names if sum(
+      g['num_runs'] for g in selection['missing']
+      if name in g['missing']) == selection['num_trained_runs']]
+  if not never:
+    return None
+  return {'classes': never,
+          'subjects': [entry['subjects_per_class'][names.index(n)] for n in never],
+          'max_balanced_accuracy': (len(names) - len(never)) / len(names)}
+
+
+def _comparable(entry):
+  """The key that matches budgets across protocols: 'all' labels, or the budget itself."""
+  budget = budget_of(entry)
+  return 'all' if budget.is_all else budget
+
+
 def _inflation(protocols):
-  """Reference minus honest, per task, fraction and arm (pooled, per slice, in points)."""
+  """Reference minus honest, per task, budget and arm (pooled, per slice, in points).
+
+  Budgets match when equal, and the whole train split matches across units (100 %
+  of the slices, all subjects): the protocols' other budgets are not comparable.
+  """
   rows = []
   for task, reference in protocols['reference']['tasks'].items():
     honest = protocols['honest']['tasks'].get(task)
     if honest is None:
       continue
-    honest_by_fraction = {_fraction_key(e['fraction']): e for e in honest['fractions']}
-    for entry in reference['fractions']:
-      other = honest_by_fraction.get(_fraction_key(entry['fraction']))
+    honest_by_budget = {_comparable(e): e for e in honest['budgets']}
+    for entry in reference['budgets']:
+      other = honest_by_budget.get(_comparable(entry))
       if other is None:
         continue
       for arm in plan_lib.ARMS:
         if arm not in entry['arms'] or arm not in other['arms']:
           continue
-        row = {'task': task, 'fraction': entry['fraction'], 'arm': arm}
+        row = {'task': task, 'budget': entry['budget'], 'honest_budget': other['budget'],
+               'arm': arm}
         for metric in ('accuracy', 'balanced_accuracy'):
           h = other['arms'][arm]['slice'][metric]['value']
           r = entry['arms'][arm]['slice'][metric]['value']
           row[metric] = {'honest': h, 'reference': r, 'inflation': 100 * (r - h)}
         rows.append(row)
   return rows
-
-

@@ -1,4 +1,4 @@
-"""Sweep mode: runs the label-fraction study that `sweep_plan.py` plans.
+"""Sweep mode: runs the label-budget study that `plan.py` plans.
 
 For each protocol the runs go in plan order: the raw-pixel floor arm (no
 training: 1-nearest-neighbour on pixels from the same labeled subset), the SimCLR
@@ -6,7 +6,8 @@ pretraining, then the baseline and fine-tuning runs side by side, seed by seed.
 Each trained run is a `trainer.train_and_evaluate` workdir; running the same
 command again skips finished runs (their `metrics.json` exists, with the same
 config) and resumes unfinished ones from their checkpoints. After every run the
-reports (`sweep_report.py`) are rewritten from the finished runs.
+reports (`report.py`) are rewritten from the finished runs, with predictions.npz,
+from which `recompute.py` rebuilds them.
 """
 
 import json
@@ -20,12 +21,14 @@ from simclr_jax import checks
 from simclr_jax import config_fields as fields
 from simclr_jax import errors
 from simclr_jax.data import arrays as arrays_lib
+from simclr_jax.metrics import bootstrap
 from simclr_jax.metrics import neighbours
 from simclr_jax.train import workdirs
 from simclr_jax.data import splits as splits_lib
 from simclr_jax.study import plan as plan_lib
 from simclr_jax.study import report as report_lib
 from simclr_jax.study import results as results_lib
+from simclr_jax.study import verdicts
 from simclr_jax.train import compile_cache
 from simclr_jax.train import trainer
 from simclr_jax.metrics import classification
@@ -45,7 +48,8 @@ def _run_floor(run, config, arrays, features):
   """Computes and writes one floor run; a finished one with the same settings is kept."""
   settings = {'mode': 'floor', 'metric': 'correlation', 'k': 1,
               'floor_image_size': config.sweep.floor_image_size, 'task': run.task, 'fold': run.fold,
-              'label_fraction': run.fraction, 'label_seed': run.seed,
+              'label_unit': run.budget.unit, 'label_budget': run.budget.size,
+              'label_seed': run.seed,
               **{k: v for k, v in plan_lib.PROTOCOLS[run.protocol].items()
                  if k in ('split.scheme', 'split.include_test_in_pretrain', 'eval.selection_split')}}
   if run.finished:
@@ -53,7 +57,7 @@ def _run_floor(run, config, arrays, features):
     if all(previous.get(k) == v for k, v in settings.items()):
       return False
   splits = plan_lib.protocol_splits(config, run.protocol, arrays, run.fold)
-  train_idx = splits_lib.label_subset(arrays.labels, splits['train'], run.fraction, run.seed)
+  train_idx = splits_lib.budget_subset(arrays, splits['train'], run.budget, run.seed)
   labels, class_names = arrays_lib.task_labels(arrays, plan_lib.task_config(config, run.task))
   start = time.time()
   predictions = raw_pixel_floor(features, labels, arrays.subject_ids, train_idx,
@@ -97,6 +101,11 @@ def check_config(config):
   if not fractions or any(not fields.is_real(f) or not 0.0 < f <= 1.0 for f in fractions):
     raise errors.UserError(f'Label fractions must be in (0, 1], got {fractions}; set '
                            '--config.sweep.fractions to e.g. "(0.01, 0.1, 1.0)".')
+  fields.choice(config, 'sweep.label_unit', splits_lib.LABEL_UNITS,
+                'set --config.sweep.label_unit to subject (the honest protocol labels '
+                'sweep.subject_budgets people) or slice (sweep.fractions of the slices)')
+  fields.integers(config, 'sweep.subject_budgets', (4, 8, 16, 32, 0), low=0,
+                  meaning=' (labeled training subjects per fold, 0: all)')
   if not config.sweep.seeds or not config.sweep.reference_seeds:
     raise errors.UserError('The sweep needs at least one seed; set --config.sweep.seeds and '
                            '--config.sweep.reference_seeds to e.g. "(0,)".')
@@ -104,26 +113,46 @@ def check_config(config):
     fields.integers(config, name, (0,), low=0, meaning=' (seeds)')
   fields.real(config, 'sweep.multi_seed_max_fraction', 0, 1, example=0.2,
               meaning=', the largest label fraction run with every seed')
+  fields.integer(config, 'sweep.multi_seed_max_subjects', low=0, example=16)
   fields.integer(config, 'sweep.pretrain_num_epochs', example=100)
   fields.integer(config, 'sweep.max_steps_per_run', example=600, optional=True)
   fields.integer(config, 'sweep.reference_num_epochs', example=100, optional=True)
   fields.integer(config, 'sweep.evals_per_run', example=5, optional=True)
   fields.integer(config, 'sweep.floor_image_size', example=64, optional=True)
   fields.integer(config, 'sweep.bootstrap_samples', low=100, example=2000)
+  _check_primary(config)
   tasks = fields.get(config, 'sweep.tasks')
   if tasks is not fields.MISSING and (not tasks or any(t not in arrays_lib.TASKS for t in tasks)):
     raise errors.UserError(f'Unknown tasks {tasks}; set --config.sweep.tasks to some of '
-                           f'{arrays_lib.TASKS}, e.g. "(\'four_class\', \'binary\')".')
+                           f'{arrays_lib.TASKS}, e.g. "(\'binary\', \'three_class\')".')
   reference_tasks = fields.get(config, 'sweep.reference_tasks')
   if reference_tasks not in (fields.MISSING, None) and (
       not reference_tasks or any(t not in tasks for t in reference_tasks)):
     raise errors.UserError(f'--config.sweep.reference_tasks={reference_tasks} must be some of '
-                           f'--config.sweep.tasks={tasks}, e.g. "(\'four_class\',)"; or None for all.')
+                           f'--config.sweep.tasks={tasks}, e.g. "(\'binary\',)"; or None for all.')
   checks.check_cam_fields(config)
 
 
+def _check_primary(config):
+  """The equivalence margin and the pre-registered primary endpoint (`sweep.primary`)."""
+  fields.real(config, 'sweep.equivalence_margin', 0, example=5.0,
+              meaning=' (points of a − b within which two arms are equivalent)')
+  fields.choice(config, 'sweep.primary.protocol', tuple(plan_lib.PROTOCOLS))
+  fields.choice(config, 'sweep.primary.task', arrays_lib.TASKS)
+  fields.choice(config, 'sweep.primary.level', bootstrap.LEVELS)
+  fields.choice(config, 'sweep.primary.metric', bootstrap.ALL_METRICS)
+  fields.choice(config, 'sweep.primary.comparison', verdicts.COMPARISONS)
+  fields.integer(config, 'sweep.primary.max_subjects', example=16)
+  fields.real(config, 'sweep.primary.max_fraction', 0, 1, low_open=True, example=0.1,
+              meaning=' (the largest few-label fraction)')
+  metric, task = (fields.get(config, f'sweep.primary.{k}') for k in ('metric', 'task'))
+  if metric in ('sensitivity', 'specificity') and task != 'binary':
+    raise errors.UserError(f'--config.sweep.primary.metric={metric} needs the binary task, not '
+                           f'{task!r}; set --config.sweep.primary.task=binary or another metric.')
+
+
 def main(config, workdir):
-  """Runs (or completes) the label-fraction study and writes its reports.
+  """Runs (or completes) the label-budget study and writes its reports.
 
   Args:
     config: a sweep config (configs/sweep.py).

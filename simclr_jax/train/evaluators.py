@@ -17,6 +17,7 @@ from simclr_jax.data import augment
 from simclr_jax.model import resnet
 from simclr_jax.parallel import sharding
 from simclr_jax.metrics import classification
+from simclr_jax.metrics import probe
 
 
 # ----------------------------------------------------------------------------- evaluators
@@ -60,7 +61,12 @@ class ClassifierEvaluator:
 
 @dataclasses.dataclass
 class KnnEvaluator:
-  """kNN accuracy of the embeddings of `idx` against those of `memory_idx` (labeled)."""
+  """The pretraining's monitors: kNN and linear-probe accuracy of the embeddings of `idx`.
+
+  Both learn from the embeddings of `memory_idx` (the labeled training split): the
+  kNN vote of the cosine neighbours (as the reference monitored), and the closed-form
+  ridge probe of `metrics/probe.py` (how linearly the classes separate).
+  """
   infer: Callable[..., Any]  # (state, idx, on_device) -> embeddings.
   idx: np.ndarray
   memory_idx: np.ndarray
@@ -69,11 +75,15 @@ class KnnEvaluator:
   num_classes: int
 
   def run(self, state):
-    # The embeddings stay on the devices: the search runs there, labels come back.
-    return classification.knn_monitor(
-        self.infer(state, self.memory_idx, on_device=True), self.labels[self.memory_idx],
-        self.infer(state, self.idx, on_device=True), self.labels[self.idx], self.ks,
-        self.num_classes)
+    # The embeddings stay on the devices: the search and the probe run there, labels
+    # come back.
+    memory = self.infer(state, self.memory_idx, on_device=True)
+    queries = self.infer(state, self.idx, on_device=True)
+    result = classification.knn_monitor(memory, self.labels[self.memory_idx], queries,
+                                        self.labels[self.idx], self.ks, self.num_classes)
+    result.update(probe.probe_monitor(memory, self.labels[self.memory_idx], queries,
+                                      self.labels[self.idx], self.num_classes))
+    return result
 
 
 class PreciseBatchStats:

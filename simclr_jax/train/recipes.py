@@ -6,7 +6,8 @@ hook, batch maker), the evaluators, the key that selects the best checkpoint, an
 the hooks the loop calls (at a fresh start, before each evaluation). The trainer
 runs any recipe the same way.
 
-- `pretrain`: SimCLR, two augmented views of each image, NT-Xent; the kNN monitor
+- `pretrain`: SimCLR, two augmented views of each image (or, with
+  positive_pairs=subject, of an image and a nearby slice of its subject), NT-Xent; the kNN monitor
   on the selection split; the reference's temperature step-down at epoch ends.
 - `finetune`: the encoder of a pretrain run, a new classification head, cross
   entropy on a labeled subset; classification metrics.
@@ -27,6 +28,7 @@ from simclr_jax.data import arrays as arrays_lib
 from simclr_jax.data import augment
 from simclr_jax.data import batches
 from simclr_jax.data import splits as splits_lib
+from simclr_jax.data import subjects
 from simclr_jax.parallel import sharding
 from simclr_jax.train import compile_cache
 from simclr_jax.train import evaluators
@@ -125,8 +127,7 @@ def _train_and_select(config, arrays, splits):
   if kinds.model_kind(config) == 'simclr':
     train_idx = splits_lib.pretrain_indices(splits, config.split.include_test_in_pretrain)
   else:
-    train_idx = splits_lib.label_subset(arrays.labels, splits['train'],
-                                        config.labels.fraction, config.labels.seed)
+    train_idx = splits_lib.labeled_rows(config, arrays, splits['train'])
   return train_idx, splits[config.eval.selection_split]
 
 
@@ -186,6 +187,11 @@ def _logits_step(state, images):
 
 def _pretrain_recipe(config, rows_of, device_data, mesh, cache):
   rows = _rows(config, rows_of.train_idx)
+  if config.pretrain.positive_pairs == 'subject':  # MICLe: view 2 from a nearby slice.
+    subjects.check_subject_pairs(config)
+    rows.partners = batches.SubjectPartners(rows_of.arrays.subject_ids,
+                                            rows_of.arrays.slice_index, rows.rows,
+                                            config.pretrain.positive_max_slice_distance)
   key, model = _key_and_model(config, rows, cache)
   infer = _infer(config, mesh, _embed_step, device_data, cache)
 

@@ -90,14 +90,16 @@ def train_steps(state, metrics, inputs, data, rngs, values, *, make_batch, loss_
     state: the TrainState.
     metrics: TrainMetrics merged since the last summary; the steps' are merged in.
     inputs: per-step inputs stacked on a leading axis of k steps: 'row', 'position'
-      int32 [k, B] (and 'image', 'label' when the data set is not on the devices).
+      int32 [k, B] (and 'image', 'label' when the data set is not on the devices;
+      'partner' and then 'partner_image' with pretrain.positive_pairs=subject).
     data: the data set on the devices ({'images', 'labels'}), or None.
     rngs: {'dropout', 'augment'} keys of the run.
     values: what differs between runs that share this compiled function:
       int32 scalars 'num_steps' (the first num_steps of the k steps run, the rest
       are skipped) and 'steps_per_epoch', the learning-rate schedule's int32 [2]
       'schedule' (its length), and the task's values (class weights).
-    make_batch: (uint8 images, labels, positions, key, values) -> the model batch.
+    make_batch: (uint8 images, labels, positions, key, values) -> the model batch;
+      the images are a pair (rows, partners) where the inputs hold 'partner'.
     loss_fn, epoch_end, frozen: as `train_step`.
 
   Returns:

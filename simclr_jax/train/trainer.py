@@ -16,7 +16,6 @@ import math
 import time
 
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 import flax
 import jax
@@ -29,6 +28,7 @@ from simclr_jax.data import batches
 from simclr_jax.metrics import classification
 from simclr_jax.parallel import sharding
 from simclr_jax.train import compile_cache
+from simclr_jax.train import curves
 from simclr_jax.train import evaluators
 from simclr_jax.train import optimizers
 from simclr_jax.train import preemption
@@ -124,8 +124,7 @@ def train_and_evaluate(config, workdir, cache=None):
   recipe = recipes.create_recipe(config, mesh, cache)
   config = recipe.config
   workdirs.check_workdir_config(config, workdir)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = curves.create_writer(workdir)
   per_epoch = recipe.rows.steps_per_epoch
   total_steps = per_epoch * config.train.num_epochs
   eval_every = per_epoch * config.eval.every_epochs
@@ -145,6 +144,7 @@ def train_and_evaluate(config, workdir, cache=None):
   restored = checkpoints.restore_latest(state)
   state = recipe.start(state) if restored is None else restored
   start_step = int(state.step)
+  writer.truncate_after(start_step)  # What comes after is replayed.
   if restored is not None:
     logging.info('Resumed from step %d of %s.', start_step, workdir)
   if preemption.stop_requested_anywhere():  # Signalled before this run's first step.

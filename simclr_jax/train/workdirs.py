@@ -126,6 +126,15 @@ def write_text(path, text):
   temporary.replace(path)
 
 
+def write_bytes(path, data):
+  """Writes a binary file (a report's data) in one piece, as `write_text`."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = _temporary(path)
+  temporary.write_bytes(data)
+  temporary.replace(path)
+
+
 def _write_on_first_process(write, name):
   """`write()` on process 0, every process waiting before and after it (module docstring)."""
   distributed.on_first_process(write, f'write {name}')

@@ -1,0 +1,175 @@
+"""Tests of the sweep's plan: label budgets (subjects or slice fractions), tasks, runs, configs.
+
+Fast: the data sets are metadata in memory (fake_data's, or the synthetic set's
+labels and subjects generated at 32 px), and nothing trains.
+"""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+
+from configs import sweep as sweep_config
+from simclr_jax import errors
+from simclr_jax import run
+from simclr_jax.data import arrays as arrays_lib
+from simclr_jax.data import splits as splits_lib
+from simclr_jax.data.datasets import alzheimer_mri
+from simclr_jax.data.datasets import synthetic_mri
+from simclr_jax.study import plan as plan_lib
+from tests import fake_data
+from tests.conftest import tiny_config
+
+K4, K8, ALL = (splits_lib.Budget('subject', k) for k in (4, 8, 0))
+HALF, WHOLE = (splits_lib.Budget('slice', f) for f in (0.5, 1.0))
+NUM_CLASSES = {'binary': 2, 'three_class': 3, 'four_class': 4}
+
+
+def kaggle_named_arrays():
+  """fake_data's arrays (10 / 2 / 20 / 14 subjects of 4 slices) with the Kaggle class names."""
+  arrays = fake_data.fake_arrays()
+  arrays.class_names = list(alzheimer_mri.CLASS_NAMES)
+  return arrays
+
+
+def synthetic_arrays(num_subjects=100, slices_per_subject=24):
+  """The metadata of the synthetic data set (the runlocal preset's), at 32 px."""
+  data = synthetic_mri.generate(num_subjects, slices_per_subject, image_size=32)
+  return arrays_lib.DatasetArrays(
+      images=data['image'], labels=data['label'], subject_ids=data['subject_id'],
+      slice_index=data['slice_index'], file_names=data['file_name'],
+      class_names=list(synthetic_mri.CLASS_NAMES), masks=data['mask'])
+
+
+def plan_config(**overrides):
+  return tiny_config('/unused', 'sweep', **{
+      'protocols': ('honest', 'reference'), 'tasks': ('binary', 'three_class'),
+      'num_folds': 2, 'sweep.subject_budgets': (4, 8, 0), 'fractions': (0.5, 1.0),
+      'seeds': (0, 1), 'sweep.multi_seed_max_subjects': 4, 'reference_seeds': (0,),
+      **overrides})
+
+
+def test_the_plan_lists_subject_budgets_for_honest_and_fractions_for_reference(tmp_path):
+  config, arrays = plan_config(), kaggle_named_arrays()
+  planned = plan_lib.plan_runs(config, str(tmp_path), arrays)
+  keys = collections.Counter((r.protocol, r.task, r.fold, r.arm, r.budget, r.seed)
+                             for r in planned)
+  assert set(keys.values()) == {1}
+  honest_cells = ((K4, 0), (K4, 1), (K8, 0), (ALL, 0))  # Seed 1 only up to 4 subjects.
+  expected = (
+      [('honest', task, fold, arm, budget, seed) for task in ('binary', 'three_class')
+       for fold in (0, 1) for arm in plan_lib.ARMS for budget, seed in honest_cells]
+      + [('reference', task, None, arm, budget, 0) for task in ('binary', 'three_class')
+         for arm in plan_lib.ARMS for budget in (HALF, WHOLE)]
+      + [('honest', None, 0, 'pretrain', None, 0), ('honest', None, 1, 'pretrain', None, 0),
+         ('reference', None, None, 'pretrain', None, 0)])
+  assert sorted(keys, key=repr) == sorted(expected, key=repr)
+  for r in planned:
+    if r.arm == 'pretrain':
+      continue
+    splits = plan_lib.protocol_splits(config, r.protocol, arrays, r.fold)
+    rows = splits_lib.budget_subset(arrays, splits['train'], r.budget, r.seed)
+    assert r.num_labeled == len(rows)  # Run lengths follow the labeled slices.
+    assert r.num_labeled_subjects == len(np.unique(arrays.subject_ids[rows]))
+    if r.budget.unit == 'subject' and not r.budget.is_all:
+      assert r.num_labeled_subjects == r.budget.size
+    fold = [] if r.fold is None else [f'fold{r.fold}']
+    assert r.workdir == os.path.join(str(tmp_path), r.protocol, r.task, *fold,
+                                     f'{r.arm}_{r.budget.name}_s{r.seed}')
+    assert r.budget.label in r.name
+    if r.config is None:  # The floor trains nothing.
+      continue
+    labels = r.config.labels
+    assert splits_lib.Budget.of_labels(labels) == r.budget and labels.seed == r.seed
+    assert (labels.unit, labels.fraction, labels.subjects) == (
+        ('subject', 1.0, r.budget.size) if r.protocol == 'honest' else ('slice', r.budget.size, 0))
+    assert r.config.model.num_classes == NUM_CLASSES[r.task]
+    assert r.config.train.num_epochs == plan_lib.supervised_schedule(
+        config, r.num_labeled, r.protocol)[0]
+    if r.arm == 'baseline':  # A valid training config (finetune's needs its pretraining).
+      run.check_config(r.config)
+  names = {os.path.relpath(r.workdir, str(tmp_path)) for r in planned}
+  assert {'honest/binary/fold0/baseline_k4_s1', 'honest/three_class/fold1/finetune_kall_s0',
+          'reference/binary/floor_f0.5_s0', 'honest/fold0/pretrain'} <= names
+
+
+def test_slice_fractions_stay_selectable_for_the_honest_protocol():
+  config = plan_config(**{'sweep.label_unit': 'slice'})
+  assert plan_lib.protocol_budgets(config, 'honest') == (HALF, WHOLE)
+  assert plan_lib.protocol_budgets(config, 'reference') == (HALF, WHOLE)
+  config.sweep.label_unit = 'subject'
+  config.sweep.subject_budgets = (0, 8, 4, 8)  # Sorted, once each, all subjects last.
+  assert plan_lib.protocol_budgets(config, 'honest') == (K4, K8, ALL)
+  assert plan_lib.budget_seeds(config, 'honest', K4) == (0, 1)
+  assert plan_lib.budget_seeds(config, 'honest', K8) == (0,)
+  assert plan_lib.budget_seeds(config, 'honest', ALL) == (0,)  # All subjects: one seed.
+  assert plan_lib.budget_seeds(config, 'honest', HALF) == (0,)
+  config.sweep.multi_seed_max_fraction = 0.5
+  assert plan_lib.budget_seeds(config, 'honest', HALF) == (0, 1)
+
+
+def test_schedule_caps_steps_and_spreads_evaluations():
+  config = plan_config(num_epochs=50, max_steps_per_run=40, evals_per_run=5, batch_size=16,
+                       multi_seed_max_fraction=0.5)
+  # 20 images: 2 steps per epoch, 50 epochs = 100 steps > 40: cut to 20 epochs.
+  assert plan_lib.supervised_schedule(config, 20) == (20, 4)
+  # 4 images: 1 step per epoch, 50 epochs = 50 steps: cut to 40 epochs.
+  assert plan_lib.supervised_schedule(config, 4) == (40, 8)
+  # 300 images: 19 steps per epoch: 2 whole epochs fit in 40 steps.
+  assert plan_lib.supervised_schedule(config, 300) == (2, 1)
+  # 1000 images: 63 steps per epoch, more than the cap: one epoch all the same.
+  assert plan_lib.supervised_schedule(config, 1000) == (1, 1)
+  config.sweep.max_steps_per_run = None
+  config.sweep.evals_per_run = None
+  assert plan_lib.supervised_schedule(config, 20) == (50, config.eval.every_epochs)
+  half, whole = splits_lib.Budget('slice', 0.5), splits_lib.Budget('slice', 1.0)
+  assert plan_lib.budget_seeds(config, 'honest', half) == (0, 1)
+  assert plan_lib.budget_seeds(config, 'honest', whole) == (0,)
+  assert plan_lib.budget_seeds(config, 'reference', half) == (0,)
+  assert plan_lib.budget_seeds(config, 'honest', splits_lib.Budget('subject', 4)) == (0, 1)
+  assert plan_lib.budget_seeds(config, 'honest', splits_lib.Budget('subject', 0)) == (0,)
+
+
+def test_a_budget_larger_than_a_folds_subjects_fails_before_any_run(tmp_path):
+  config = plan_config(**{'sweep.subject_budgets': (4, 40)})  # 46 subjects, ~30 per fold.
+  with pytest.raises(errors.UserError, match=r'budget of 40 subjects.*sweep\.subject_budgets'):
+    plan_lib.plan_runs(config, str(tmp_path), kaggle_named_arrays())
+
+
+@pytest.mark.parametrize('num_folds', [2, 5])
+def test_the_runlocal_preset_plans_budgets_its_data_set_has(tmp_path, num_folds):
+  """runlocal: the synthetic set (100 subjects x 24 slices), 2 folds of 45 training subjects."""
+  config = sweep_config.get_config('preset=runlocal')
+  config.split.num_folds = num_folds
+  if num_folds == 5:  # The docstring's way up: five folds and the default budgets.
+    config.sweep.subject_budgets = sweep_config.sweep_section().subject_budgets
+  run.check_config(config)
+  assert config.sweep.tasks == ('binary', 'three_class') and config.sweep.label_unit == 'subject'
+  planned = plan_lib.plan_runs(config, str(tmp_path), synthetic_arrays())
+  honest = [r for r in planned if r.protocol == 'honest' and r.arm == 'baseline']
+  budgets = plan_lib.protocol_budgets(config, 'honest')
+  assert {r.budget for r in honest} == set(budgets)
+  assert len(honest) == num_folds * len(budgets) * len(config.sweep.tasks)
+  for r in honest:  # A budget of k subjects has k of them, in every fold.
+    if not r.budget.is_all:
+      assert r.num_labeled_subjects == r.budget.size and r.num_labeled == 24 * r.budget.size
+    else:
+      assert r.num_labeled_subjects > max(b.size for b in budgets)
+  reference = {r.budget for r in planned if r.protocol == 'reference' and r.arm == 'floor'}
+  assert reference == {splits_lib.Budget('slice', 0.1), WHOLE}
+
+
+def test_run_config_writes_the_budget_into_the_labels_section():
+  config = sweep_config.get_config('preset=cpu')
+  runs = {budget: plan_lib.run_config(config, 'honest', 'baseline', seed=2, num_classes=3,
+                                      budget=budget, num_labeled=400, task='three_class')
+          for budget in (K8, HALF)}
+  labels = runs[K8].labels
+  assert (labels.unit, labels.subjects, labels.fraction, labels.seed) == ('subject', 8, 1.0, 2)
+  assert (runs[HALF].labels.unit, runs[HALF].labels.fraction, runs[HALF].labels.subjects) == (
+      'slice', 0.5, 0)
+  assert runs[K8].labels.task == 'three_class' and runs[K8].model.num_classes == 3
+  default = plan_lib.run_config(config, 'honest', 'baseline', seed=0, num_classes=2,
+                                num_labeled=400)
+  assert splits_lib.Budget.of_labels(default.labels) == splits_lib.ALL_SLICES
