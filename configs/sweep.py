@@ -1,11 +1,15 @@
 r"""The label-budget study: SimCLR fine-tuning vs supervised baseline vs raw-pixel 1-NN.
 
-Pretrains once per protocol (honest and reference) and fold, then fine-tunes and trains
-the baseline on nested label budgets over seeds, for the binary task (CDR 0 vs > 0, the
-primary one) and the three_class task (CDR 0 / 0.5 / >= 1): the honest protocol labels
-4, 8, 16, 32 and all training subjects of each fold (a clinic labels people, not
-slices), the reference protocol 1, 10, 20, 50 and 100 % of the train slices, as the
-reference did; see simclr_jax/study/sweep.py.
+Pretrains once per protocol (`sweep.protocols`: by default honest and reference) and
+fold, then fine-tunes and trains the baseline on nested label budgets over seeds, for
+the binary task (CDR 0 vs > 0, the primary one) and the three_class task (CDR 0 / 0.5
+/ >= 1): the honest protocol labels 4, 8, 16, 32 and all training subjects of each
+fold (a clinic labels people, not slices), the reference protocol 1, 10, 20, 50 and
+100 % of the train slices, as the reference did; see simclr_jax/study/sweep.py. The
+protocols slice_split and slice_split_transductive, between them, add one of the
+reference's choices at a time (results.md's inflation table; study/plan.PROTOCOLS):
+`"--config.sweep.protocols=('honest', 'slice_split', 'slice_split_transductive',
+'reference')"`, which the cpu preset sets.
 Running the same command again skips finished runs and resumes unfinished ones.
 
 Presets (`:preset=NAME`):
@@ -13,8 +17,12 @@ Presets (`:preset=NAME`):
     one seed; the whole sweep, both protocols, meant to take minutes on a 2-core CPU:
       python main.py --config=configs/sweep.py:preset=runlocal --workdir=runs/sweep_local
   cpu: the Kaggle data, the same model at 64 px, about 600 steps per run (the
-    reference protocol: 25 epochs), one seed, 5 folds, both tasks and protocols;
-    sized for about 2.5 hours of a quiet 2-core CPU (docs/results/README.md):
+    reference protocol: 25 epochs), one seed, 5 folds, both tasks, all four
+    protocols; sized for about 2.5 hours of a quiet 2-core CPU with the honest and
+    reference protocols alone (docs/results/README.md), to which the two protocols
+    between them add 40 runs of the same length and 2 pretrainings (about 50 minutes
+    more by those timings; `"--config.sweep.protocols=('honest', 'reference')"` leaves
+    them out):
       python main.py --config=configs/sweep.py:preset=cpu \
         --config.data.path=/path/to/alzheimer-mri-dataset.zip --workdir=runs/sweep_cpu
   full: the reference's settings (ResNet-50, 128 px, 3 channels, batch 32, flatten
@@ -75,7 +83,7 @@ def runlocal(config):
 
 
 def cpu(config):
-  """The Kaggle data at 64 px with a quarter-width ResNet-18: the study in about 2.5 h of 2 CPU cores.
+  """The Kaggle data at 64 px with a quarter-width ResNet-18: the study in about 3.3 h of 2 CPU cores.
 
   Sized on this project's 2-core machine (docs/results/README.md) so that the learned
   arms fit the data: under the reference protocol the baseline on all labels reached
@@ -91,10 +99,17 @@ def cpu(config):
     epoch (as the reference, which trained 100); the honest protocol's runs stop at
     about 600 steps (4 subjects, 128 slices: 150 epochs), which bounds its 5 folds
     x 2 tasks x 5 subject budgets x 2 arms = 100 runs;
-  - the learning rate is 10x the reference's because the runs are far shorter.
+  - the learning rate is 10x the reference's because the runs are far shorter;
+  - all four protocols run, so that results.md's inflation table adds the reference's
+    choices one at a time: the two between honest and reference (one slice split,
+    the honest protocol's budgets and run lengths) add 2 x 2 tasks x 5 subject
+    budgets x 2 arms = 40 runs and 2 pretrainings, about 50 minutes by the timings of
+    docs/results/README.md (2.5 h for honest and reference alone).
   """
   config = _small(config)
   config.data.name = 'alzheimer_mri'
+  # All four protocols (study/plan.PROTOCOLS): the inflation table one step at a time.
+  config.sweep.protocols = ('honest', 'slice_split', 'slice_split_transductive', 'reference')
   config.pretrain.projection_dims = (128, 64)
   config.augment.labeled = False
   config.eval.precise_bn_batches = 8
@@ -137,7 +152,7 @@ DTYPES = ('float32', 'bfloat16', 'auto')
 def sweep_section():
   """The sweep's own fields (the presets then set run lengths and sizes)."""
   sweep = ml_collections.ConfigDict()
-  sweep.protocols = ('honest', 'reference')  # honest (subject K-fold cross-validation) | reference (the reference's choices).
+  sweep.protocols = ('honest', 'reference')  # Any of honest (subject K-fold cross-validation) | slice_split (honest with the reference's slice split) | slice_split_transductive (and test images in pretraining) | reference (the reference's choices); see study/plan.PROTOCOLS.
   sweep.tasks = ('binary', 'three_class')  # Label tasks of the fine-tuning and baseline runs, the primary first (a pretraining serves all): binary | three_class | four_class.
   sweep.reference_tasks = config_dict.placeholder(tuple)  # reference protocol: only these of the tasks (None: all).
   sweep.label_unit = 'subject'  # honest protocol's label budgets: subject (subject_budgets) | slice (fractions); the reference protocol always uses fractions.

@@ -22,9 +22,10 @@ from simclr_jax.train import curves as curves_lib
 from simclr_jax.train import workdirs
 from tests.conftest import tiny_config
 
-# Honest: 4 and all training subjects of each fold (about 10); reference: 50 and 100 %.
+# All four protocols. Honest, slice_split and slice_split_transductive: 4 and all
+# training subjects (of each fold); reference: 50 and 100 %.
 SWEEP_OVERRIDES = {
-    'protocols': ('honest', 'reference'), 'tasks': ('binary', 'three_class', 'four_class'),
+    'protocols': ('honest', 'slice_split', 'slice_split_transductive', 'reference'), 'tasks': ('binary', 'three_class', 'four_class'),
     'num_folds': 2, 'sweep.subject_budgets': (4, 0), 'fractions': (0.5, 1.0), 'seeds': (0, 1),
     'sweep.multi_seed_max_subjects': 4, 'multi_seed_max_fraction': 0.5,
     'reference_seeds': (0,), 'pretrain_num_epochs': 1, 'max_steps_per_run': None,
@@ -95,7 +96,7 @@ class FakeTraining:
 
 
 def run_fake_sweep(data_dir, workdir, monkeypatch, right=None, **overrides):
-  """A sweep with training replaced by FakeTraining (both protocols by default)."""
+  """A sweep with training replaced by FakeTraining (all four protocols by default)."""
   config = sweep_test_config(data_dir, **overrides)
   fake = FakeTraining(arrays_lib.load_arrays(config), right)
   monkeypatch.setattr(sweep.trainer, 'train_and_evaluate', fake)

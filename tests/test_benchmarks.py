@@ -1,5 +1,6 @@
 """Every script under benchmarks/ runs at a tiny size (smoke tests, seconds each)."""
 
+import csv
 import importlib.util
 import json
 import os
@@ -140,3 +141,65 @@ def test_pretrain_length_reads_validation_only_on_a_tiny_fold(tmp_path, data_dir
   assert out.with_suffix('.png').exists()
   with open(out.with_suffix('.csv')) as f:
     assert 'test' not in f.readline()  # Validation only.
+
+
+def test_tune_supervised_grid_is_one_factor_at_a_time_around_the_preset():
+  tune = _load('tune_supervised')
+  assert tune.split_values('1e-4, (0.5, 1.0),x') == ['1e-4', '(0.5, 1.0)', 'x']
+  assert tune.parse_grid('a.b=1,2; c=x') == [('a.b', ['1', '2']), ('c', ['x'])]
+  repeated = tune.parse_args(['--workdir=w', '--out=o', '--grid=a.b=1,2', '--grid=c=x'])
+  assert repeated.grid_fields == [('a.b', ['1', '2']), ('c', ['x'])]
+  assert tune.parse_args(['--workdir=w', '--out=o']).grid_fields == tune.parse_grid(
+      tune.DEFAULT_GRID)
+  centre = {'a': 1, 'b': 'x'}
+  grid = [('a', [1, 2, 3]), ('b', ['x', 'y'])]
+  ofat = tune.grid_points(centre, grid, 'ofat')
+  assert ofat == [centre, {'a': 2, 'b': 'x'}, {'a': 3, 'b': 'x'}, {'a': 1, 'b': 'y'}]
+  assert len(tune.grid_points(centre, grid, 'product')) == 6
+  for bad in ('split.val_fraction=0.2', 'eval.selection_split=test', 'a=1;a=2', 'a'):
+    with pytest.raises(SystemExit):  # Fields that change what is scored are refused.
+      tune.parse_args(['--workdir=w', '--out=o', f'--grid={bad}'])
+
+
+def test_tune_supervised_chooses_on_validation_only_on_a_tiny_grid(tmp_path, data_dir, capsys):
+  """Two learning rates, two folds, baseline runs of 6 steps; validation columns only."""
+  tune = _load('tune_supervised')
+  overrides = ['data.name=synthetic_mri/small', f'data.dir={data_dir}', 'model.width=0.125',
+               'train.batch_size=16', 'sweep.max_steps_per_run=6', 'sweep.evals_per_run=2']
+  out = tmp_path / 'tune'
+  argv = ['--preset=runlocal', '--folds=0,1', '--subjects=4',
+          '--grid=supervised.optimizer.learning_rate=1e-3,3e-3', f'--workdir={tmp_path / "runs"}',
+          f'--out={out}'] + [f'--override={o}' for o in overrides]
+  tune.main(argv + ['--dry_run'])  # The plan and its estimate; nothing trains.
+  planned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert planned['runs'] == planned['to_train'] == 4 and planned['estimated_seconds'] > 0
+  assert not (tmp_path / 'runs').exists()
+  tune.main(argv)
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed['runs'] == 4 and printed['trained'] == 4
+  points = {p['point']: p['score'] for p in printed['points']}
+  assert set(points) == {'preset', 'learning_rate=0.003'}  # The preset's 1e-3 and one more.
+  assert points[printed['chosen']] == printed['score'] == max(points.values())
+  with open(out.with_suffix('.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert not any('test' in column for column in rows[0])  # Validation only.
+  assert len(rows) == 4 and {r['fold'] for r in rows} == {'0', '1'}
+  for row in rows:
+    # The recomputed score of the chosen checkpoint is the one the run selected on.
+    with open(os.path.join(row['workdir'], 'metrics.json')) as f:
+      selected = json.load(f)
+    assert float(row['val_balanced_accuracy']) == pytest.approx(
+        selected['selection_val_balanced_accuracy'], abs=1e-4)
+    assert 0.0 <= float(row['val_subject_balanced_accuracy']) <= 1.0
+  for point, score in points.items():
+    mine = [float(r['val_subject_balanced_accuracy']) for r in rows if r['point'] == point]
+    assert score == pytest.approx(sum(mine) / len(mine))
+  markdown = out.with_suffix('.md').read_text()
+  assert '| rank |' in markdown and f'Chosen: **{printed["chosen"]}**' in markdown
+  assert 'benchmarks/tune_supervised.py --preset=runlocal' in markdown
+  assert 'test' not in markdown.split('Command:')[0].replace('Test subjects were not read', '')
+  tune.main(argv)  # Resumed: every run is finished, nothing trains, the same choice.
+  again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert again['trained'] == 0 and again['chosen'] == printed['chosen']
+  with open(out.with_suffix('.csv')) as f:
+    assert all(float(row['wall_seconds']) > 0 for row in csv.DictReader(f))  # Kept in the runs.

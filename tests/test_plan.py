@@ -173,3 +173,54 @@ def test_run_config_writes_the_budget_into_the_labels_section():
   default = plan_lib.run_config(config, 'honest', 'baseline', seed=0, num_classes=2,
                                 num_labeled=400)
   assert splits_lib.Budget.of_labels(default.labels) == splits_lib.ALL_SLICES
+
+
+def test_the_protocols_between_honest_and_reference_each_add_one_factor(tmp_path):
+  """slice_split: the reference's test slices, a validation carve-out, test kept out of
+  pretraining; slice_split_transductive: the same with test in pretraining; both with
+  the honest protocol's budgets, seeds and run lengths."""
+  chain = ('honest', 'slice_split', 'slice_split_transductive', 'reference')
+  assert tuple(plan_lib.PROTOCOLS) == chain
+  assert sweep_config.sweep_section().protocols == ('honest', 'reference')  # The default.
+  assert sweep_config.get_config('preset=cpu').sweep.protocols == chain
+  config = plan_config(protocols=chain, reference_num_epochs=7, evals_per_run=2)
+  arrays = kaggle_named_arrays()
+  planned = plan_lib.plan_runs(config, str(tmp_path), arrays)
+  splits = {p: plan_lib.protocol_splits(config, p, arrays) for p in chain[1:]}
+  np.testing.assert_array_equal(splits['slice_split']['test'], splits['reference']['test'])
+  for name in ('train', 'val', 'test'):
+    np.testing.assert_array_equal(splits['slice_split'][name],
+                                  splits['slice_split_transductive'][name])
+  assert len(splits['slice_split']['val']) and not len(splits['reference']['val'])
+  np.testing.assert_array_equal(
+      np.union1d(splits['slice_split']['train'], splits['slice_split']['val']),
+      splits['reference']['train'])
+  expected = {  # (scheme, folds, test in pretraining, selection split, label unit)
+      'slice_split': ('slice', None, False, 'val', 'subject'),
+      'slice_split_transductive': ('slice', None, True, 'val', 'subject')}
+  for protocol, settings in expected.items():
+    runs = [r for r in planned if r.protocol == protocol]
+    assert {r.fold for r in runs} == {None}
+    cells = lambda runs: collections.Counter((r.task, r.arm, r.budget, r.seed) for r in runs
+                                             if r.arm != 'pretrain')
+    assert cells(runs) == cells(r for r in planned if r.protocol == 'honest' and r.fold == 0)
+    pretrain = [r for r in runs if r.arm == 'pretrain']
+    assert len(pretrain) == 1 and pretrain[0].workdir == str(tmp_path / protocol / 'pretrain')
+    for r in runs:
+      if r.config is None:
+        continue
+      assert (r.config.split.scheme, r.config.split.num_folds,
+              r.config.split.include_test_in_pretrain,
+              r.config.eval.selection_split) == settings[:4]
+      assert (r.config.labels.class_weights, r.config.pretrain.temperature_schedule,
+              r.config.pretrain.joint_views) == (config.labels.class_weights,
+                                                 config.pretrain.temperature_schedule,
+                                                 config.pretrain.joint_views)
+      if r.arm != 'pretrain':  # The honest schedule, not the reference's 7 epochs.
+        assert r.config.labels.unit == settings[4]
+        assert (r.config.train.num_epochs, r.config.eval.every_epochs) == (
+            plan_lib.supervised_schedule(config, r.num_labeled, 'honest'))
+  rows = {p: splits_lib.pretrain_indices(splits[p], plan_lib.protocol_config(
+      config, p).split.include_test_in_pretrain) for p in expected}
+  assert not np.isin(splits['slice_split']['test'], rows['slice_split']).any()
+  np.testing.assert_array_equal(rows['slice_split_transductive'], np.arange(len(arrays.labels)))

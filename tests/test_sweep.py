@@ -42,11 +42,15 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
   tasks = config.sweep.tasks
   keys = sorted((r['protocol'], r['task'], r['fold'], r['arm'], r['budget'], r['budget_unit'],
                  r['budget_size'], int(r['seed'])) for r in run_rows(rows))
-  # Seed 1 only up to 4 subjects; the honest protocol's budgets are subjects.
+  # Seed 1 only up to 4 subjects; the budgets of honest and of the two slice-split
+  # protocols between it and the reference (one split each) are subjects.
   honest_cells = (('4 subjects', '4', 0), ('4 subjects', '4', 1), ('all subjects', '0', 0))
+  between = ('slice_split', 'slice_split_transductive')
   expected = sorted(
       [('honest', task, str(fold), arm, label, 'subject', size, s) for task in tasks
        for fold in (0, 1) for arm in plan_lib.ARMS for label, size, s in honest_cells]
+      + [(protocol, task, '', arm, label, 'subject', size, s) for protocol in between
+         for task in tasks for arm in plan_lib.ARMS for label, size, s in honest_cells]
       + [('reference', task, '', arm, label, 'slice', size, 0) for task in tasks
          for arm in plan_lib.ARMS for label, size in (('50 %', '0.5'), ('100 %', '1.0'))])
   assert keys == expected
@@ -55,21 +59,26 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
                 for r in pooled_rows(rows)) == sorted(
       ('honest', task, arm, label, s) for task in tasks for arm in plan_lib.ARMS
       for label, _, s in honest_cells)
-  for r in run_rows(rows):  # A subject budget: k subjects, each with all of its slices.
-    if r['budget'] == '4 subjects':
-      assert r['num_labeled_subjects'] == '4' and int(r['num_labeled']) == 4 * 8
-  # Pretraining once per fold (2 honest + 1 reference), then 2 arms x 3 tasks x
-  # (2 folds x 3 honest + 2 reference) runs.
+  for r in run_rows(rows):  # A subject budget: k subjects with all their training slices:
+    if r['budget'] == '4 subjects':  # all 8 under subject folds, fewer under a slice split.
+      assert r['num_labeled_subjects'] == '4'
+      assert (int(r['num_labeled']) == 4 * 8 if r['protocol'] == 'honest' else
+              4 <= int(r['num_labeled']) < 4 * 8)
+  # Pretraining once per fold (2 honest + 1 for each other protocol), then 2 arms x 3
+  # tasks x (2 folds x 3 honest + 2 x 3 between + 2 reference) runs.
   modes = [c.mode for c, _ in fake.calls]
-  assert modes.count('pretrain') == 3 and len(modes) == 3 + 2 * 3 * (2 * 3 + 2)
+  assert modes.count('pretrain') == 5 and len(modes) == 5 + 2 * 3 * (2 * 3 + 2 * 3 + 2)
   markdown = read_text(workdir, 'results.md')
-  for needle in ('## Protocol `honest`', '## Protocol `reference`', '### `honest`, task '
+  for needle in ('## Protocol `honest`', '## Protocol `reference`', '## Protocol `slice_split`',
+                 plan_lib.PROTOCOL_DESCRIPTIONS['slice_split_transductive'][1:],
+                 'Label budgets: 4 subjects and all subjects (training subjects, each',
+                 '### `honest`, task '
                  '`binary`', '### `honest`, task `three_class` (3 classes)', 'raw-pixel 1-NN',
                  '50 % (', '4 subjects (32 slices per fold)', 'all subjects (',
                  'Label budgets: 4 subjects and all subjects (training subjects per fold',
                  'Label budgets: 50 % and 100 % of the training slices', 'Sainte-Laguë',
                  'SimCLR − baseline', 'baseline − raw-pixel 1-NN', 'per subject',
-                 'Balanced accuracy per fold', 'inflation', 'all (100 % / all subjects)',
+                 'Balanced accuracy per fold', 'Inflation', 'all (all subjects / 100 %)',
                  plan_lib.REFERENCE_DIFFERENCES, plan_lib.PROTOCOL_DESCRIPTIONS['honest'][1:],
                  '](label_fraction_curve.png)', '](confusion_matrices.png)', 'Wall time',
                  '](pretraining_curves.png)', '#### Discrimination and calibration',
@@ -89,11 +98,11 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
   assert entry['budget'] == {'unit': 'subject', 'size': 4, 'label': '4 subjects'}
   assert entry['arms']['baseline']['seeds'] == [0, 1]  # Two seeds at 4 subjects.
   with open(os.path.join(workdir, 'sweep.json')) as f:
-    num_runs = 3 * 8 * len(tasks)
+    num_runs = 3 * 14 * len(tasks)
     assert json.load(f)['num_runs'] == {
-        'finished': 3 + num_runs, 'planned': 3 + num_runs, 'floor_finished': num_runs // 3,
+        'finished': 5 + num_runs, 'planned': 5 + num_runs, 'floor_finished': num_runs // 3,
         'baseline_finished': num_runs // 3, 'finetune_finished': num_runs // 3,
-        'pretrain_finished': 3}
+        'pretrain_finished': 5}
 
 
 def test_reports_state_the_cap_of_classes_never_validated(fake_sweep):
@@ -224,8 +233,8 @@ def test_run_configs_follow_the_protocols_tasks_folds_and_seeds(fake_sweep):
       assert config.finetune.pretrained_workdir == os.path.join(workdir, protocol, *fold_dir,
                                                        'pretrain')
     assert config.labels.seed == config.seed
-    # Honest runs label subjects, reference runs a fraction of the slices.
-    assert config.labels.unit == ('subject' if protocol == 'honest' else 'slice')
+    # Reference runs label a fraction of the slices, the other protocols subjects.
+    assert config.labels.unit == ('slice' if protocol == 'reference' else 'subject')
     budget = splits_lib.Budget.of_labels(config.labels)
     assert parts[-1] == f'{config.mode}_{budget.name}_s{config.seed}'
 

@@ -7,7 +7,9 @@ and the raw-pixel floor, the control where it passed, how sure. Then the primary
 endpoint's and the control's tables, and per protocol and task the tables of scores,
 discrimination and calibration, paired comparisons (each labeled primary, positive
 control or exploratory), seed spread, per-fold scores, the missing classes of model
-selection, the pretraining curves, and the honest-vs-reference inflation.
+selection, the pretraining curves, and the inflation from the honest protocol to the
+reference's, step by step (`inflation.py`; where the protocols between them did not
+run, cut to what it can show: several factors at once).
 """
 
 from simclr_jax.data import splits as splits_lib
@@ -171,15 +173,9 @@ def _how_sure(summary, primary):
 def _exploratory_sentence(summary, config):
   """The reference protocol's leak, by its floor, and the caps of the primary task."""
   parts = []
-  floor = [r for r in summary['inflation'] if r['arm'] == 'floor']
-  if floor:
-    row = max(floor, key=lambda r: (r['task'] == config.sweep.tasks[0],
-                                    results_lib.budget_of(r).sort_key))
-    parts.append(f'the reference protocol\'s raw-pixel 1-NN, which learns nothing, scores '
-                 f'{100 * row["accuracy"]["reference"]:.1f} % accuracy per slice against '
-                 f'{100 * row["accuracy"]["honest"]:.1f} % under the honest protocol '
-                 f'({_task(row["task"])}, {tables.inflation_budget(row)}): the slice split '
-                 'rewards finding a person\'s other slices')
+  leak = _floor_leak(summary, config)
+  if leak:
+    parts.append(leak)
   primary = summary['primary']
   cap = summary['protocols'].get(primary['protocol'], {}).get('tasks', {}).get(
       primary['task'], {}).get('cap')
@@ -335,8 +331,9 @@ def _protocol_lines(summary, config, protocol, result):
   if protocol == 'reference':
     lines += [f'Still otherwise than the reference: {plan_lib.REFERENCE_DIFFERENCES}.', '']
   budgets = plan_lib.protocol_budgets(config, protocol)
+  per_fold = ' per fold' if result['num_folds'] else ''
   lines += [f'Label budgets: {join(b.label for b in budgets)}'
-            + (' (training subjects per fold, each with all of its slices).'
+            + (f' (training subjects{per_fold}, each with all of its training slices).'
                if budgets[0].unit == 'subject' else ' of the training slices.'), '']
   ran = plan_lib.protocol_tasks(config, protocol)
   left_out = [t for t in config.sweep.tasks if t not in ran]
@@ -351,29 +348,77 @@ def _protocol_lines(summary, config, protocol, result):
   return lines
 
 
+def _floor_leak(summary, config):
+  """The raw-pixel 1-NN's accuracy before and after the honest protocol's first step."""
+  rows = [r for r in (summary['inflation'] or {}).get('rows', ())
+          if r['arm'] == 'floor' and r['from'] == 'honest']
+  if not rows:
+    return None
+  row = max(rows, key=lambda r: (r['task'] == config.sweep.tasks[0],
+                                 results_lib.budget_of(r).sort_key))
+  value = row['slice']['accuracy']
+  where = (f'on the same {row["compared"]["slices"]:,} test slices' if row['paired'] else
+           'on different test slices')
+  alone = ' alone' if row['one_factor'] else ' among the other factors of this step'
+  return (f'under the {row["to"]} protocol (the slice split{alone}) the raw-pixel 1-NN, '
+          f'which learns nothing, scores {100 * value["to"]:.1f} % accuracy per slice '
+          f'against {100 * value["from"]:.1f} % under the honest protocol {where} '
+          f'({_task(row["task"])}, {tables.inflation_budget(row)}): the slice split rewards '
+          'finding a person\'s other slices')
+
+
+def _steps_lines(inflation):
+  """The steps in words, and what the table cannot show where protocols did not run."""
+  lines = []
+  for number, step in enumerate(inflation['steps'], 1):
+    other = plan_lib.PROTOCOL_FACTORS['reference'][-1]
+    added = join(f'{f} ({plan_lib.REFERENCE_OTHER_CHOICES})' if f == other else f
+                 for f in step['factors'])
+    several = '' if step['one_factor'] else 'several factors at once: '
+    lines.append(f'{number}. `{step["from"]}` → `{step["to"]}` adds {several}{added}.')
+  skipped = [f'`{p}`' for p in inflation['skipped']]
+  if skipped and {'honest', 'reference'} <= set(inflation['chain']):
+    what = ('It compares the honest and the reference protocol with several factors '
+            'changed at once' if len(inflation['chain']) == 2 else
+            'A step that adds several factors at once')
+    lines += ['', f'**Cut to what it can show**: {join(skipped)} did not run '
+              f'(`sweep.protocols`). {what}, so it cannot say how much each of them '
+              'inflates the scores; `--config.sweep.protocols` with all of '
+              f'{join(f"`{p}`" for p in plan_lib.PROTOCOLS)} adds one at a time.']
+  return lines + ['']
+
+
 def _inflation_lines(summary):
-  lines = ['## Honest vs reference protocol: how much the reference\'s choices inflate '
-           'the scores', '',
-           'Pooled test scores per slice under each protocol and the difference '
-           '(reference − honest, in points): what the reference\'s numbers owe to its '
-           'slice split, transductive pretraining and test-set selection (different '
-           'test sets, so no paired interval).', '']
-  rows = []
-  for row in summary['inflation']:
-    cells = [row['task'], tables.inflation_budget(row, short=True),
-             plan_lib.ARM_NAMES[row['arm']]]
-    for metric in ('accuracy', 'balanced_accuracy'):
-      m = row[metric]
-      cells += [f'{100 * m["honest"]:.1f}', f'{100 * m["reference"]:.1f}',
-                f'{m["inflation"]:+.1f}']
-    rows.append(cells)
-  lines += tables.table(['task', 'labeled', 'arm', 'accuracy honest', 'accuracy reference',
-                         'inflation (pts)', 'bal. acc. honest', 'bal. acc. reference',
-                         'inflation (pts)'], rows)
-  lines.append('')
+  inflation = summary['inflation']
+  steps = inflation['steps']
+  if len(steps) == 1 and steps[0]['skipped']:
+    title = f'`{steps[0]["from"]}` vs `{steps[0]["to"]}`, several factors at once'
+  else:
+    title = ('from the honest protocol to the reference\'s, step by step'
+             + (' (some steps add several factors at once)'
+                if any(s['skipped'] for s in steps) else ''))
+  lines = [f'## Inflation: {title}', '']
+  lines += _steps_lines(inflation)
+  lines += ['Balanced accuracy before → after each step (%) and its change (after − before, '
+            'points). Paired where the two protocols tested slices in common: both '
+            'protocols\' pooled predictions restricted to those slices (the honest '
+            'protocol\'s out-of-fold predictions of the slices a slice split tested; the '
+            'slice-split protocols, reference included, test the same slices), each subject '
+            'scored on its slices both tested, with the 95 % interval of a stratified '
+            'bootstrap over those subjects (both protocols on the same resamples); these '
+            'scores can differ from each protocol\'s own, over its whole test split. '
+            'Unpaired where they share no test slice: the difference of the two protocols\' '
+            'own scores, with no interval (different test sets have no paired one). Budgets '
+            'match where equal, and all labels match across units (all subjects, 100 % of '
+            'the slices).', '']
+  if inflation['rows']:
+    lines += tables.inflation_table(inflation['rows']) + ['']
+  else:
+    lines += ['No step has both of its protocols\' runs at a matching budget yet.', '']
   honest = summary['protocols'].get('honest', {}).get('tasks', {})
   capped = [(task, honest[task]['cap']) for task in dict.fromkeys(
-      row['task'] for row in summary['inflation']) if honest.get(task, {}).get('cap')]
+      row['task'] for row in inflation['rows'] if row['from'] == 'honest')
+            if honest.get(task, {}).get('cap')]
   for task, cap in capped:
     lines += [f'The honest {task} scores are capped at '
               f'{100 * cap["max_balanced_accuracy"]:.0f} % balanced accuracy where the test '
@@ -397,8 +442,9 @@ def results_markdown(summary, config, figures=()):
     lines += ['## Pretraining curves', '',
               'Each fold\'s SimCLR pretraining: the NT-Xent loss of its training batches, and '
               'the kNN (k = 1) and linear-probe balanced accuracy of its embeddings on the '
-              'selection split (the fold\'s validation subjects under the honest protocol; '
-              'the test split under the reference protocol, which only monitors it), from '
+              'selection split (the fold\'s validation subjects under the honest protocol, '
+              'the validation slices under slice_split and slice_split_transductive, the '
+              'test split under the reference protocol, which only monitors it), from '
               'each pretraining\'s curves.jsonl.', '',
               '![NT-Xent loss, kNN and linear-probe balanced accuracy of each fold\'s '
               'pretraining](pretraining_curves.png)', '']

@@ -20,22 +20,35 @@ then, at each label budget and seed and for each label task
   on all images including test with the temperature step-down and the two views
   in separate calls.
 
+Between them, two protocols add one of the reference's choices at a time, so that
+the inflation table (`inflation.py`) can say what each one adds: `slice_split` is
+`honest` with the reference's split instead of the subject folds (one random
+80/20 slice split, whose test slices are the reference's: the same seed and test
+share; a validation carve-out of `split.val_fraction` of the other slices for
+model selection; test images kept out of pretraining), `slice_split_transductive`
+adds the test images to its pretraining, and `reference` then adds model
+selection on test and the reference's other choices (`REFERENCE_OTHER_CHOICES`).
+The two label as the honest protocol does (`sweep.label_unit`) and run its seeds,
+tasks and run lengths. `sweep.protocols` runs any of the four; the chain's order is
+`PROTOCOLS`' order.
+
 A pretraining reads no labels and the folds follow the data set's own classes,
 so one pretraining per fold serves every label task.
 
-Label budgets (`splits.Budget`, `protocol_budgets`). The honest protocol labels k
-training subjects of each fold with all their slices (`sweep.subject_budgets`, 0: all;
-`sweep.label_unit=subject`), as a clinic labels people; `sweep.label_unit=slice` gives
-it the slice fractions instead. The reference protocol labels fractions of the train
-slices (`sweep.fractions`), as the reference did. Either way the subsets are nested
-and stratified by class. A run's length follows its number of labeled slices.
+Label budgets (`splits.Budget`, `protocol_budgets`). The honest protocol (and the
+two between it and the reference's) labels k training subjects of each fold (or of
+the one slice split) with all their training slices (`sweep.subject_budgets`, 0: all;
+`sweep.label_unit=subject`), as a clinic labels people; `sweep.label_unit=slice`
+gives it the slice fractions instead. The reference protocol labels fractions of the
+train slices (`sweep.fractions`), as the reference did. Either way the subsets are
+nested and stratified by class. A run's length follows its number of labeled slices.
 
-Seeds. Seed s sets the labeled subset (`label_seed`), the data order and the
-initialisation (`seed`) of both arms together. Each fold pretrains once, from
-its first seed's initialisation; at that seed both arms start from the same
-random encoder. Budgets above `multi_seed_max_fraction` (slices) or
-`multi_seed_max_subjects` (subjects; all subjects too) run with the first seed
-only, to bound the cost.
+Seeds (`sweep.seeds`; the reference protocol's: `sweep.reference_seeds`). Seed s
+sets the labeled subset (`label_seed`), the data order and the initialisation
+(`seed`) of both arms together. Each fold pretrains once, from its first seed's
+initialisation; at that seed both arms start from the same random encoder.
+Budgets above `multi_seed_max_fraction` (slices) or `multi_seed_max_subjects`
+(subjects; all subjects too) run with the first seed only, to bound the cost.
 
 Everything here is a pure function of the sweep config and the data set's
 labels and splits: `plan_runs` lists the runs in execution order, each with its
@@ -60,6 +73,11 @@ SWEEP_SECTIONS = ('sweep', 'cam')
 PROTOCOLS = {
     'honest': {'split.scheme': 'subject', 'split.include_test_in_pretrain': False,
                'eval.selection_split': 'val'},
+    'slice_split': {'split.scheme': 'slice', 'split.num_folds': None,
+                    'split.include_test_in_pretrain': False, 'eval.selection_split': 'val'},
+    'slice_split_transductive': {'split.scheme': 'slice', 'split.num_folds': None,
+                                 'split.include_test_in_pretrain': True,
+                                 'eval.selection_split': 'val'},
     'reference': {'split.scheme': 'slice', 'split.include_test_in_pretrain': True,
                   'eval.selection_split': 'test', 'eval.selection_metric': 'accuracy',
                   'split.val_fraction': 0.0, 'split.num_folds': None,
@@ -71,6 +89,16 @@ PROTOCOL_DESCRIPTIONS = {
               'sides; every subject tested once, out of fold), checkpoint chosen on '
               'validation subjects of each fold\'s training subjects, test subjects '
               'unseen by the fold\'s pretraining',
+    'slice_split': 'the honest protocol with the reference\'s split instead of subject '
+                   'folds: one random 80/20 slice split (the reference\'s test slices: the '
+                   'same seed and test share; neighbouring slices of a person on both '
+                   'sides), checkpoint chosen on a validation carve-out of the other '
+                   'slices (split.val_fraction), test images unseen by the pretraining, '
+                   'labels as the honest protocol\'s',
+    'slice_split_transductive': 'the slice_split protocol with the reference\'s '
+                                'transductive pretraining: the same slice split, '
+                                'validation carve-out and labels, pretraining on all '
+                                'images including test',
     'reference': 'the reference\'s protocol: one random 80/20 slice split (neighbouring '
                  'slices of a person on both sides, no validation carve-out), '
                  'pretraining on all images including test (temperature step-down on, '
@@ -78,6 +106,19 @@ PROTOCOL_DESCRIPTIONS = {
                  'and the best test epoch kept; the pretraining\'s kNN monitor only '
                  'monitors (fine-tuning starts from the last pretraining epoch)',
 }
+# The way from the honest protocol to the reference's (PROTOCOLS' order): what each
+# protocol adds to the one before it, factor by factor.
+PROTOCOL_FACTORS = {
+    'slice_split': ('the slice split',),
+    'slice_split_transductive': ('test images in pretraining',),
+    'reference': ('selection on test', 'the reference\'s other choices'),
+}
+# What `reference` changes besides selection on test, over slice_split_transductive.
+REFERENCE_OTHER_CHOICES = (
+    'no validation carve-out, its slices labeled too; test accuracy checked every epoch; '
+    'its run length, sweep.reference_num_epochs; no class weights; the temperature '
+    'step-down; the two views in separate calls; labels as fractions of the slices, '
+    'sweep.fractions')
 # What this reimplementation still does otherwise than the reference protocol.
 REFERENCE_DIFFERENCES = (
     'the SimCLR arm starts from the same random weights as the baseline, not from '

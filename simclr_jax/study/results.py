@@ -7,10 +7,11 @@ rows, `rows.py`); every aggregate, interval and verdict is computed from these p
 predictions (`metrics/bootstrap.py`: a stratified, paired bootstrap over
 subjects, and over seeds too where a cell ran several). A verdict follows the
 95 % interval of the paired difference and the equivalence margin
-(`verdicts.py`), never the point estimate alone. Everything here is a function
-of the config and the runs' records (`records.py`), which is what lets
-`recompute.py` rebuild a report from predictions.npz. `markdown.py` writes
-results.md, `report.py` every file.
+(`verdicts.py`), never the point estimate alone; the inflation table's steps from
+the honest to the reference protocol are `inflation.py`'s, scored on the same cached
+bootstrap. Everything here is a function of the config and the runs' records
+(`records.py`), which is what lets `recompute.py` rebuild a report from
+predictions.npz. `markdown.py` writes results.md, `report.py` every file.
 """
 
 import collections
@@ -21,6 +22,7 @@ import numpy as np
 from simclr_jax.data import splits as splits_lib
 from simclr_jax.metrics import bootstrap
 from simclr_jax.metrics import classification
+from simclr_jax.study import inflation as inflation_lib
 from simclr_jax.study import plan as plan_lib
 from simclr_jax.study import rows as rows_lib
 from simclr_jax.study import verdicts
@@ -136,6 +138,19 @@ def _cell_statistics(arms, config, metrics):
   return result
 
 
+def _step_statistics(config):
+  """`inflation.inflation`'s statistics: arms 'from' and 'to', and to − from, cached."""
+  def statistics(arms, level):
+    options = {'num_samples': int(config.sweep.bootstrap_samples), 'seed': int(config.seed),
+               'metrics': inflation_lib.METRICS,
+               'resample_seeds': max(len(ps) for ps in arms.values()) > 1}
+    pairs = [('to', 'from')]
+    layout = ([(side, len(ps)) for side, ps in arms.items()], pairs, level)
+    return _bootstrap('arm_statistics', (arms, pairs, level), options,
+                      [p for ps in arms.values() for p in ps], layout)
+  return statistics
+
+
 def _levels(row, metrics):
   return {'slice': {m: row[m] for m in metrics},
           'subject': {m: row[f'subject_{m}'] for m in metrics}}
@@ -246,7 +261,7 @@ def aggregate(config, rows, pooled):
                   'the interval lies inside ±equivalence_margin points; inconclusive: '
                   'neither, and it does not',
       'headline': {'level': primary['level'], 'metric': primary['metric']},
-      'protocols': {}, 'inflation': []}
+      'protocols': {}, 'inflation': None}
   for protocol in config.sweep.protocols:
     folds = plan_lib.protocol_folds(config, protocol)
     result = {'description': plan_lib.PROTOCOL_DESCRIPTIONS[protocol],
@@ -284,8 +299,8 @@ def aggregate(config, rows, pooled):
         entry['budgets'].append(budget_entry)
       result['tasks'][task] = entry
     summary['protocols'][protocol] = result
-  if {'honest', 'reference'} <= set(summary['protocols']):
-    summary['inflation'] = _inflation(summary['protocols'])
+  summary['inflation'] = inflation_lib.inflation(
+      summary['protocols'], cells, config.sweep.tasks, _step_statistics(config))
   summary['primary'] = verdicts.primary_endpoint(summary, config)
   summary['positive_control'] = verdicts.positive_control(summary, config)
   return summary
@@ -314,38 +329,3 @@ def _balanced_accuracy_cap(entry, num_folds):
   return {'classes': never,
           'subjects': [entry['subjects_per_class'][names.index(n)] for n in never],
           'max_balanced_accuracy': (len(names) - len(never)) / len(names)}
-
-
-def _comparable(entry):
-  """The key that matches budgets across protocols: 'all' labels, or the budget itself."""
-  budget = budget_of(entry)
-  return 'all' if budget.is_all else budget
-
-
-def _inflation(protocols):
-  """Reference minus honest, per task, budget and arm (pooled, per slice, in points).
-
-  Budgets match when equal, and the whole train split matches across units (100 %
-  of the slices, all subjects): the protocols' other budgets are not comparable.
-  """
-  rows = []
-  for task, reference in protocols['reference']['tasks'].items():
-    honest = protocols['honest']['tasks'].get(task)
-    if honest is None:
-      continue
-    honest_by_budget = {_comparable(e): e for e in honest['budgets']}
-    for entry in reference['budgets']:
-      other = honest_by_budget.get(_comparable(entry))
-      if other is None:
-        continue
-      for arm in plan_lib.ARMS:
-        if arm not in entry['arms'] or arm not in other['arms']:
-          continue
-        row = {'task': task, 'budget': entry['budget'], 'honest_budget': other['budget'],
-               'arm': arm}
-        for metric in ('accuracy', 'balanced_accuracy'):
-          h = other['arms'][arm]['slice'][metric]['value']
-          r = entry['arms'][arm]['slice'][metric]['value']
-          row[metric] = {'honest': h, 'reference': r, 'inflation': 100 * (r - h)}
-        rows.append(row)
-  return rows

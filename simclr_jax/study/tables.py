@@ -50,10 +50,47 @@ def budget_cell(entry, cross_validated):
 
 def inflation_budget(row, short=False):
   """An inflation row's budget (the protocols' budgets match, or are both all labels)."""
-  if row['budget']['label'] == row['honest_budget']['label']:
+  if row['budget']['label'] == row['from_budget']['label']:
     return row['budget']['label'] if short else results_lib.budget_of(row).phrase
-  both = f'{row["budget"]["label"]} / {row["honest_budget"]["label"]}'
+  both = f'{row["from_budget"]["label"]} / {row["budget"]["label"]}'
   return f'all ({both})' if short else f'all labels: {both}'
+
+
+def step_factors(row):
+  """What an inflation step adds: its one factor, or 'several at once: ...'."""
+  if row['one_factor']:
+    return row['factors'][0]
+  return f'several at once: {join(row["factors"])}'
+
+
+def _compared(row):
+  if not row['paired']:
+    return (f'unpaired: {row["tested"]["from"]["slices"]:,} / '
+            f'{row["tested"]["to"]["slices"]:,} slices')
+  compared = row['compared']
+  which = 'the same' if compared['same'] else 'the'
+  return (f'paired: {which} {compared["slices"]:,} slices'
+          f'{"" if compared["same"] else " both tested"} ({compared["subjects"]:,} subjects)')
+
+
+def inflation_table(rows):
+  """Each step's balanced accuracy, from → to (%), and the change (points): paired with
+  its 95 % interval, or unpaired without one."""
+  header = ['task', 'labeled', 'arm', 'step', 'factor added', 'test compared']
+  for level in results_lib.LEVELS:
+    name = results_lib.LEVEL_NAMES[level]
+    header += [f'bal. acc. {name}', f'change {name} (pts)']
+  lines = []
+  for row in rows:
+    cells = [row['task'], inflation_budget(row, short=True), plan_lib.ARM_NAMES[row['arm']],
+             f'{row["from"]} → {row["to"]}', step_factors(row), _compared(row)]
+    for level in results_lib.LEVELS:
+      value = row[level]['balanced_accuracy']
+      cells += [f'{100 * value["from"]:.1f} → {100 * value["to"]:.1f}',
+                difference(value) if row['paired'] else
+                f'{value["difference"]:+.1f} (unpaired: no interval)']
+    lines.append(cells)
+  return table(header, lines)
 
 
 def cap_note(task, cap, num_classes):
@@ -254,7 +291,7 @@ def primary_tables(primary, margin):
           '-' if chance is None else f'{value["against_chance"]} ({100 * chance:.1f})',
           '-' if floor is None else difference(floor),
           '-' if floor is None else verdicts.outcome_text(floor['outcome'], margin)])
-  lines = table(['labeled', 'comparison', 'a − b (points)', 'verdict', 'seeds', 'subjects'],
+  lines = table(['labeled', 'comparison', 'a − b (points)', 'verdict', 'seed ids', 'subjects'],
                 verdict_rows) + ['']
   if level_rows:
     lines += table(['labeled', 'arm', f'{primary["what"]} (%)', 'against chance',
