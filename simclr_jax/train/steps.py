@@ -141,14 +141,16 @@ def make_train_steps(config, objective, mesh, cache=None, key=None):
   equal shapes trace and compile it once.
   """
   repl = sharding.replicated_sharding(mesh)
-
-  def make():
-    steps = functools.partial(train_steps, make_batch=objective.make_batch,
-                              loss_fn=objective.loss_fn, epoch_end=objective.epoch_end,
-                              frozen=kinds.frozen_subtrees(config))
-    return jax.jit(steps, out_shardings=(repl, repl), donate_argnums=(0, 1))
-
+  make = lambda: jax.jit(bound_train_steps(config, objective), out_shardings=(repl, repl),
+                         donate_argnums=(0, 1))
   return make() if cache is None else cache.get('train_steps', (key, mesh), make)
+
+
+def bound_train_steps(config, objective):
+  """`train_steps` with the mode's objective bound: (state, metrics, inputs, data, rngs, values)."""
+  return functools.partial(train_steps, make_batch=objective.make_batch,
+                           loss_fn=objective.loss_fn, epoch_end=objective.epoch_end,
+                           frozen=kinds.frozen_subtrees(config))
 
 
 def steps_per_dispatch(config):

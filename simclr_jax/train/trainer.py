@@ -12,8 +12,10 @@ The loop is written for the global batch (big_vision style): one `jax.jit` step 
 a device mesh, buffers donated, no host synchronisation between logging steps.
 """
 
+import contextlib
 import math
 import time
+from typing import NamedTuple
 
 from absl import logging
 from clu import periodic_actions
@@ -121,78 +123,152 @@ def train_and_evaluate(config, workdir, cache=None):
   """
   mesh = sharding.create_mesh()
   cache = compile_cache.CompileCache() if cache is None else cache
-  recipe = recipes.create_recipe(config, mesh, cache)
-  config = recipe.config
-  workdirs.check_workdir_config(config, workdir)
-  writer = curves.create_writer(workdir)
-  per_epoch = recipe.rows.steps_per_epoch
-  total_steps = per_epoch * config.train.num_epochs
-  eval_every = per_epoch * config.eval.every_epochs
-  logging.info('%s: %d training images, batches of %d, %d steps per epoch, %d steps.',
-               config.mode, len(recipe.rows.rows), recipe.rows.batch_size, per_epoch, total_steps)
-
-  lr_fn = optimizers.create_learning_rate_fn(config, total_steps)
-  schedule = optimizers.schedule_values(config, total_steps)
-  # The init key is config.seed itself, shared by both arms; dropout draws from the rest.
-  rng = jax.random.key(config.seed)
-  rngs = sharding.replicate_tree({'dropout': jax.random.split(rng)[1],
-                                  'augment': batches.augment_key(config.seed)}, mesh)
-  tx = cache.get('optimizer', recipe.key, lambda: optimizers.create_optimizer(config))
-  state = state_lib.create_train_state(config, recipe.model, rng, tx, mesh, cache=cache,
-                                       key=recipe.key)
-  checkpoints = workdirs.Checkpoints(workdir, config.train.keep_checkpoints)
-  restored = checkpoints.restore_latest(state)
-  state = recipe.start(state) if restored is None else restored
-  start_step = int(state.step)
-  writer.truncate_after(start_step)  # What comes after is replayed.
-  if restored is not None:
-    logging.info('Resumed from step %d of %s.', start_step, workdir)
-  if preemption.stop_requested_anywhere():  # Signalled before this run's first step.
-    stop(checkpoints, writer, start_step if restored is not None else None, workdir)
-  if restored is None:
-    writer.write_hparams(hparams(config))
-    write_views(writer, recipe, rngs, config.train.num_summary_images, cache)
-
-  p_train_steps = steps_lib.make_train_steps(config, recipe.objective, mesh, cache, recipe.key)
-  k = steps_lib.steps_per_dispatch(config)
-  log_every = summary_period(config.train.log_every_steps, k)
-  periods = (log_every, eval_every, config.train.checkpoint_every_steps)
+  run = RunLoop(config, workdir, mesh, cache)
+  recipe = run.recipe
+  p_train_steps = steps_lib.make_train_steps(run.config, recipe.objective, mesh, cache,
+                                             recipe.key)
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=log_every, every_secs=None)
-  clock = CheckpointClock(config.train.checkpoint_every_minutes)
-  train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
-  best = None  # The best state of this call, a copy on the devices.
-  step = start_step
-  while step < total_steps:
-    # Up to k steps per dispatch, never past the next summary, evaluation or checkpoint.
-    num_steps = min(k, next_boundary(step, total_steps, periods) - step)
+      num_train_steps=run.total_steps, writer=run.writer, every_steps=run.log_every,
+      every_secs=None)
+  state, train_metrics = run.take_start()
+  while not run.done:
+    num_steps = run.next_num_steps()
     state, train_metrics = p_train_steps(
-        state, train_metrics, dispatch_inputs(recipe, step, num_steps, k),
-        recipe.device_data.arrays, rngs,
-        sharding.replicate_tree(steps_lib.step_values(
-            num_steps, per_epoch, recipe.class_weights, schedule), mesh))
-    first_step = step + 1
-    for step in range(first_step, step + num_steps + 1):
+        state, train_metrics, dispatch_inputs(recipe, run.step, num_steps, run.k),
+        recipe.device_data.arrays, run.rngs,
+        sharding.replicate_tree(run.step_values(num_steps), mesh))
+    first_step, last_step = run.step + 1, run.step + num_steps
+    for step in range(first_step, last_step + 1):
       report_progress(step)  # clu's periodic actions want every step.
+    # SIGTERM: save, then stop.
+    due = run.advance(num_steps, preemption.reached_stop_step(first_step, last_step))
+    state, train_metrics = run.periodic(state, train_metrics, due, report_progress.timed)
+    if due.stop:
+      stop(run.checkpoints, run.writer, run.step, workdir)
+  return run.finish(state)
+
+
+class Due(NamedTuple):
+  """The periodic work due after a dispatch: summary, evaluation, checkpoint, stop."""
+  summary: bool
+  evaluate: bool
+  checkpoint: bool
+  stop: bool
+
+
+class RunLoop:
+  """One run's loop around its dispatches: `train_and_evaluate`'s, and each run's of a group.
+
+  Built from a config and a workdir (the recipe, the writer, the checkpoints, the
+  state to start from: restored, or fresh), it keeps the run's bookkeeping (its
+  step, its best state, its checkpoint clock) while the caller owns the state and
+  the train metrics and runs the dispatches: `next_num_steps`, `host_inputs` and
+  `step_values` say what the next dispatch runs, `advance` what is due after it,
+  `periodic` does it (summary, evaluation with the best kept, checkpoint) on the
+  run's own state, `finish` writes the test metrics.
+  """
+
+  def __init__(self, config, workdir, mesh, cache):
+    self.mesh, self.workdir = mesh, workdir
+    self.recipe = recipe = recipes.create_recipe(config, mesh, cache)
+    self.config = config = recipe.config
+    workdirs.check_workdir_config(config, workdir)
+    self.writer = curves.create_writer(workdir)
+    self.per_epoch = per_epoch = recipe.rows.steps_per_epoch
+    self.total_steps = total_steps = per_epoch * config.train.num_epochs
+    self.eval_every = per_epoch * config.eval.every_epochs
+    logging.info('%s: %d training images, batches of %d, %d steps per epoch, %d steps.',
+                 config.mode, len(recipe.rows.rows), recipe.rows.batch_size, per_epoch,
+                 total_steps)
+    self.lr_fn = optimizers.create_learning_rate_fn(config, total_steps)
+    self.schedule = optimizers.schedule_values(config, total_steps)
+    # The init key is config.seed itself, shared by both arms; dropout draws from the rest.
+    rng = jax.random.key(config.seed)
+    self.host_rngs = {'dropout': jax.random.split(rng)[1],
+                      'augment': batches.augment_key(config.seed)}
+    self.rngs = sharding.replicate_tree(self.host_rngs, mesh)
+    tx = cache.get('optimizer', recipe.key, lambda: optimizers.create_optimizer(config))
+    state = state_lib.create_train_state(config, recipe.model, rng, tx, mesh, cache=cache,
+                                         key=recipe.key)
+    self.checkpoints = workdirs.Checkpoints(workdir, config.train.keep_checkpoints)
+    restored = self.checkpoints.restore_latest(state)
+    self._start = recipe.start(state) if restored is None else restored
+    self.step = int(self._start.step)
+    self.writer.truncate_after(self.step)  # What comes after is replayed.
+    if restored is not None:
+      logging.info('Resumed from step %d of %s.', self.step, workdir)
+    if preemption.stop_requested_anywhere():  # Signalled before this run's first step.
+      stop(self.checkpoints, self.writer, self.step if restored is not None else None, workdir)
+    if restored is None:
+      self.writer.write_hparams(hparams(config))
+      write_views(self.writer, recipe, self.rngs, config.train.num_summary_images, cache)
+    self.k = steps_lib.steps_per_dispatch(config)
+    self.log_every = summary_period(config.train.log_every_steps, self.k)
+    self.periods = (self.log_every, self.eval_every, config.train.checkpoint_every_steps)
+    self.clock = CheckpointClock(config.train.checkpoint_every_minutes)
+    self.best = None  # The best state of this call, a copy on the devices.
+
+  @property
+  def done(self):
+    return self.step >= self.total_steps
+
+  def take_start(self):
+    """(state, empty train metrics) to start from; the caller owns them from now on."""
+    state, self._start = self._start, None
+    return state, sharding.replicate_tree(steps_lib.TrainMetrics.empty(), self.mesh)
+
+  def next_num_steps(self):
+    """Steps of the next dispatch: up to k, never past the next periodic work; 0 when done."""
+    if self.done:
+      return 0
+    return min(self.k, next_boundary(self.step, self.total_steps, self.periods) - self.step)
+
+  def host_inputs(self, num_steps):
+    """Host inputs of the next `num_steps` steps, stacked on a leading axis of k steps."""
+    return host_dispatch_inputs(self.recipe, self.step, num_steps, self.k)
+
+  def step_values(self, num_steps):
+    """The run's `steps_lib.step_values` of a dispatch of `num_steps` steps (host)."""
+    return steps_lib.step_values(num_steps, self.per_epoch, self.recipe.class_weights,
+                                 self.schedule)
+
+  def advance(self, num_steps, stop_now):
+    """Counts `num_steps` steps as run; the Due work after them (`stop_now`: SIGTERM)."""
+    self.step += num_steps
     # Batches are a function of (seed, step) and evaluations of the state, so a run
     # resumed from any checkpoint replays the same steps and the same choices of best.
-    stop_now = preemption.reached_stop_step(first_step, step)  # SIGTERM: save, then stop.
-    summary_now = itstime(step, log_every, total_steps)
-    checkpoint_now = (stop_now or itstime(step, config.train.checkpoint_every_steps, total_steps)
-                      or summary_now and clock.due())
-    if checkpoint_now or summary_now:
-      write_train_summary(writer, step, train_metrics, lr_fn, state, workdir)
-      train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), mesh)
-    if itstime(step, eval_every, total_steps):
-      with report_progress.timed('eval'):
-        state, best = evaluate_and_keep_best(recipe, state, best, writer, step, checkpoints,
-                                             mesh)
-    if checkpoint_now:
-      checkpoints.save_latest(state)
-      clock.restart()
-    if stop_now:
-      stop(checkpoints, writer, step, workdir)
-  return write_final(recipe, checkpoints, state, best, writer, workdir, total_steps)
+    step, total, every = self.step, self.total_steps, self.config.train.checkpoint_every_steps
+    summary_now = itstime(step, self.log_every, total)
+    checkpoint_now = (stop_now or itstime(step, every, total)
+                      or summary_now and self.clock.due())
+    return Due(summary_now, itstime(step, self.eval_every, total), checkpoint_now, stop_now)
+
+  def periodic(self, state, train_metrics, due, timed=None):
+    """The `due` work on the run's state: summary, evaluation, checkpoint.
+
+    `timed`: name -> a context that times the evaluation (ReportProgress.timed).
+
+    Returns:
+      (state, train_metrics): the state with its bookkeeping updated, the train
+      metrics emptied after a summary.
+    """
+    if due.checkpoint or due.summary:
+      write_train_summary(self.writer, self.step, train_metrics, self.lr_fn, state,
+                          self.workdir)
+      train_metrics = sharding.replicate_tree(steps_lib.TrainMetrics.empty(), self.mesh)
+    if due.evaluate:
+      with timed('eval') if timed else contextlib.nullcontext():
+        state, self.best = evaluate_and_keep_best(
+            self.recipe, state, self.best, self.writer, self.step, self.checkpoints, self.mesh)
+    if due.checkpoint:
+      self.checkpoints.save_latest(state)
+      self.clock.restart()
+    return state, train_metrics
+
+  def finish(self, state):
+    """`write_final` of the run's last state: its test metrics, metrics.json."""
+    return write_final(self.recipe, self.checkpoints, state, self.best, self.writer,
+                       self.workdir, self.total_steps)
 
 
 class CheckpointClock:
@@ -276,12 +352,21 @@ def hparams(config):
   return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
+def host_dispatch_inputs(recipe, step, num_steps, k):
+  """Host inputs of steps step .. step + num_steps - 1, stacked and padded to k steps.
+
+  The padding repeats the last step's inputs (step `step`'s when num_steps is 0):
+  the dispatch skips those steps.
+  """
+  steps = [recipe.rows.step_inputs(s) for s in range(step, step + max(num_steps, 1))]
+  steps += [steps[-1]] * (k - len(steps))
+  return {name: np.stack([s[name] for s in steps]) for name in steps[0]}
+
+
 def dispatch_inputs(recipe, step, num_steps, k):
   """Inputs of steps step .. step + num_steps - 1, padded to k steps, as global arrays."""
-  steps = [recipe.rows.step_inputs(s) for s in range(step, step + num_steps)]
-  steps += [steps[-1]] * (k - num_steps)  # Skipped inside the dispatch.
-  stacked = {name: np.stack([s[name] for s in steps]) for name in steps[0]}
-  return recipe.device_data.inputs(stacked, batch_axis=1)
+  return recipe.device_data.inputs(host_dispatch_inputs(recipe, step, num_steps, k),
+                                   batch_axis=1)
 
 
 def write_views(writer, recipe, rngs, num_images, cache):
