@@ -127,14 +127,14 @@ def pretraining_curves(planned):
 # ----------------------------------------------------------------------------- the file
 
 
-def _json_ready(value):
+def json_ready(value):
   """`value` with budgets, sets, tuples and numpy scalars made JSON types."""
   if isinstance(value, splits_lib.Budget):
     return value.to_dict()
   if isinstance(value, dict):
-    return {str(k): _json_ready(v) for k, v in value.items()}
+    return {str(k): json_ready(v) for k, v in value.items()}
   if isinstance(value, (list, tuple, set)):
-    return [_json_ready(v) for v in value]
+    return [json_ready(v) for v in value]
   if isinstance(value, np.generic):
     return value.item()
   if isinstance(value, np.ndarray):
@@ -157,7 +157,7 @@ def to_bytes(records, slice_index, meta):
     info = {k: v for k, v in record.items() if k not in ('predictions', 'workdir')}
     predictions = record['predictions']
     info['num_rows'] = 0 if predictions is None else int(len(predictions.labels))
-    runs.append(_json_ready(info))
+    runs.append(json_ready(info))
     if predictions is not None:
       probabilities = np.full((len(predictions.labels), num_classes), np.nan, np.float32)
       probabilities[:, :predictions.probabilities.shape[1]] = predictions.probabilities
@@ -173,7 +173,7 @@ def to_bytes(records, slice_index, meta):
       'label': column(lambda p: p[1].labels, np.int16),
       'probabilities': (np.concatenate([p[2] for p in parts]) if parts
                         else np.zeros((0, num_classes), np.float32)),
-      'meta': np.array(json.dumps({'format': FORMAT, 'runs': runs, **_json_ready(meta)},
+      'meta': np.array(json.dumps({'format': FORMAT, 'runs': runs, **json_ready(meta)},
                                   sort_keys=True))}
   buffer = io.BytesIO()
   np.savez_compressed(buffer, **arrays)

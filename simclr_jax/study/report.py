@@ -15,7 +15,6 @@ import io
 import math
 
 import jax
-import numpy as np
 
 from simclr_jax.data import arrays as arrays_lib
 from simclr_jax.explain import grid as cam_grid
@@ -48,19 +47,6 @@ def _csv_value(value):
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _json_ready(value):
-  """`value` with sets, tuples and numpy scalars made JSON types."""
-  if isinstance(value, dict):
-    return {str(k): _json_ready(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple, set)):
-    return [_json_ready(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  return value
 
 
 def sweep_meta(planned, records, elapsed):
@@ -156,7 +142,7 @@ def write_outputs(config, workdir, records, meta, figures=True, extra_figures=()
                       results_csv(rows + sorted(cross_validated, key=_csv_order)))
   workdirs.write_text(workdirs.output_path(workdir, 'results.md'),
                       markdown_lib.results_markdown(summary, config, written | present))
-  workdirs.write_json(workdirs.output_path(workdir, 'sweep.json'), _json_ready(summary))
+  workdirs.write_json(workdirs.output_path(workdir, 'sweep.json'), records_lib.json_ready(summary))
   return summary
 
 
