@@ -192,8 +192,11 @@ def primary_section():
 
 
 def get_config(arg=None):
-  """Sweep config; arg: 'preset=runlocal|cpu|full' (default runlocal), optionally
-  ',dtype=float32|bfloat16' (the compute dtype; float32 by default)."""
+  """Sweep config; arg: 'preset=runlocal|cpu|full' or the bare name (default runlocal),
+  optionally ',dtype=float32|bfloat16|auto' (the compute dtype; the preset's by default)."""
+  # A bare preset name (`:runlocal`, as the other configs take it) means preset=NAME.
+  tokens = [token.strip() for token in (arg or '').split(',')]
+  arg = ','.join(f'preset={token}' if token in PRESETS else token for token in tokens)
   args = default.parse_arg(arg, preset='runlocal', dtype=None)
   if args.preset not in PRESETS:
     raise errors.UserError(f'Unknown preset {args.preset!r}; use configs/sweep.py:preset=NAME '

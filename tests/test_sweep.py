@@ -329,6 +329,10 @@ def test_presets_are_sweep_configs_and_runs_drop_sweep_fields():
     assert run_config.labels.unit == 'subject' and run_config.labels.subjects == budget.size
     run.check_config(run_config)
   assert sweep_config.get_config().data.name == 'synthetic_mri'  # runlocal by default.
+  # A bare preset name, as `configs/pretrain.py:runlocal` takes it.
+  assert sweep_config.get_config('cpu,dtype=bfloat16') == sweep_config.get_config(
+      'preset=cpu,dtype=bfloat16')
+  assert sweep_config.get_config('runlocal') == sweep_config.get_config('preset=runlocal')
   with pytest.raises(ValueError, match='preset'):
     sweep_config.get_config('preset=gpu')
 
