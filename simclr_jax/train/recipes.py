@@ -140,7 +140,7 @@ def class_weights(config, labels, num_classes):
   return weights.astype(np.float32)
 
 
-def _key_and_model(config, rows, cache):
+def _key_and_model(config, cache):
   key = compile_cache.step_key(config)
   model = cache.get('model', compile_cache.model_key(config),
                     lambda: state_lib.create_model(config))
@@ -192,7 +192,7 @@ def _pretrain_recipe(config, rows_of, device_data, mesh, cache):
     rows.partners = batches.SubjectPartners(rows_of.arrays.subject_ids,
                                             rows_of.arrays.slice_index, rows.rows,
                                             config.pretrain.positive_max_slice_distance)
-  key, model = _key_and_model(config, rows, cache)
+  key, model = _key_and_model(config, cache)
   infer = _infer(config, mesh, _embed_step, device_data, cache)
 
   def knn(idx):
@@ -214,7 +214,7 @@ def _pretrain_recipe(config, rows_of, device_data, mesh, cache):
 
 def _supervised_recipe(config, rows_of, device_data, mesh, cache):
   rows = _rows(config, rows_of.train_idx)
-  key, model = _key_and_model(config, rows, cache)
+  key, model = _key_and_model(config, cache)
   infer = _infer(config, mesh, _logits_step, device_data, cache)
 
   def classifier(idx):

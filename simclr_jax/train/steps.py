@@ -52,8 +52,9 @@ def train_step(state, batch, rng, *, loss_fn, steps_per_epoch, epoch_end, frozen
   loss come from the clean pass only. The `frozen` parameter subtrees (a linear
   probe's encoder) get no gradient, so SAM neither perturbs nor back-propagates
   into them. `schedule` is the learning-rate schedule's runtime values
-  (optimizers.schedule_values; default: a constant schedule's). At the end of an epoch `epoch_end` updates the state (the
-  temperature step-down) and the epoch's loss sum starts again.
+  (optimizers.schedule_values), passed to the optimizers of `optimizers.py`; None
+  passes none (an optimizer built elsewhere). At the end of an epoch `epoch_end`
+  updates the state (the temperature step-down) and the epoch's loss sum starts again.
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
