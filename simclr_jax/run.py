@@ -104,7 +104,10 @@ def setup_runtime():
   cache_dir = os.environ.get('SIMCLR_JAX_CACHE',
                              os.path.join(os.path.expanduser('~'), '.cache', 'simclr_jax'))
   jax.config.update('jax_compilation_cache_dir', cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  # Programs that compile in under a second are not worth a file, unless JAX's own
+  # variable says otherwise (the tests' subprocesses share even small ones).
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
 def run(config, workdir, setup=None):

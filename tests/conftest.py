@@ -80,7 +80,9 @@ def compilation_cache(tmp_path_factory):
     base = base.parent
   cache = str(base / 'jax_cache')
   os.makedirs(cache, exist_ok=True)
-  os.environ['SIMCLR_JAX_CACHE'] = cache  # Subprocesses (main.py) use it too.
+  os.environ['SIMCLR_JAX_CACHE'] = cache  # Subprocesses (main.py) use it too,
+  # with every program, however quick to compile: they start afresh, 6-9 per test.
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   yield cache

@@ -50,6 +50,12 @@ class FakeTraining:
     self.arrays = arrays
     self.right = right or {'baseline': 0.6, 'finetune': 0.65}
     self.calls = []
+    self.groups = []  # The workdirs of each group trained together.
+
+  def train_group(self, configs, workdirs_of_runs, cache=None):
+    """Stands in for groups.train_group: each run as train_and_evaluate, the group noted."""
+    self.groups.append(list(workdirs_of_runs))
+    return [self(config, workdir, cache) for config, workdir in zip(configs, workdirs_of_runs)]
 
   def __call__(self, config, workdir, cache=None):
     del cache  # A stand-in compiles nothing.
@@ -100,6 +106,7 @@ def run_fake_sweep(data_dir, workdir, monkeypatch, right=None, **overrides):
   config = sweep_test_config(data_dir, **overrides)
   fake = FakeTraining(arrays_lib.load_arrays(config), right)
   monkeypatch.setattr(sweep.trainer, 'train_and_evaluate', fake)
+  monkeypatch.setattr(sweep.groups_lib, 'train_group', fake.train_group)
   gradcam_calls = []
   monkeypatch.setattr(report_lib, 'write_gradcam_grid',
                       lambda *args: gradcam_calls.append(args))

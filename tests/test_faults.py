@@ -39,11 +39,13 @@ PRETRAIN = ('--config=' + os.path.join(REPO, 'configs', 'pretrain.py'), *TINY,
             '--config.pretrain.projection_dims=(32,16)', '--config.eval.knn_k=(1,5)',
             '--config.train.num_epochs=2', '--config.train.checkpoint_every_steps=3',
             '--config.train.log_every_steps=3')
-# The runlocal sweep cut to one protocol, task and budget (all subjects), 2 folds, short runs.
+# The runlocal sweep cut to the reference protocol's single split, one task, 100 % of
+# the labels, short runs: three trained runs (pretraining, baseline, fine-tuning),
+# enough to stop in one run and resume it after another has finished.
 SWEEP = ('--config=' + os.path.join(REPO, 'configs', 'sweep.py') + ':preset=runlocal',
-         '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('honest',)",
-         "--config.sweep.tasks=('four_class',)", '--config.sweep.subject_budgets=(0,)',
-         '--config.split.num_folds=2', '--config.sweep.pretrain_num_epochs=1',
+         '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('reference',)",
+         "--config.sweep.tasks=('four_class',)", '--config.sweep.fractions=(1.0,)',
+         '--config.sweep.pretrain_num_epochs=1',
          '--config.sweep.max_steps_per_run=6', '--config.sweep.evals_per_run=2',
          '--config.sweep.bootstrap_samples=100', '--config.train.checkpoint_every_steps=2')
 STOP_WITHIN_S = 60

@@ -224,3 +224,28 @@ def test_the_protocols_between_honest_and_reference_each_add_one_factor(tmp_path
       config, p).split.include_test_in_pretrain) for p in expected}
   assert not np.isin(splits['slice_split']['test'], rows['slice_split']).any()
   np.testing.assert_array_equal(rows['slice_split_transductive'], np.arange(len(arrays.labels)))
+
+
+@pytest.mark.parametrize('max_runs', [1, 3, 10])
+def test_training_groups_train_a_cells_folds_after_their_pretrainings(tmp_path, max_runs):
+  planned = plan_lib.plan_runs(plan_config(num_folds=3), str(tmp_path), kaggle_named_arrays())
+  groups = plan_lib.training_groups(planned, max_runs)
+  trained = [r for r in planned if r.config is not None]
+  flat = [r for group in groups for r in group]
+  assert sorted(r.workdir for r in flat) == sorted(r.workdir for r in trained)  # Each once.
+  if max_runs == 1:
+    assert flat == trained  # One at a time: the plan's own order.
+  assert all(1 <= len(group) <= max_runs for group in groups)
+  seen = set()
+  for group in groups:
+    first = group[0]
+    for r in group:  # One cell: protocol, task, seed, budget (a pretraining: its protocol).
+      assert (r.protocol, r.arm == 'pretrain', r.task, r.seed, r.budget) == (
+          first.protocol, first.arm == 'pretrain', first.task, first.seed, first.budget)
+      if r.arm == 'finetune':  # Fine-tuning starts from its fold's finished pretraining.
+        assert r.config.finetune.pretrained_workdir in seen
+    seen.update(r.workdir for r in group)
+  if max_runs == 10:  # 3 folds x 2 arms of a cell, 3 pretrainings of the honest protocol.
+    sizes = collections.Counter((g[0].protocol, g[0].arm == 'pretrain', len(g)) for g in groups)
+    assert sizes == {('honest', True, 3): 1, ('honest', False, 6): 8,
+                     ('reference', True, 1): 1, ('reference', False, 2): 4}

@@ -69,13 +69,13 @@ def _clean_env(devices=None):
   return env
 
 
-# The runlocal sweep cut to one protocol, one task, 2 folds and one budget (all subjects), with
-# short runs: every code path of the sweep (floor, pretraining, both arms,
-# out-of-fold pooling, reports, Grad-CAM grid) in a few minutes.
+# The runlocal sweep cut to the reference protocol's single split, one task and 100 % of
+# the labels, with short runs: the sweep's code paths across processes (floor,
+# pretraining, both arms, reports, Grad-CAM grid) in about a minute.
 SWEEP_FLAGS = ('--config=configs/sweep.py:preset=runlocal',
-               '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('honest',)",
-               "--config.sweep.tasks=('four_class',)", '--config.sweep.subject_budgets=(0,)',
-               '--config.split.num_folds=2', '--config.sweep.pretrain_num_epochs=1',
+               '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('reference',)",
+               "--config.sweep.tasks=('four_class',)", '--config.sweep.fractions=(1.0,)',
+               '--config.sweep.pretrain_num_epochs=1',
                '--config.sweep.max_steps_per_run=10', '--config.sweep.evals_per_run=2')
 SWEEP_TIMEOUT_S = 1500
 

@@ -269,6 +269,35 @@ def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_p
     run.run(config, workdir)
 
 
+def test_grouped_sweep_trains_each_cells_folds_together_with_the_same_results(
+    data_dir, tmp_path, monkeypatch):
+  overrides = dict(protocols=('honest', 'reference'), tasks=('binary',))
+  _, alone_dir, alone, _, _ = run_fake_sweep(data_dir, str(tmp_path / 'alone'), monkeypatch,
+                                             **overrides)
+  config, workdir, fake, _, _ = run_fake_sweep(data_dir, str(tmp_path / 'grouped'),
+                                               monkeypatch, **{'sweep.group_runs': 10},
+                                               **overrides)
+  assert not alone.groups  # group_runs=1 (the default): one run at a time, in plan order.
+  # Honest: 2 folds' pretrainings, then each cell's 2 folds x 2 arms; the reference
+  # protocol's single split: its pretraining alone, then each fraction's 2 arms.
+  names = [[os.path.relpath(w, workdir) for w in group] for group in fake.groups]
+  assert names[0] == ['honest/fold0/pretrain', 'honest/fold1/pretrain']
+  assert ['honest/binary/fold0/baseline_k4_s1', 'honest/binary/fold0/finetune_k4_s1',
+          'honest/binary/fold1/baseline_k4_s1', 'honest/binary/fold1/finetune_k4_s1'] in names
+  assert ['reference/binary/baseline_f0.5_s0', 'reference/binary/finetune_f0.5_s0'] in names
+  assert len(names) == 1 + 3 + 2 and sum(map(len, names)) + 1 == len(alone.calls)
+  # The reference's pretraining, alone, went through train_and_evaluate.
+  assert [os.path.relpath(w, workdir) for _, w in fake.calls
+          if w not in sum(fake.groups, [])] == ['reference/pretrain']
+
+  def strip(rows):  # A grouped run's wall time is its share of its group's.
+    return [{k: v for k, v in r.items() if k != 'wall_seconds'} for r in rows]
+  assert strip(read_rows(workdir)) == strip(read_rows(alone_dir))
+  # Rerun: every group finished, nothing trains.
+  run.run(config, workdir)
+  assert len(fake.groups) == 6 and len(fake.calls) == len(alone.calls)
+
+
 def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):
   config = sweep_test_config(data_dir, reference_tasks=('four_class',))
   arrays = arrays_lib.load_arrays(config)
@@ -339,10 +368,11 @@ def test_presets_are_sweep_configs_and_runs_drop_sweep_fields():
 
 def test_tiny_real_sweep_trains_every_arm_and_reruns_nothing(data_dir, tmp_path,
                                                              monkeypatch):
+  # Grouped (group_runs=4): the 2 folds' pretrainings together, then both folds' arms.
   # Two pretraining epochs as test_train's pretraining: the same compiled step.
   config = sweep_test_config(data_dir, protocols=('honest',), tasks=('four_class',),
                              seeds=(0,), pretrain_num_epochs=2, num_epochs=1,
-                             **{'sweep.subject_budgets': (0,)})
+                             **{'sweep.subject_budgets': (0,), 'sweep.group_runs': 4})
   workdir = str(tmp_path / 'sweep')
   summary = run.run(config, workdir)
   entry = summary['protocols']['honest']['tasks']['four_class']['budgets'][0]
@@ -365,4 +395,5 @@ def test_tiny_real_sweep_trains_every_arm_and_reruns_nothing(data_dir, tmp_path,
   def fail(*args):
     raise AssertionError(f'finished run trained again: {args}')
   monkeypatch.setattr(sweep.trainer, 'train_and_evaluate', fail)
+  monkeypatch.setattr(sweep.groups_lib, 'train_group', fail)
   run.run(config, workdir)  # Every run's config.json matches: all skipped.

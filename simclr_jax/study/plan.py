@@ -64,6 +64,7 @@ import numpy as np
 
 from simclr_jax.data import arrays as arrays_lib
 from simclr_jax.data import batches
+from simclr_jax.train import compile_cache
 from simclr_jax.train import workdirs
 from simclr_jax.data import splits as splits_lib
 
@@ -362,3 +363,26 @@ def protocol_splits(config, protocol, arrays, fold=None):
   protocol_run = protocol_config(config, protocol)
   protocol_run.split.fold = 0 if fold is None else fold
   return splits_lib.load_splits(protocol_run, arrays)
+
+
+def training_groups(planned, max_runs):
+  """The trained runs of `planned` in groups that train together, in execution order.
+
+  Per protocol, the pretrainings of its folds first (fine-tuning starts from
+  them), then each (task, seed, budget) cell: its baseline and finetune runs of
+  every fold. A group holds runs of one step key and one batch size (what
+  `groups.train_group` requires), at most `max_runs` of them in plan order;
+  `max_runs` 1 keeps the plan's own order, one run at a time.
+  """
+  trained = [run for run in planned if run.config is not None]
+  if max_runs <= 1:
+    return [[run] for run in trained]
+  cells = {}  # In first-seen order: a protocol's pretrainings come before its cells.
+  for run in trained:
+    batch = (None if run.num_labeled is None else
+             batches.train_batch_size(run.num_labeled, run.config.train.batch_size))
+    cell = (run.protocol, run.arm == 'pretrain', run.task, run.seed, run.budget,
+            compile_cache.step_key(run.config), batch)
+    cells.setdefault(cell, []).append(run)
+  return [runs[i:i + max_runs] for runs in cells.values()
+          for i in range(0, len(runs), max_runs)]

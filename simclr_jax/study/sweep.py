@@ -30,6 +30,7 @@ from simclr_jax.study import report as report_lib
 from simclr_jax.study import results as results_lib
 from simclr_jax.study import verdicts
 from simclr_jax.train import compile_cache
+from simclr_jax.train import groups as groups_lib
 from simclr_jax.train import trainer
 from simclr_jax.metrics import classification
 
@@ -75,16 +76,34 @@ def _run_floor(run, config, arrays, features):
   return True
 
 
-def _run_training(run, counter, cache):
-  """Trains one run unless finished; returns whether it ran."""
-  workdirs.check_workdir_config(run.config, run.workdir)  # A finished run must match too.
-  if run.finished:
-    return False
-  logging.info('Sweep run %s: %s in %s.', counter, run.name, run.workdir)
+def _train_group(group, counter, cache):
+  """Trains a group's unfinished runs, together or (one left) alone; returns those it trained."""
+  for run in group:
+    workdirs.check_workdir_config(run.config, run.workdir)  # A finished run must match too.
+  pending = [run for run in group if not run.finished]
+  if not pending:
+    return []
+  logging.info('Sweep group %s: %s.', counter, '; '.join(
+      f'{run.name} in {run.workdir}' for run in pending))
   start = time.time()
-  trainer.train_and_evaluate(run.config, run.workdir, cache)
-  workdirs.write_wall_time(run.workdir, time.time() - start)
-  return True
+  if len(pending) == 1:
+    trainer.train_and_evaluate(pending[0].config, pending[0].workdir, cache)
+  else:
+    groups_lib.train_group([run.config for run in pending], [run.workdir for run in pending],
+                           cache)
+  for run in pending:  # Each run's share of the group's time: their sum is the sweep's.
+    workdirs.write_wall_time(run.workdir, (time.time() - start) / len(pending))
+  return pending
+
+
+def _cell_name(runs):
+  """What a group's runs share, e.g. 'honest binary 8 subjects seed 0, folds 0-4'."""
+  first = runs[0]
+  folds = sorted({run.fold for run in runs if run.fold is not None})
+  arms = sorted({run.arm for run in runs})
+  what = (f'{first.protocol} pretrain' if first.arm == 'pretrain' else
+          f'{first.protocol} {first.task} {"+".join(arms)} {first.budget.label} seed {first.seed}')
+  return what + (f', folds {",".join(map(str, folds))}' if folds else '')
 
 
 def check_config(config):
@@ -120,6 +139,7 @@ def check_config(config):
   fields.integer(config, 'sweep.evals_per_run', example=5, optional=True)
   fields.integer(config, 'sweep.floor_image_size', example=64, optional=True)
   fields.integer(config, 'sweep.bootstrap_samples', low=100, example=2000)
+  fields.integer(config, 'sweep.group_runs', low=1, example=10)
   _check_primary(config)
   tasks = fields.get(config, 'sweep.tasks')
   if tasks is not fields.MISSING and (not tasks or any(t not in arrays_lib.TASKS for t in tasks)):
@@ -175,25 +195,30 @@ def main(config, workdir):
   del features
 
   trained = [run for run in planned if run.config is not None]
+  groups = plan_lib.training_groups(planned, config.sweep.group_runs)
   cache = compile_cache.CompileCache()  # The sweep's: runs of equal shapes compile once.
   remaining_work = sum(run.work for run in trained if not run.finished)
   work_done, seconds_training = 0.0, 0.0
-  logging.info('Sweep: %d runs to train (%d finished already), %d floor runs, in %s.',
-               sum(not run.finished for run in trained),
-               sum(run.finished for run in trained), len(planned) - len(trained), workdir)
-  for i, run in enumerate(trained, 1):
-    run_start = time.time()
-    if not _run_training(run, f'{i}/{len(trained)}', cache):
+  logging.info('Sweep: %d runs to train (%d finished already) in %d groups of up to %d, '
+               '%d floor runs, in %s.', sum(not run.finished for run in trained),
+               sum(run.finished for run in trained), len(groups), config.sweep.group_runs,
+               len(planned) - len(trained), workdir)
+  for i, group in enumerate(groups, 1):
+    group_start = time.time()
+    ran = _train_group(group, f'{i}/{len(groups)}', cache)
+    if not ran:
       continue
-    seconds_training += time.time() - run_start
-    work_done += run.work
-    remaining_work -= run.work
+    seconds_training += time.time() - group_start
+    work = sum(run.work for run in ran)
+    work_done += work
+    remaining_work -= work
     eta = seconds_training / work_done * remaining_work if work_done else 0.0
-    logging.info('Sweep run %d/%d done (%s) in %s; elapsed %s, ETA %s.', i, len(trained),
-                 run.name, results_lib.duration(time.time() - run_start),
+    logging.info('Sweep group %d/%d done (%d runs: %s) in %s; elapsed %s, ETA %s.', i,
+                 len(groups), len(ran), ran[0].name if len(ran) == 1 else _cell_name(ran),
+                 results_lib.duration(time.time() - group_start),
                  results_lib.duration(time.time() - start), results_lib.duration(eta))
     report_lib.write_reports(config, workdir, planned, arrays,
-                               elapsed=time.time() - start, figures=False)
+                             elapsed=time.time() - start, figures=False)
   summary = report_lib.write_reports(config, workdir, planned, arrays,
                                        elapsed=time.time() - start)
   logging.info('Sweep finished in %s; results in %s.', results_lib.duration(time.time() - start),

@@ -111,7 +111,11 @@ def create_recipe(config, mesh, cache):
                     'protocol and overstates accuracy; use selection_split=val.')
   build = {'pretrain': _pretrain_recipe, 'finetune': _supervised_recipe,
            'baseline': _supervised_recipe}[config.mode]
-  device_data = batches.DeviceDataset(arrays, mesh, config.data.on_device, labels=labels)
+  # Runs of one data set and task (a sweep's, a group's) share its copy on the devices.
+  device_data = cache.get(
+      'device_data', (config.data.to_json_best_effort(), config.labels.task,
+                      config.labels.binary_negative_class, mesh),
+      lambda: batches.DeviceDataset(arrays, mesh, config.data.on_device, labels=labels))
   recipe = build(config, RunRows(arrays, labels, class_names, splits, *_train_and_select(
       config, arrays, splits)), device_data, mesh, cache)
   missing = sorted(set(class_names) - set(recipe.rows_of.selection_classes))
