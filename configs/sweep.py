@@ -167,7 +167,9 @@ def sweep_section():
   sweep.reference_num_epochs = config_dict.placeholder(int)  # reference protocol: every fraction trains this many epochs, no cap (None: as the other protocols).
   sweep.evals_per_run = config_dict.placeholder(int)  # Validations per run (None: every eval.every_epochs).
   sweep.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
+  sweep.linear_probe = True  # A third trained arm at every budget: a linear probe (the head alone) on the frozen SimCLR encoder, beside fine-tuning.
   sweep.group_runs = 1  # Runs trained together in one compiled program (train/groups.py): up to this many folds and arms of one cell, or pretrainings of one protocol; 1: one run at a time.
+  sweep.run_devices = 0  # With group_runs > 1 on several devices: at most this many along the mesh's `run` axis (the most that divide the device count and the group), each run's batch split over the rest (0: no bound; 1: every run's batch over every device).
   sweep.bootstrap_samples = 2000  # Resamples of subjects (and seeds) behind each 95 % confidence interval.
   sweep.equivalence_margin = 5.0  # Points: a − b is "equivalent" where its 95 % interval lies inside ±this (verdicts: ahead, behind, equivalent, inconclusive).
   sweep.primary = primary_section()

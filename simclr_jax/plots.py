@@ -104,7 +104,8 @@ def plot_audit_pairs(pairs_by_scheme, path=None,
 
 ARM_STYLES = (('floor', 'raw-pixel 1-NN (no training)', 'tab:gray', 's'),
               ('baseline', 'supervised baseline', 'tab:orange', 'o'),
-              ('finetune', 'SimCLR + fine-tuning', 'tab:blue', 'D'))
+              ('finetune', 'SimCLR + fine-tuning', 'tab:blue', 'D'),
+              ('probe', 'SimCLR linear probe', 'tab:green', '^'))
 LEVEL_STYLES = (('slice', 'per slice', '-', 0.18), ('subject', 'per subject', '--', 0.09))
 
 

@@ -52,8 +52,9 @@ class FakeTraining:
     self.calls = []
     self.groups = []  # The workdirs of each group trained together.
 
-  def train_group(self, configs, workdirs_of_runs, cache=None):
+  def train_group(self, configs, workdirs_of_runs, cache=None, run_devices=0):
     """Stands in for groups.train_group: each run as train_and_evaluate, the group noted."""
+    del run_devices  # Nothing runs on devices.
     self.groups.append(list(workdirs_of_runs))
     return [self(config, workdir, cache) for config, workdir in zip(configs, workdirs_of_runs)]
 
@@ -80,7 +81,8 @@ class FakeTraining:
                                  config.labels.subjects, config.split.fold,
                                  arrays_lib.TASKS.index(config.labels.task)])
     uniform, other = rng.uniform(size=len(test)), rng.integers(1, num_classes, len(test))
-    predicted = np.where(uniform < self.right[config.mode], labels[test],
+    arm = 'probe' if config.mode == 'finetune' and config.finetune.linear_probe else config.mode
+    predicted = np.where(uniform < self.right.get(arm, self.right[config.mode]), labels[test],
                          (labels[test] + other) % num_classes)
     probabilities = np.full((len(test), num_classes), 0.2 / num_classes, np.float32)
     probabilities[np.arange(len(test)), predicted] += 0.8

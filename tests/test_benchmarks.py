@@ -203,3 +203,19 @@ def test_tune_supervised_chooses_on_validation_only_on_a_tiny_grid(tmp_path, dat
   assert again['trained'] == 0 and again['chosen'] == printed['chosen']
   with open(out.with_suffix('.csv')) as f:
     assert all(float(row['wall_seconds']) > 0 for row in csv.DictReader(f))  # Kept in the runs.
+
+
+def test_sweep_cell_cuts_the_sweep_to_one_cell_and_splits_its_time_by_phase():
+  sweep_cell = _load('sweep_cell')
+  args = sweep_cell.parse_args(['--workdir=/tmp/x', '--data=/d.zip', '--subjects=4',
+                                '--override=train.batch_size=8'])
+  flags = sweep_cell.command(args, 10, '/tmp/x/w')[2:]
+  assert {"--config.sweep.protocols=('honest',)", '--config.sweep.subject_budgets=(4,)',
+          '--config.sweep.group_runs=10', '--config.data.path=/d.zip',
+          '--config.sweep.pretrain_num_epochs=1', '--config.train.batch_size=8'} <= set(flags)
+  log = '\n'.join([
+      'I sweep.py:216] Sweep group 1/3 done (2 runs: honest pretrain, folds 0,1) in 1 min 05 s;',
+      'I sweep.py:216] Sweep group 2/3 done (1 runs: honest fold 2 pretrain) in 0 min 07 s;',
+      'I sweep.py:216] Sweep group 3/3 done (4 runs: honest binary baseline+finetune 4 '
+      'subjects seed 0, folds 0,1) in 2 min 00 s; elapsed'])
+  assert sweep_cell.phases(log) == {'pretrain': 72, 'supervised': 120}

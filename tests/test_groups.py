@@ -18,6 +18,7 @@ scanned 2 steps per dispatch drifts too); with SGD the folds agree within 9e-6
 (losses) and 3e-6 (variables, relative L2), bounded at 1e-4 and 3e-5.
 """
 
+import json
 import os
 import shutil
 
@@ -37,6 +38,7 @@ from simclr_jax.train import state as state_lib
 from simclr_jax.train import steps as steps_lib
 from simclr_jax.train import trainer
 from simclr_jax.train import workdirs
+from tests.conftest import run_on_host_devices
 from tests.conftest import tiny_config
 
 # (seed, label fraction): 60, 30 and 60 labeled images, 8, 4 and 8 steps.
@@ -222,3 +224,43 @@ def test_group_steps_mask_each_runs_own_number_of_steps(k, counts):
     assert int(one[0].step) == int(alone[0].step) == n
     for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(alone)):
       np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5)  # As tests/test_steps.py.
+
+
+EIGHT_DEVICES = """
+import json
+from simclr_jax.parallel import sharding
+from simclr_jax.train import compile_cache, groups, trainer
+from tests import test_groups
+
+data_dir, root = DATA_DIR, ROOT
+configs = test_groups._baseline_configs(data_dir)[:2]  # 8 and 4 steps, batches of 16.
+cache = compile_cache.CompileCache()
+alone = [f'{root}/alone{i}' for i in range(2)]
+grouped = [f'{root}/group{i}' for i in range(2)]
+alone_results = [trainer.train_and_evaluate(c, w, cache) for c, w in zip(configs, alone)]
+group_results = groups.train_group(configs, grouped, cache)
+meshes = [dict(key[1].shape) for name, key in cache.names() if name == 'group_steps'
+          if key[2]]  # Spread over the run axis.
+print(json.dumps({
+    'run_devices': [sharding.run_devices(n, m) for n, m in ((2, 0), (10, 0), (5, 0), (8, 0),
+                                                             (8, 4), (2, 1))],
+    'meshes': meshes, 'alone': alone_results, 'grouped': group_results,
+    'curves': [test_groups._curve_differences(a, g) for a, g in zip(alone, grouped)],
+    'variables': [test_groups._relative_l2(test_groups._variables(a), test_groups._variables(g))
+                  for a, g in zip(alone, grouped)]}))
+"""
+
+
+def test_a_group_on_eight_devices_splits_its_runs_over_a_run_axis(data_dir, tmp_path):
+  """2 runs on 8 host devices: a (run 2, data 4) mesh, each run's batch over 4 devices;
+  each ends as it does alone on all 8 (data 8), within the 1-device group's bounds."""
+  code = EIGHT_DEVICES.replace('DATA_DIR', repr(str(data_dir))).replace('ROOT', repr(str(tmp_path)))
+  out = run_on_host_devices(code, 8).strip().splitlines()[-1]
+  result = json.loads(out)
+  assert result['run_devices'] == [2, 2, 1, 8, 4, 1]
+  assert result['meshes'] == [{'run': 2, 'data': 4}]
+  for expected, actual, worst, l2 in zip(result['alone'], result['grouped'], result['curves'],
+                                         result['variables']):
+    _assert_same_metrics(expected, actual, atol=1e-6)
+    assert worst['train/loss'] < 1e-3 and worst['train/grad_norm'] < 5e-3, worst
+    assert l2 < 2e-3

@@ -169,7 +169,8 @@ def test_without_the_protocols_between_the_table_is_cut_to_what_it_can_show(
            'once' if len(protocols) == 2 else 'A step that adds several factors at once')
           + ', so it cannot say how much each of them inflates the scores') in section
   last = [r for r in inflation['rows'] if r['to'] == 'reference']
-  assert {r['budget']['label'] for r in last} == {'100 %'} and len(last) == 3 * 3
+  # 3 tasks x 4 arms (floor, baseline, finetune, probe).
+  assert {r['budget']['label'] for r in last} == {'100 %'} and len(last) == 3 * 4
   for r in last:  # Still paired: on the reference's test slices.
     assert r['paired'] and not r['one_factor']
     assert f'| several at once: {", ".join(r["factors"][:-1])} and {r["factors"][-1]} |' in (

@@ -245,7 +245,10 @@ def test_training_groups_train_a_cells_folds_after_their_pretrainings(tmp_path, 
       if r.arm == 'finetune':  # Fine-tuning starts from its fold's finished pretraining.
         assert r.config.finetune.pretrained_workdir in seen
     seen.update(r.workdir for r in group)
-  if max_runs == 10:  # 3 folds x 2 arms of a cell, 3 pretrainings of the honest protocol.
-    sizes = collections.Counter((g[0].protocol, g[0].arm == 'pretrain', len(g)) for g in groups)
-    assert sizes == {('honest', True, 3): 1, ('honest', False, 6): 8,
-                     ('reference', True, 1): 1, ('reference', False, 2): 4}
+    # The linear probe trains the head alone: another program, its own group.
+    assert ({r.arm == 'probe' for r in group} == {True}) or all(r.arm != 'probe' for r in group)
+  if max_runs == 10:  # 3 folds x 2 arms of a cell, and its 3 probes; 3 pretrainings.
+    sizes = collections.Counter((g[0].protocol, g[0].arm, len(g)) for g in groups)
+    assert sizes == {('honest', 'pretrain', 3): 1, ('honest', 'baseline', 6): 8,
+                     ('honest', 'probe', 3): 8, ('reference', 'pretrain', 1): 1,
+                     ('reference', 'baseline', 2): 4, ('reference', 'probe', 1): 4}

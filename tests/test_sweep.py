@@ -64,10 +64,12 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
       assert r['num_labeled_subjects'] == '4'
       assert (int(r['num_labeled']) == 4 * 8 if r['protocol'] == 'honest' else
               4 <= int(r['num_labeled']) < 4 * 8)
-  # Pretraining once per fold (2 honest + 1 for each other protocol), then 2 arms x 3
-  # tasks x (2 folds x 3 honest + 2 x 3 between + 2 reference) runs.
+  # Pretraining once per fold (2 honest + 1 for each other protocol), then 3 arms
+  # (baseline, finetune, probe) x 3 tasks x (2 folds x 3 honest + 2 x 3 between + 2
+  # reference) runs.
   modes = [c.mode for c, _ in fake.calls]
-  assert modes.count('pretrain') == 5 and len(modes) == 5 + 2 * 3 * (2 * 3 + 2 * 3 + 2)
+  assert modes.count('pretrain') == 5 and len(modes) == 5 + 3 * 3 * (2 * 3 + 2 * 3 + 2)
+  assert sum(c.mode == 'finetune' and c.finetune.linear_probe for c, _ in fake.calls) == 3 * 14
   markdown = read_text(workdir, 'results.md')
   for needle in ('## Protocol `honest`', '## Protocol `reference`', '## Protocol `slice_split`',
                  plan_lib.PROTOCOL_DESCRIPTIONS['slice_split_transductive'][1:],
@@ -78,6 +80,7 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
                  'Label budgets: 4 subjects and all subjects (training subjects per fold',
                  'Label budgets: 50 % and 100 % of the training slices', 'Sainte-Laguë',
                  'SimCLR − baseline', 'baseline − raw-pixel 1-NN', 'per subject',
+                 'SimCLR linear probe − baseline',
                  'Balanced accuracy per fold', 'Inflation', 'all (all subjects / 100 %)',
                  plan_lib.REFERENCE_DIFFERENCES, plan_lib.PROTOCOL_DESCRIPTIONS['honest'][1:],
                  '](label_fraction_curve.png)', '](confusion_matrices.png)', 'Wall time',
@@ -98,11 +101,11 @@ def test_sweep_writes_every_output_with_one_row_per_run(fake_sweep):
   assert entry['budget'] == {'unit': 'subject', 'size': 4, 'label': '4 subjects'}
   assert entry['arms']['baseline']['seeds'] == [0, 1]  # Two seeds at 4 subjects.
   with open(os.path.join(workdir, 'sweep.json')) as f:
-    num_runs = 3 * 14 * len(tasks)
+    num_runs = 4 * 14 * len(tasks)
     assert json.load(f)['num_runs'] == {
-        'finished': 5 + num_runs, 'planned': 5 + num_runs, 'floor_finished': num_runs // 3,
-        'baseline_finished': num_runs // 3, 'finetune_finished': num_runs // 3,
-        'pretrain_finished': 5}
+        'finished': 5 + num_runs, 'planned': 5 + num_runs, 'floor_finished': num_runs // 4,
+        'baseline_finished': num_runs // 4, 'finetune_finished': num_runs // 4,
+        'probe_finished': num_runs // 4, 'pretrain_finished': 5}
 
 
 def test_reports_state_the_cap_of_classes_never_validated(fake_sweep):
@@ -236,7 +239,9 @@ def test_run_configs_follow_the_protocols_tasks_folds_and_seeds(fake_sweep):
     # Reference runs label a fraction of the slices, the other protocols subjects.
     assert config.labels.unit == ('slice' if protocol == 'reference' else 'subject')
     budget = splits_lib.Budget.of_labels(config.labels)
-    assert parts[-1] == f'{config.mode}_{budget.name}_s{config.seed}'
+    arm = 'probe' if config.finetune.linear_probe else config.mode
+    assert arm == 'probe' or (config.mode == 'finetune') == (arm == 'finetune')
+    assert parts[-1] == f'{arm}_{budget.name}_s{config.seed}'
 
 
 def test_rerun_skips_finished_runs_and_completes_unfinished_ones(data_dir, tmp_path,
@@ -278,24 +283,28 @@ def test_grouped_sweep_trains_each_cells_folds_together_with_the_same_results(
                                                monkeypatch, **{'sweep.group_runs': 10},
                                                **overrides)
   assert not alone.groups  # group_runs=1 (the default): one run at a time, in plan order.
-  # Honest: 2 folds' pretrainings, then each cell's 2 folds x 2 arms; the reference
-  # protocol's single split: its pretraining alone, then each fraction's 2 arms.
+  # Honest: 2 folds' pretrainings, then each cell's 2 folds x 2 arms, and its 2 folds'
+  # linear probes (another program); the reference protocol's single split: its
+  # pretraining alone, then each fraction's 2 arms, and its probe alone.
   names = [[os.path.relpath(w, workdir) for w in group] for group in fake.groups]
   assert names[0] == ['honest/fold0/pretrain', 'honest/fold1/pretrain']
   assert ['honest/binary/fold0/baseline_k4_s1', 'honest/binary/fold0/finetune_k4_s1',
           'honest/binary/fold1/baseline_k4_s1', 'honest/binary/fold1/finetune_k4_s1'] in names
+  assert ['honest/binary/fold0/probe_k4_s1', 'honest/binary/fold1/probe_k4_s1'] in names
   assert ['reference/binary/baseline_f0.5_s0', 'reference/binary/finetune_f0.5_s0'] in names
-  assert len(names) == 1 + 3 + 2 and sum(map(len, names)) + 1 == len(alone.calls)
-  # The reference's pretraining, alone, went through train_and_evaluate.
+  assert len(names) == 1 + 3 * 2 + 2 and sum(map(len, names)) + 3 == len(alone.calls)
+  # Groups of one went through train_and_evaluate.
   assert [os.path.relpath(w, workdir) for _, w in fake.calls
-          if w not in sum(fake.groups, [])] == ['reference/pretrain']
+          if w not in sum(fake.groups, [])] == [
+              'reference/pretrain', 'reference/binary/probe_f0.5_s0',
+              'reference/binary/probe_f1_s0']
 
   def strip(rows):  # A grouped run's wall time is its share of its group's.
     return [{k: v for k, v in r.items() if k != 'wall_seconds'} for r in rows]
   assert strip(read_rows(workdir)) == strip(read_rows(alone_dir))
   # Rerun: every group finished, nothing trains.
   run.run(config, workdir)
-  assert len(fake.groups) == 6 and len(fake.calls) == len(alone.calls)
+  assert len(fake.groups) == 9 and len(fake.calls) == len(alone.calls)
 
 
 def test_reference_tasks_narrow_only_the_reference_protocol(data_dir, tmp_path):

@@ -199,19 +199,20 @@ class DeviceDataset:
                     'labels': sharding.replicate(self._labels, mesh)}
                    if self.on_device else None)
 
-  def inputs(self, host_inputs, batch_axis=0):
+  def inputs(self, host_inputs, batch_axis=0, runs=False):
     """Per-process host inputs {'row', 'position', ...} -> global arrays for a step.
 
     `host_inputs` hold the GLOBAL batch (every process computes the same); each
     process contributes its rows along `batch_axis`, and the host gathers the
-    images of those rows when the data set is not on the devices.
+    images of those rows when the data set is not on the devices. `runs`: the
+    leading axis is a group's runs, split over the mesh's `run` axis if it has one.
     """
     local = sharding.local_rows(host_inputs, batch_axis)
     if not self.on_device:
       local = dict(local, image=self._images[local['row']], label=self._labels[local['row']])
       if 'partner' in local:
         local['partner_image'] = self._images[local['partner']]
-    return sharding.to_global(local, sharding.data_sharding(self.mesh, batch_axis))
+    return sharding.to_global(local, sharding.data_sharding(self.mesh, batch_axis, runs))
 
   @staticmethod
   def images(data, inputs):

@@ -14,14 +14,42 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from simclr_jax import errors
 
 
-def create_mesh():
-  """A one-dimensional `data` mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), ('data',))
+def create_mesh(runs=1):
+  """A one-dimensional `data` mesh over every device of every process.
+
+  With `runs` > 1 (a group of runs trained together, train/groups.py): a
+  (`run`, `data`) mesh of `runs` x (devices / runs), each run's batch split over
+  its row's `data` devices.
+  """
+  devices = np.asarray(jax.devices())
+  if runs == 1:
+    return Mesh(devices, ('data',))
+  return Mesh(devices.reshape(runs, -1), ('run', 'data'))
 
 
-def data_sharding(mesh, batch_axis=0):
-  """The batch axis (the leading one by default) split over the mesh."""
-  return NamedSharding(mesh, P(*([None] * batch_axis), 'data'))
+def run_devices(num_runs, at_most=0):
+  """Devices along a group's `run` axis: the most that divide both the device count and
+  `num_runs`, up to `at_most` (0: no bound). 1 on several processes: each process
+  feeds its devices their rows of every run's batch, as for a lone run."""
+  if jax.process_count() > 1:
+    return 1
+  devices = jax.device_count()
+  return max(r for r in range(1, devices + 1)
+             if devices % r == 0 and num_runs % r == 0 and (not at_most or r <= at_most))
+
+
+def data_sharding(mesh, batch_axis=0, runs=False):
+  """The batch axis (the leading one by default) split over the `data` axis; with
+  `runs` (a group's inputs, runs leading) the leading axis over the `run` axis too."""
+  spec = [None] * batch_axis + ['data']
+  if runs and 'run' in mesh.axis_names:
+    spec[0] = 'run'
+  return NamedSharding(mesh, P(*spec))
+
+
+def run_sharding(mesh):
+  """A group's stacked trees: the leading run axis over the mesh's `run` axis, if any."""
+  return NamedSharding(mesh, P('run') if 'run' in mesh.axis_names else P())
 
 
 def replicated_sharding(mesh):

@@ -125,8 +125,11 @@ REFERENCE_DIFFERENCES = (
     'the SimCLR arm starts from the same random weights as the baseline, not from '
     'ImageNet weights (none can be downloaded here); test images are evaluated whole, '
     'where the reference cropped them at random at every evaluation')
-ARMS = ('floor', 'baseline', 'finetune')
-ARM_NAMES = {'floor': 'raw-pixel 1-NN', 'baseline': 'baseline', 'finetune': 'SimCLR'}
+ARMS = ('floor', 'baseline', 'finetune', 'probe')
+ARM_NAMES = {'floor': 'raw-pixel 1-NN', 'baseline': 'baseline', 'finetune': 'SimCLR',
+             'probe': 'SimCLR linear probe'}
+# The trained arms of a label budget: `probe` (a finetune run that trains only the head
+# on the frozen SimCLR encoder) where `sweep.linear_probe` is set.
 METRICS = ('accuracy', 'balanced_accuracy', 'macro_f1')
 METRIC_TITLES = {'accuracy': 'Accuracy', 'balanced_accuracy': 'Balanced accuracy',
                  'macro_f1': 'Macro-F1'}
@@ -243,6 +246,8 @@ def run_config(config, protocol, mode, *, seed, num_classes, budget=splits_lib.A
   run = protocol_config(config, protocol)
   for section in SWEEP_SECTIONS:
     del run[section]
+  if mode == 'probe':  # The linear probe: fine-tuning's head on the frozen encoder.
+    mode, run.finetune.linear_probe = 'finetune', True
   run.mode = mode
   run.seed = int(seed)
   run.labels.task = task
@@ -266,6 +271,12 @@ def run_config(config, protocol, mode, *, seed, num_classes, budget=splits_lib.A
 
 
 # ----------------------------------------------------------------------------- plan
+
+
+def trained_arms(config):
+  """The arms trained at each label budget: baseline and finetune, and probe if
+  `sweep.linear_probe`."""
+  return ('baseline', 'finetune') + (('probe',) if config.sweep.get('linear_probe') else ())
 
 
 def protocol_tasks(config, protocol):
@@ -324,7 +335,7 @@ def plan_runs(config, workdir, arrays):
       for task in protocol_tasks(config, protocol):
         for seed, budget in plan:
           num_labeled, num_subjects = labeled[seed, budget]
-          for arm in ('baseline', 'finetune'):
+          for arm in trained_arms(config):
             run = run_config(config, protocol, arm, seed=seed, num_classes=task_classes[task],
                              budget=budget, num_labeled=num_labeled,
                              pretrained_workdir=pretrain_dir, task=task, fold=fold)

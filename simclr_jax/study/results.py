@@ -29,7 +29,8 @@ from simclr_jax.study import verdicts
 
 # SimCLR - baseline carries the study's question; each learned arm - the floor says
 # whether it learned more than a look-up of the labeled images' pixels.
-COMPARISONS = (('finetune', 'baseline'), ('finetune', 'floor'), ('baseline', 'floor'))
+COMPARISONS = (('finetune', 'baseline'), ('probe', 'baseline'), ('finetune', 'floor'),
+               ('probe', 'floor'), ('baseline', 'floor'))
 LEVELS = bootstrap.LEVELS
 # The order of the report's columns: balanced accuracy first (the majority class is
 # half the data, so accuracy alone flatters a model that answers it).

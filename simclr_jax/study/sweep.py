@@ -3,7 +3,11 @@
 For each protocol the runs go in plan order: the raw-pixel floor arm (no
 training: 1-nearest-neighbour on pixels from the same labeled subset), the SimCLR
 pretraining, then the baseline and fine-tuning runs side by side, seed by seed.
-Each trained run is a `trainer.train_and_evaluate` workdir; running the same
+With `sweep.group_runs` > 1 the runs of one cell (every fold's baseline and
+finetune runs of a task, seed and budget; a protocol's pretrainings) train
+together in one compiled program (`plan.training_groups`, `groups.train_group`),
+each still in its own workdir. Each trained run is a `trainer.train_and_evaluate`
+workdir; running the same
 command again skips finished runs (their `metrics.json` exists, with the same
 config) and resumes unfinished ones from their checkpoints. After every run the
 reports (`report.py`) are rewritten from the finished runs, with predictions.npz,
@@ -76,7 +80,7 @@ def _run_floor(run, config, arrays, features):
   return True
 
 
-def _train_group(group, counter, cache):
+def _train_group(group, counter, cache, run_devices):
   """Trains a group's unfinished runs, together or (one left) alone; returns those it trained."""
   for run in group:
     workdirs.check_workdir_config(run.config, run.workdir)  # A finished run must match too.
@@ -90,7 +94,7 @@ def _train_group(group, counter, cache):
     trainer.train_and_evaluate(pending[0].config, pending[0].workdir, cache)
   else:
     groups_lib.train_group([run.config for run in pending], [run.workdir for run in pending],
-                           cache)
+                           cache, run_devices)
   for run in pending:  # Each run's share of the group's time: their sum is the sweep's.
     workdirs.write_wall_time(run.workdir, (time.time() - start) / len(pending))
   return pending
@@ -140,6 +144,7 @@ def check_config(config):
   fields.integer(config, 'sweep.floor_image_size', example=64, optional=True)
   fields.integer(config, 'sweep.bootstrap_samples', low=100, example=2000)
   fields.integer(config, 'sweep.group_runs', low=1, example=10)
+  fields.integer(config, 'sweep.run_devices', low=0, example=0)
   _check_primary(config)
   tasks = fields.get(config, 'sweep.tasks')
   if tasks is not fields.MISSING and (not tasks or any(t not in arrays_lib.TASKS for t in tasks)):
@@ -205,7 +210,7 @@ def main(config, workdir):
                len(planned) - len(trained), workdir)
   for i, group in enumerate(groups, 1):
     group_start = time.time()
-    ran = _train_group(group, f'{i}/{len(groups)}', cache)
+    ran = _train_group(group, f'{i}/{len(groups)}', cache, config.sweep.run_devices)
     if not ran:
       continue
     seconds_training += time.time() - group_start

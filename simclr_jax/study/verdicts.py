@@ -28,7 +28,8 @@ DEFAULTS = {'protocol': 'honest', 'task': 'binary', 'level': 'subject',
             'max_subjects': 16, 'max_fraction': 0.1}
 DEFAULT_MARGIN = 5.0
 CONTROL_PROTOCOL = 'reference'
-COMPARISONS = ('finetune-baseline', 'finetune-floor', 'baseline-floor')
+COMPARISONS = ('finetune-baseline', 'probe-baseline', 'finetune-floor', 'probe-floor',
+               'baseline-floor')
 LEVEL_NAMES = {'slice': 'per slice', 'subject': 'per subject'}
 METRIC_NAMES = {'accuracy': 'accuracy', 'balanced_accuracy': 'balanced accuracy',
                 'macro_f1': 'macro-F1', 'roc_auc': 'ROC AUC', 'sensitivity': 'sensitivity',

@@ -45,7 +45,7 @@ from simclr_jax.train import trainer
 from simclr_jax.train import workdirs as workdirs_lib
 
 
-def train_group(configs, workdirs, cache=None):
+def train_group(configs, workdirs, cache=None, run_devices=0):
   """Trains the runs of `configs` in `workdirs` together; each resumes from its checkpoint.
 
   Args:
@@ -53,6 +53,10 @@ def train_group(configs, workdirs, cache=None):
     workdirs: each run's directory, as `trainer.train_and_evaluate` takes it.
     cache: the compile_cache.CompileCache to share compiled steps with other runs
       and groups; None: the group's own.
+    run_devices: at most this many devices along the mesh's `run` axis (0: no
+      bound): `sharding.run_devices` takes the most that divide both the device
+      count and the runs to train. Each run's batch is split over the `data`
+      devices of its row; 1: every run's batch over every device, as a lone run's.
 
   Returns:
     Each run's test metrics (as `train_and_evaluate` returns them; a finished
@@ -66,11 +70,11 @@ def train_group(configs, workdirs, cache=None):
     raise errors.UserError(f'A group needs one workdir per config, got {len(configs)} configs '
                            f'and {len(workdirs)} workdirs.')
   _check_same(compile_cache.step_key, configs, workdirs)
-  mesh = sharding.create_mesh()
   cache = compile_cache.CompileCache() if cache is None else cache
   results = [workdirs_lib.read_metrics(w) if workdirs_lib.is_finished(w) else None
              for w in workdirs]
   pending = [i for i, result in enumerate(results) if result is None]
+  mesh = sharding.create_mesh(sharding.run_devices(max(len(pending), 1), run_devices))
   runs = []
   try:
     for i in pending:
@@ -93,28 +97,31 @@ def train_group(configs, workdirs, cache=None):
 def _train(runs, mesh, cache):
   """The group's loop over its dispatches; each run's test metrics, in order."""
   first = runs[0]
-  take, put, stack = _slicers(mesh, cache)
+  # The runs over the `run` axis where it divides them (a resumed group may train fewer).
+  spread = 'run' in mesh.axis_names and len(runs) % mesh.shape['run'] == 0
+  take, put, stack = _slicers(mesh, cache, spread)
   starts = [run.take_start() for run in runs]
   state, train_metrics = stack(starts)
   del starts  # The stacked copy is the one trained.
   rngs = sharding.replicate_tree(_stack_host([run.host_rngs for run in runs]), mesh)
   group_steps = make_group_steps(first.config, first.recipe.objective, mesh, cache,
-                                 first.recipe.key)
+                                 first.recipe.key, spread)
   device_data = first.recipe.device_data  # Every run reads the same data set (checked).
   done = sum(run.step for run in runs)
   progress = periodic_actions.ReportProgress(
       num_train_steps=sum(run.total_steps for run in runs), writer=None,
       every_steps=len(runs) * first.log_every if first.log_every else None,
       every_secs=None if first.log_every else 60.0)
-  logging.info('A group of %d runs in one program: steps %s of %s, %d per dispatch.',
-               len(runs), [run.step for run in runs], [run.total_steps for run in runs],
-               first.k)
+  logging.info('A group of %d runs in one program: steps %s of %s, %d per dispatch; '
+               'mesh %s.', len(runs), [run.step for run in runs],
+               [run.total_steps for run in runs], first.k, dict(mesh.shape))
   results = [None] * len(runs)
   slot = 0  # Dispatch slots run so far: the preemption sync point's step count.
   while not all(run.done for run in runs):
     counts = [run.next_num_steps() for run in runs]
     inputs = device_data.inputs(
-        _stack_host([run.host_inputs(n) for run, n in zip(runs, counts)]), batch_axis=2)
+        _stack_host([run.host_inputs(n) for run, n in zip(runs, counts)]), batch_axis=2,
+        runs=spread)
     values = sharding.replicate_tree(
         _stack_host([run.step_values(n) for run, n in zip(runs, counts)]), mesh)
     state, train_metrics = group_steps(state, train_metrics, inputs, device_data.arrays,
@@ -146,13 +153,14 @@ def _train(runs, mesh, cache):
   return results
 
 
-def make_group_steps(config, objective, mesh, cache, key):
+def make_group_steps(config, objective, mesh, cache, key, spread=False):
   """`steps.train_steps` vmapped over a leading run axis, jitted; the data set shared.
 
   (states, metrics, inputs [R, k, B], data, rngs [R], values [R]) -> (states,
   metrics), the states and metrics donated. A run whose `num_steps` is 0 keeps
   its state and metrics: `train_steps` runs a k = 1 dispatch without its mask.
-  One compiled program per (step key, mesh) and number of runs.
+  `spread`: the states and metrics stay split over the mesh's `run` axis (else
+  replicated). One compiled program per (step key, mesh, spread) and number of runs.
   """
   steps = steps_lib.bound_train_steps(config, objective)
 
@@ -162,31 +170,37 @@ def make_group_steps(config, objective, mesh, cache, key):
     return jax.tree.map(lambda a, b: jnp.where(ran, a, b), new, (state, metrics))
 
   def make():
-    repl = sharding.replicated_sharding(mesh)
+    stacked = _stacked_sharding(mesh, spread)
     return jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, None, 0, 0)),
-                   out_shardings=(repl, repl), donate_argnums=(0, 1))
+                   out_shardings=(stacked, stacked), donate_argnums=(0, 1))
 
-  return cache.get('group_steps', (key, mesh), make)
+  return cache.get('group_steps', (key, mesh, spread), make)
 
 
-def _slicers(mesh, cache):
+def _stacked_sharding(mesh, spread):
+  return sharding.run_sharding(mesh) if spread else sharding.replicated_sharding(mesh)
+
+
+def _slicers(mesh, cache, spread=False):
   """(take, put, stack): one run's slice of a stacked tree, its replacement, the stacking.
 
   `take(tree, i)` and `put(tree, one, i)` (which donates `tree`) take the index as
-  an array, so every run's slice shares one compiled program.
+  an array, so every run's slice shares one compiled program. A slice is
+  replicated (what a lone run's loop works on); the stacked trees are split over
+  the `run` axis when `spread`.
   """
 
   def make():
-    repl = sharding.replicated_sharding(mesh)
+    repl, stacked = sharding.replicated_sharding(mesh), _stacked_sharding(mesh, spread)
     take = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree), out_shardings=repl)
     put = jax.jit(lambda tree, one, i: jax.tree.map(lambda x, y: x.at[i].set(y), tree, one),
-                  out_shardings=repl, donate_argnums=0)
+                  out_shardings=stacked, donate_argnums=0)
     stack = jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees),
-                    out_shardings=repl)
+                    out_shardings=stacked)
     return take, put, lambda trees: tuple(stack([tree[j] for tree in trees])
                                           for j in range(len(trees[0])))
 
-  return cache.get('group_slicers', mesh, make)
+  return cache.get('group_slicers', (mesh, spread), make)
 
 
 def _stack_host(trees):
