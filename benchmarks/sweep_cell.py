@@ -65,7 +65,7 @@ def phases(log_text):
   """Seconds of the pretraining and supervised groups, from the sweep's log."""
   seconds = {'pretrain': 0, 'supervised': 0}
   for match in DONE.finditer(log_text):
-    supervised = 'baseline' in match['what'] or 'finetune' in match['what']
+    supervised = any(arm in match['what'] for arm in ('baseline', 'finetune', 'probe'))
     phase = 'supervised' if supervised else 'pretrain'
     seconds[phase] += 60 * int(match['min']) + int(match['sec'])
   return seconds

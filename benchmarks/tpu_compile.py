@@ -69,7 +69,10 @@ CHIPS = {
     'v5p': {'hbm_bytes': 95 * 2**30, 'peak_flops': 459e12},
     'v6e': {'hbm_bytes': 32 * 2**30, 'peak_flops': 918e12},
 }
-PROGRAMS = ('pretrain', 'supervised', 'embed', 'logits', 'knn', 'gradcam')
+PROGRAMS = ('pretrain', 'supervised', 'embed', 'logits', 'knn', 'gradcam', 'group_pretrain',
+            'group_supervised')
+# Not compiled unless asked (--programs): a group's program takes R times as long.
+DEFAULT_PROGRAMS = PROGRAMS[:6]
 # The Kaggle data set: images, and subjects per class (/work/shared/data/README.md).
 KAGGLE_SUBJECTS = {'Mild_Demented': 28, 'Moderate_Demented': 2, 'Non_Demented': 100,
                    'Very_Mild_Demented': 70}
@@ -88,8 +91,12 @@ def parse_args(argv):
                       'a ResNet-18 at 1/8 width, 32 px, 1 channel (compiles in seconds).')
   parser.add_argument('--topology', default='v5e:2x2',
                       help='TPU slice, e.g. v5e:2x2, v5e:2x4, v4:2x2x1, v5p:2x2x1.')
-  parser.add_argument('--programs', default=','.join(PROGRAMS),
-                      help=f'Comma-separated subset of {PROGRAMS}.')
+  parser.add_argument('--programs', default=','.join(DEFAULT_PROGRAMS),
+                      help=f'Comma-separated subset of {PROGRAMS}; the group_ programs are '
+                      'the sweep\'s grouped runs (--group_runs of them in one program).')
+  parser.add_argument('--group_runs', type=int, default=10,
+                      help='Runs of a group_ program (the sweep\'s group: a cell\'s 5 folds '
+                      'x 2 arms, or a protocol\'s 5 pretrainings with --group_runs=5).')
   parser.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
                       help='Compute dtype (default: the preset\'s; its auto is bfloat16 on TPUs).')
   parser.add_argument('--batch_size', type=int, default=None,
@@ -155,6 +162,37 @@ def train_program(preset, config, mesh, k):
                                           abstract=True)
   fn = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
   return fn, (state, *arguments), config.train.batch_size
+
+
+def group_program(preset, config, devices, k, num_runs):
+  """(jitted group steps, abstract arguments, images per step, mesh) of `num_runs` runs.
+
+  The sweep's grouped program (`groups.make_group_steps`): the scanned steps under
+  `vmap` over a leading run axis, on a (`run`, `data`) mesh of the chips with as
+  many along `run` as divide both the chips and the runs (`sharding.run_devices`).
+  """
+  from simclr_jax.train import compile_cache  # pylint: disable=g-import-not-at-top
+  from simclr_jax.train import groups  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  runs = max(r for r in range(1, len(devices) + 1)
+             if len(devices) % r == 0 and num_runs % r == 0)
+  mesh = (Mesh(np.asarray(devices).reshape(runs, -1), ('run', 'data')) if runs > 1
+          else Mesh(np.asarray(devices), ('data',)))
+  model = state_lib.create_model(config)
+  state = state_lib.abstract_state(config, mesh)
+  metrics, inputs, data, rngs, values = steps_lib.example_arguments(
+      config, mesh, k, num_rows=data_rows(preset, config), abstract=True)
+
+  def stacked(x):  # [R, ...], the run axis over `run` where the mesh has one.
+    spec = tuple(x.sharding.spec) + (None,) * (len(x.shape) - len(x.sharding.spec))
+    return jax.ShapeDtypeStruct((num_runs, *x.shape), x.dtype, sharding=NamedSharding(
+        mesh, P('run' if runs > 1 else None, *spec)))
+
+  arguments = (*jax.tree.map(stacked, (state, metrics, inputs)), data,
+               *jax.tree.map(stacked, (rngs, values)))
+  fn = groups.make_group_steps(config, steps_lib.objective(config, model), mesh,
+                               compile_cache.CompileCache(), 'tpu', spread=runs > 1)
+  return fn, arguments, num_runs * config.train.batch_size, mesh
 
 
 def infer_program(preset, config, mesh, method):
@@ -371,13 +409,18 @@ def run_check(args):
       fn, arguments, images = infer_program(args.preset, config, mesh, name)
     elif name == 'knn':
       fn, arguments, images = knn_program(pretrain, mesh, embedding_dims(pretrain))
+    elif name.startswith('group_'):
+      config = pretrain if name == 'group_pretrain' else supervised
+      fn, arguments, images, group_mesh = group_program(
+          args.preset, config, list(mesh.devices.flat), k, args.group_runs)
+      name = f'{name} ({args.group_runs} runs, mesh {dict(group_mesh.shape)})'
     else:
       fn, arguments, images = gradcam_program(supervised, mesh)
     result = compile_program(name, fn, arguments, images, num_devices, chip, devices_per_chip)
     # A train step differentiates the stem's max pooling: lax's gradient is a
     # select_and_scatter, cpu_kernels' CPU form has none.
     result['cpu_kernels_used'] = bool(result['cpu_kernels']) or (
-        name in ('pretrain', 'supervised') and not result['select_and_scatter'])
+        name.startswith(('pretrain', 'supervised', 'group_')) and not result['select_and_scatter'])
     result['step_s_at_utilisation'] = result['step_s_at_peak'] / args.utilisation
     result['images_per_s_at_peak'] = result['images_per_step'] / result['step_s_at_peak']
     result['images_per_s_at_utilisation'] = result['images_per_s_at_peak'] * args.utilisation

@@ -104,7 +104,12 @@ def cpu(config):
     choices one at a time: the two between honest and reference (one slice split,
     the honest protocol's budgets and run lengths) add 2 x 2 tasks x 5 subject
     budgets x 2 arms = 40 runs and 2 pretrainings, about 50 minutes by the timings of
-    docs/results/README.md (2.5 h for honest and reference alone).
+    docs/results/README.md (2.5 h for honest and reference alone);
+  - SimCLR pretrains 6 epochs: 25 epochs raised the linear probe on fold 0's
+    validation subjects (61.3 -> 66.6 % at 8 labeled subjects) but not fine-tuning
+    (55.3 -> 54.3 %), within one or two subjects' noise, at 4x the pretraining time
+    (docs/results/cpu/pretrain_length.png); the linear-probe arm (sweep.linear_probe)
+    measures the probe in the study itself.
   """
   config = _small(config)
   config.data.name = 'alzheimer_mri'
@@ -117,6 +122,9 @@ def cpu(config):
   # reference protocol: 25 epochs).
   config.sweep.update(pretrain_num_epochs=6, max_steps_per_run=600, reference_num_epochs=25,
                       evals_per_run=6)
+  # The honest protocol's 5 pretrainings in one program: 1.19x faster on 2 CPU cores;
+  # grouped supervised runs were slower there (docs/performance.md, "Runs trained together").
+  config.sweep.update(group_runs=10, group_arms=('pretrain',))
   config.train.update(num_epochs=300, log_every_steps=50)
   config.cam.layer = 'stage3'  # 4 x 4 at 64 px.
   return config
@@ -169,6 +177,7 @@ def sweep_section():
   sweep.floor_image_size = 64  # Raw-pixel 1-NN floor: pixels area-downsampled to this side (None: stored size).
   sweep.linear_probe = True  # A third trained arm at every budget: a linear probe (the head alone) on the frozen SimCLR encoder, beside fine-tuning.
   sweep.group_runs = 1  # Runs trained together in one compiled program (train/groups.py): up to this many folds and arms of one cell, or pretrainings of one protocol; 1: one run at a time.
+  sweep.group_arms = ('pretrain', 'baseline', 'finetune', 'probe')  # With group_runs > 1: the arms whose runs are grouped (the others train one at a time).
   sweep.run_devices = 0  # With group_runs > 1 on several devices: at most this many along the mesh's `run` axis (the most that divide the device count and the group), each run's batch split over the rest (0: no bound; 1: every run's batch over every device).
   sweep.bootstrap_samples = 2000  # Resamples of subjects (and seeds) behind each 95 % confidence interval.
   sweep.equivalence_margin = 5.0  # Points: a − b is "equivalent" where its 95 % interval lies inside ±this (verdicts: ahead, behind, equivalent, inconclusive).

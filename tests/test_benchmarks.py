@@ -217,5 +217,7 @@ def test_sweep_cell_cuts_the_sweep_to_one_cell_and_splits_its_time_by_phase():
       'I sweep.py:216] Sweep group 1/3 done (2 runs: honest pretrain, folds 0,1) in 1 min 05 s;',
       'I sweep.py:216] Sweep group 2/3 done (1 runs: honest fold 2 pretrain) in 0 min 07 s;',
       'I sweep.py:216] Sweep group 3/3 done (4 runs: honest binary baseline+finetune 4 '
-      'subjects seed 0, folds 0,1) in 2 min 00 s; elapsed'])
-  assert sweep_cell.phases(log) == {'pretrain': 72, 'supervised': 120}
+      'subjects seed 0, folds 0,1) in 2 min 00 s; elapsed',
+      'I sweep.py:216] Sweep group 4/4 done (2 runs: honest binary probe 4 subjects seed 0, '
+      'folds 0,1) in 0 min 30 s; elapsed'])
+  assert sweep_cell.phases(log) == {'pretrain': 72, 'supervised': 150}

@@ -21,6 +21,10 @@ scanned 2 steps per dispatch drifts too); with SGD the folds agree within 9e-6
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +42,7 @@ from simclr_jax.train import state as state_lib
 from simclr_jax.train import steps as steps_lib
 from simclr_jax.train import trainer
 from simclr_jax.train import workdirs
+from tests.conftest import REPO
 from tests.conftest import run_on_host_devices
 from tests.conftest import tiny_config
 
@@ -264,3 +269,48 @@ def test_a_group_on_eight_devices_splits_its_runs_over_a_run_axis(data_dir, tmp_
     _assert_same_metrics(expected, actual, atol=1e-6)
     assert worst['train/loss'] < 1e-3 and worst['train/grad_norm'] < 5e-3, worst
     assert l2 < 2e-3
+
+
+KILLED_GROUP = """
+from simclr_jax.train import groups
+from tests import test_groups
+groups.train_group(test_groups.kill_configs(DATA_DIR), [ROOT + '/killed0', ROOT + '/killed1'])
+"""
+
+
+def kill_configs(data_dir):
+  """Two baselines of 12 and 6 steps, checkpointed every 2 steps."""
+  return [tiny_config(data_dir, 'baseline', seed=seed, label_fraction=fraction, num_epochs=3,
+                      checkpoint_every_steps=2, log_every_steps=2, num_summary_images=0)
+          for seed, fraction in BASELINES[:2]]
+
+
+def test_a_group_killed_mid_training_resumes_to_the_uninterrupted_groups_end(data_dir,
+                                                                            tmp_path):
+  """SIGKILL (no chance to save) after the first checkpoint, then the same group again:
+  each run resumes from its own last checkpoint and ends as the uninterrupted group."""
+  configs = kill_configs(data_dir)
+  reference = [str(tmp_path / f'reference{i}') for i in range(2)]
+  expected = groups.train_group(configs, reference)
+  killed = [str(tmp_path / f'killed{i}') for i in range(2)]
+  code = KILLED_GROUP.replace('DATA_DIR', repr(str(data_dir))).replace('ROOT', repr(str(tmp_path)))
+  process = subprocess.Popen([sys.executable, '-c', code], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if (workdirs.latest_step(killed[0]) or 0) >= 2:
+      break
+    time.sleep(0.1)
+  assert process.poll() is None, 'the group ended before it could be killed'
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not any(workdirs.is_finished(w) for w in killed)
+  steps = [workdirs.latest_step(w) or 0 for w in killed]
+  assert 2 <= steps[0] < 12
+  resumed = groups.train_group(configs, killed)
+  for want, got, r, k in zip(expected, resumed, reference, killed):
+    _assert_same_metrics(want, got)
+    assert [line['step'] for line in curves.read_curves(k)] == [
+        line['step'] for line in curves.read_curves(r)]  # Each step once.
+    for x, y in zip(_variables(r), _variables(k)):
+      np.testing.assert_array_equal(x, y)  # Exact: the same program from the same state.

@@ -226,10 +226,14 @@ def test_the_protocols_between_honest_and_reference_each_add_one_factor(tmp_path
   np.testing.assert_array_equal(rows['slice_split_transductive'], np.arange(len(arrays.labels)))
 
 
-@pytest.mark.parametrize('max_runs', [1, 3, 10])
-def test_training_groups_train_a_cells_folds_after_their_pretrainings(tmp_path, max_runs):
+ALL_ARMS = ('pretrain', 'baseline', 'finetune', 'probe')
+
+
+@pytest.mark.parametrize('max_runs,arms', [(1, ALL_ARMS), (3, ALL_ARMS), (10, ALL_ARMS),
+                                           (10, ('pretrain',)), (10, ('finetune', 'probe'))])
+def test_training_groups_train_a_cells_folds_after_their_pretrainings(tmp_path, max_runs, arms):
   planned = plan_lib.plan_runs(plan_config(num_folds=3), str(tmp_path), kaggle_named_arrays())
-  groups = plan_lib.training_groups(planned, max_runs)
+  groups = plan_lib.training_groups(planned, max_runs, arms)
   trained = [r for r in planned if r.config is not None]
   flat = [r for group in groups for r in group]
   assert sorted(r.workdir for r in flat) == sorted(r.workdir for r in trained)  # Each once.
@@ -242,12 +246,17 @@ def test_training_groups_train_a_cells_folds_after_their_pretrainings(tmp_path, 
     for r in group:  # One cell: protocol, task, seed, budget (a pretraining: its protocol).
       assert (r.protocol, r.arm == 'pretrain', r.task, r.seed, r.budget) == (
           first.protocol, first.arm == 'pretrain', first.task, first.seed, first.budget)
-      if r.arm == 'finetune':  # Fine-tuning starts from its fold's finished pretraining.
+      if r.arm in ('finetune', 'probe'):  # They start from their fold's finished pretraining.
         assert r.config.finetune.pretrained_workdir in seen
     seen.update(r.workdir for r in group)
     # The linear probe trains the head alone: another program, its own group.
     assert ({r.arm == 'probe' for r in group} == {True}) or all(r.arm != 'probe' for r in group)
-  if max_runs == 10:  # 3 folds x 2 arms of a cell, and its 3 probes; 3 pretrainings.
+    if len(group) > 1:
+      assert first.arm in arms
+  if arms != ALL_ARMS:  # The other arms' runs train alone.
+    assert all(len(g) == 1 for g in groups if g[0].arm not in arms)
+    assert any(len(g) > 1 for g in groups if g[0].arm in arms)
+  elif max_runs == 10:  # 3 folds x 2 arms of a cell, and its 3 probes; 3 pretrainings.
     sizes = collections.Counter((g[0].protocol, g[0].arm, len(g)) for g in groups)
     assert sizes == {('honest', 'pretrain', 3): 1, ('honest', 'baseline', 6): 8,
                      ('honest', 'probe', 3): 8, ('reference', 'pretrain', 1): 1,

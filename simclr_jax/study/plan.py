@@ -376,24 +376,31 @@ def protocol_splits(config, protocol, arrays, fold=None):
   return splits_lib.load_splits(protocol_run, arrays)
 
 
-def training_groups(planned, max_runs):
+def training_groups(planned, max_runs, arms=('pretrain', 'baseline', 'finetune', 'probe')):
   """The trained runs of `planned` in groups that train together, in execution order.
 
   Per protocol, the pretrainings of its folds first (fine-tuning starts from
   them), then each (task, seed, budget) cell: its baseline and finetune runs of
-  every fold. A group holds runs of one step key and one batch size (what
-  `groups.train_group` requires), at most `max_runs` of them in plan order;
+  every fold (and, another program, its probes). A group holds runs of one step
+  key and one batch size (what `groups.train_group` requires), at most `max_runs`
+  of them in plan order, all of `arms` (a run of another arm trains alone);
   `max_runs` 1 keeps the plan's own order, one run at a time.
   """
   trained = [run for run in planned if run.config is not None]
   if max_runs <= 1:
     return [[run] for run in trained]
-  cells = {}  # In first-seen order: a protocol's pretrainings come before its cells.
+  cells = {}  # In first-seen order (the plan's).
   for run in trained:
+    if run.arm not in arms:
+      cells[run.workdir] = [run]  # Alone, in its place.
+      continue
     batch = (None if run.num_labeled is None else
              batches.train_batch_size(run.num_labeled, run.config.train.batch_size))
     cell = (run.protocol, run.arm == 'pretrain', run.task, run.seed, run.budget,
             compile_cache.step_key(run.config), batch)
     cells.setdefault(cell, []).append(run)
-  return [runs[i:i + max_runs] for runs in cells.values()
-          for i in range(0, len(runs), max_runs)]
+  groups = [runs[i:i + max_runs] for runs in cells.values()
+            for i in range(0, len(runs), max_runs)]
+  # A protocol's pretrainings before any of its fine-tuning, grouped or not.
+  protocols = list(dict.fromkeys(run.protocol for run in trained))
+  return sorted(groups, key=lambda g: (protocols.index(g[0].protocol), g[0].arm != 'pretrain'))

@@ -144,6 +144,11 @@ def check_config(config):
   fields.integer(config, 'sweep.floor_image_size', example=64, optional=True)
   fields.integer(config, 'sweep.bootstrap_samples', low=100, example=2000)
   fields.integer(config, 'sweep.group_runs', low=1, example=10)
+  arms = fields.get(config, 'sweep.group_arms')
+  if arms is not fields.MISSING and (not isinstance(arms, (tuple, list)) or any(
+      arm not in ('pretrain', *plan_lib.trained_arms(config), 'probe') for arm in arms)):
+    raise errors.UserError(f'--config.sweep.group_arms={arms} must be a tuple of pretrain, '
+                           'baseline, finetune and probe, e.g. "(\'pretrain\',)".')
   fields.integer(config, 'sweep.run_devices', low=0, example=0)
   _check_primary(config)
   tasks = fields.get(config, 'sweep.tasks')
@@ -200,7 +205,7 @@ def main(config, workdir):
   del features
 
   trained = [run for run in planned if run.config is not None]
-  groups = plan_lib.training_groups(planned, config.sweep.group_runs)
+  groups = plan_lib.training_groups(planned, config.sweep.group_runs, config.sweep.group_arms)
   cache = compile_cache.CompileCache()  # The sweep's: runs of equal shapes compile once.
   remaining_work = sum(run.work for run in trained if not run.finished)
   work_done, seconds_training = 0.0, 0.0
