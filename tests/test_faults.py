@@ -40,8 +40,8 @@ PRETRAIN = ('--config=' + os.path.join(REPO, 'configs', 'pretrain.py'), *TINY,
             '--config.train.num_epochs=2', '--config.train.checkpoint_every_steps=3',
             '--config.train.log_every_steps=3')
 # The runlocal sweep cut to the reference protocol's single split, one task, 100 % of
-# the labels, short runs: three trained runs (pretraining, baseline, fine-tuning),
-# enough to stop in one run and resume it after another has finished.
+# the labels, short runs: four trained runs (pretraining, baseline, fine-tuning, linear
+# probe), enough to stop in one run and resume it after another has finished.
 SWEEP = ('--config=' + os.path.join(REPO, 'configs', 'sweep.py') + ':preset=runlocal',
          '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('reference',)",
          "--config.sweep.tasks=('four_class',)", '--config.sweep.fractions=(1.0,)',

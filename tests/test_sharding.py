@@ -71,7 +71,7 @@ def _clean_env(devices=None):
 
 # The runlocal sweep cut to the reference protocol's single split, one task and 100 % of
 # the labels, with short runs: the sweep's code paths across processes (floor,
-# pretraining, both arms, reports, Grad-CAM grid) in about a minute.
+# pretraining, every arm, reports, Grad-CAM grid) in about a minute.
 SWEEP_FLAGS = ('--config=configs/sweep.py:preset=runlocal',
                '--config.data.name=synthetic_mri/small', "--config.sweep.protocols=('reference',)",
                "--config.sweep.tasks=('four_class',)", '--config.sweep.fractions=(1.0,)',
@@ -115,7 +115,7 @@ def test_a_sweep_across_two_processes_writes_the_results_of_one(tmp_path):
   assert 'Downloading and preparing' not in texts[1]  # Process 1 waited, then read it.
   rows = conftest.metric_rows(two)
   assert rows and rows == conftest.metric_rows(one)
-  assert {r['arm'] for r in rows} == {'floor', 'baseline', 'finetune'}
+  assert {r['arm'] for r in rows} == {'floor', 'baseline', 'finetune', 'probe'}
   for name in ('results.md', 'sweep.json', 'gradcam_grid.png', 'confusion_matrices.png',
                'label_fraction_curve.png'):
     assert os.path.exists(os.path.join(two, name)), name
