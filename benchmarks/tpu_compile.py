@@ -174,10 +174,8 @@ def group_program(preset, config, devices, k, num_runs):
   from simclr_jax.train import compile_cache  # pylint: disable=g-import-not-at-top
   from simclr_jax.train import groups  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  runs = max(r for r in range(1, len(devices) + 1)
-             if len(devices) % r == 0 and num_runs % r == 0)
-  mesh = (Mesh(np.asarray(devices).reshape(runs, -1), ('run', 'data')) if runs > 1
-          else Mesh(np.asarray(devices), ('data',)))
+  runs = sharding.run_devices(num_runs, num_devices=len(devices))
+  mesh = sharding.create_mesh(runs, devices)
   model = state_lib.create_model(config)
   state = state_lib.abstract_state(config, mesh)
   metrics, inputs, data, rngs, values = steps_lib.example_arguments(

@@ -14,26 +14,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from simclr_jax import errors
 
 
-def create_mesh(runs=1):
+def create_mesh(runs=1, devices=None):
   """A one-dimensional `data` mesh over every device of every process.
 
   With `runs` > 1 (a group of runs trained together, train/groups.py): a
   (`run`, `data`) mesh of `runs` x (devices / runs), each run's batch split over
-  its row's `data` devices.
+  its row's `data` devices. `devices`: others than `jax.devices()` (a TPU
+  topology's, to compile for).
   """
-  devices = np.asarray(jax.devices())
+  devices = np.asarray(jax.devices() if devices is None else devices)
   if runs == 1:
     return Mesh(devices, ('data',))
   return Mesh(devices.reshape(runs, -1), ('run', 'data'))
 
 
-def run_devices(num_runs, at_most=0):
-  """Devices along a group's `run` axis: the most that divide both the device count and
-  `num_runs`, up to `at_most` (0: no bound). 1 on several processes: each process
-  feeds its devices their rows of every run's batch, as for a lone run."""
-  if jax.process_count() > 1:
+def run_devices(num_runs, at_most=0, num_devices=None):
+  """Devices along a group's `run` axis: the most that divide both the device count
+  (`num_devices`, else this job's) and `num_runs`, up to `at_most` (0: no bound). 1 on
+  several processes: each process feeds its devices their rows of every run's batch,
+  as for a lone run."""
+  if num_devices is None and jax.process_count() > 1:
     return 1
-  devices = jax.device_count()
+  devices = jax.device_count() if num_devices is None else num_devices
   return max(r for r in range(1, devices + 1)
              if devices % r == 0 and num_runs % r == 0 and (not at_most or r <= at_most))
 

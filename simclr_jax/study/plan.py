@@ -130,6 +130,8 @@ ARM_NAMES = {'floor': 'raw-pixel 1-NN', 'baseline': 'baseline', 'finetune': 'Sim
              'probe': 'SimCLR linear probe'}
 # The trained arms of a label budget: `probe` (a finetune run that trains only the head
 # on the frozen SimCLR encoder) where `sweep.linear_probe` is set.
+# The arms whose runs can train in groups (`sweep.group_arms`): all but the floor.
+GROUPABLE_ARMS = ('pretrain',) + ARMS[1:]
 METRICS = ('accuracy', 'balanced_accuracy', 'macro_f1')
 METRIC_TITLES = {'accuracy': 'Accuracy', 'balanced_accuracy': 'Balanced accuracy',
                  'macro_f1': 'Macro-F1'}
@@ -376,7 +378,7 @@ def protocol_splits(config, protocol, arrays, fold=None):
   return splits_lib.load_splits(protocol_run, arrays)
 
 
-def training_groups(planned, max_runs, arms=('pretrain', 'baseline', 'finetune', 'probe')):
+def training_groups(planned, max_runs, arms=GROUPABLE_ARMS):
   """The trained runs of `planned` in groups that train together, in execution order.
 
   Per protocol, the pretrainings of its folds first (fine-tuning starts from

@@ -101,7 +101,8 @@ def _train_group(group, counter, cache, run_devices):
 
 
 def _cell_name(runs):
-  """What a group's runs share, e.g. 'honest binary 8 subjects seed 0, folds 0-4'."""
+  """What a group's runs share, e.g. 'honest binary baseline+finetune 8 subjects seed 0,
+  folds 0,1,2,3,4'."""
   first = runs[0]
   folds = sorted({run.fold for run in runs if run.fold is not None})
   arms = sorted({run.arm for run in runs})
@@ -146,7 +147,7 @@ def check_config(config):
   fields.integer(config, 'sweep.group_runs', low=1, example=10)
   arms = fields.get(config, 'sweep.group_arms')
   if arms is not fields.MISSING and (not isinstance(arms, (tuple, list)) or any(
-      arm not in ('pretrain', *plan_lib.trained_arms(config), 'probe') for arm in arms)):
+      arm not in plan_lib.GROUPABLE_ARMS for arm in arms)):
     raise errors.UserError(f'--config.sweep.group_arms={arms} must be a tuple of pretrain, '
                            'baseline, finetune and probe, e.g. "(\'pretrain\',)".')
   fields.integer(config, 'sweep.run_devices', low=0, example=0)
