@@ -17,7 +17,7 @@ Presets (`:preset=NAME`):
     one seed; the whole sweep, both protocols, meant to take minutes on a 2-core CPU:
       python main.py --config=configs/sweep.py:preset=runlocal --workdir=runs/sweep_local
   cpu: the Kaggle data, the same model at 64 px, about 600 steps per run (the
-    reference protocol: 25 epochs), one seed, 5 folds, both tasks, all four
+    reference protocol: 25 epochs), 3 seeds at the few-label budgets, 5 folds, both tasks, all four
     protocols; sized for about 2.5 hours of a quiet 2-core CPU with the honest and
     reference protocols alone (docs/results/README.md), to which the two protocols
     between them add 40 runs of the same length and 2 pretrainings (about 50 minutes
@@ -130,6 +130,9 @@ def cpu(config):
   # reference protocol: 25 epochs).
   config.sweep.update(pretrain_num_epochs=6, max_steps_per_run=600, reference_num_epochs=25,
                       evals_per_run=6)
+  # Three seeds where labels are few (4, 8 and 16 subjects: sweep.multi_seed_max_subjects);
+  # larger budgets, whose runs differ less from seed to seed, run with the first.
+  config.sweep.seeds = (0, 1, 2)
   # The honest protocol's 5 pretrainings in one program: 1.19x faster on 2 CPU cores;
   # grouped supervised runs were slower there (docs/performance.md, "Runs trained together").
   config.sweep.update(group_runs=10, group_arms=('pretrain',))
