@@ -66,6 +66,48 @@ def test_fast_convolution_leaves_dilated_and_stem_convolutions_to_lax(channels, 
   assert ('custom_vjp' in jaxpr) == fast
 
 
+@pytest.mark.parametrize('dtype,rtol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize('size,strides,padding', [
+    (2, (1, 1), ((1, 1), (1, 1))),  # the last stage of a ResNet at 64 px
+    (4, (2, 2), ((1, 1), (1, 1))),  # its strided entry: a 2 x 2 output
+    (1, (1, 1), ((1, 1), (1, 1))),  # the last stage at 32 px
+    (3, (1, 1), ((0, 1), (2, 0))),  # asymmetric padding, a 1 x 4 output
+])
+def test_images_smaller_than_the_kernel_have_lax_values_and_gradients(size, strides, padding,
+                                                                      dtype, rtol):
+  """The patches' product (im2col) computes lax's convolution and its gradients."""
+  x = jax.random.normal(jax.random.key(0), (3, size, size, 16)).astype(dtype)
+  kernel = (0.1 * jax.random.normal(jax.random.key(1), (3, 3, 16, 24))).astype(dtype)
+
+  def loss_and_grads(conv):
+    def loss(x, kernel):
+      y = conv(x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return jnp.sum(y.astype(jnp.float32) * jnp.cos(y.astype(jnp.float32)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
+
+  (lax_loss, lax_grads), (fast_loss, fast_grads) = (
+      loss_and_grads(lax.conv_general_dilated),
+      loss_and_grads(cpu_kernels.conv_general_dilated))
+  np.testing.assert_allclose(fast_loss, lax_loss, rtol=rtol)
+  for lax_grad, fast_grad in zip(lax_grads, fast_grads):
+    scale = np.abs(np.asarray(lax_grad, np.float32)).max()
+    np.testing.assert_allclose(np.asarray(fast_grad, np.float32) / scale,
+                               np.asarray(lax_grad, np.float32) / scale, atol=rtol)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU convolution path')
+@pytest.mark.parametrize('size,convolutions', [(2, 0), (8, 2)])
+def test_only_images_smaller_than_the_kernel_become_a_product(size, convolutions):
+  """XLA CPU swaps the operands of a convolution of a 2 x 2 image, 10x slower: the
+  forward pass and input gradient there are products; larger images keep XLA's."""
+  x = jnp.ones((4, size, size, 32))
+  kernel = jnp.ones((3, 3, 32, 32))
+  step = jax.jit(jax.grad(lambda x, k: jnp.sum(cpu_kernels.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2), argnums=(0, 1)))
+  hlo = step.lower(x, kernel).compile().as_text()
+  assert len(re.findall(r' convolution\(', hlo)) == convolutions
+
+
 def _dot_operand_types(hlo):
   """The element types of the operands of every dot in a compiled HLO module."""
   types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))

@@ -51,20 +51,53 @@ def _is_pointwise(kernel, padding):
   return kernel.shape[:2] == (1, 1) and not any(sum(padding, ()))
 
 
+def _output_size(size, window, stride, pads):
+  return (size + sum(pads) - window) // stride + 1
+
+
+def _smaller_than_kernel(height, width, kernel):
+  """Whether an image of height x width is lower or narrower than the kernel."""
+  return height < kernel.shape[0] or width < kernel.shape[1]
+
+
+def _patches_conv(x, kernel, strides, padding, precision):
+  """The convolution as one matrix product: every kernel tap's window of x side by
+  side along channels (im2col), times the kernel as a (taps x C, C') matrix.
+
+  For images smaller than the kernel (the last ResNet stage at 64 px is 2 x 2),
+  XLA CPU swaps a convolution's operands and runs it, and lax's input gradient, in a
+  generic loop 10-17x slower than this product (docs/performance.md); on larger
+  images XLA's own convolution is faster.
+  """
+  (kh, kw, channels, features), (sh, sw) = kernel.shape, strides
+  x = lax.pad(x, jnp.zeros((), x.dtype),
+              [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
+  ho, wo = _output_size(x.shape[1], kh, sh, (0, 0)), _output_size(x.shape[2], kw, sw, (0, 0))
+  taps = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]
+          for i in range(kh) for j in range(kw)]
+  return _dot(jnp.concatenate(taps, axis=3), kernel.reshape(kh * kw * channels, features),
+              ((3,), (0,)), precision)
+
+
 def _conv_forward(x, kernel, strides, padding, precision):
   if _is_pointwise(kernel, padding):
     # A 1x1 convolution is a product over channels; XLA CPU runs it as a matrix
     # product 2x faster than as a convolution (docs/performance.md).
     x = x[:, ::strides[0], ::strides[1]]
     return _dot(x, kernel[0, 0], ((3,), (0,)), precision)
+  if _smaller_than_kernel(*x.shape[1:3], kernel):
+    return _patches_conv(x, kernel, strides, padding, precision)
   return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
 
 
 def _input_gradient(x, kernel, dy, strides, padding, precision):
-  """dL/dx: lax's for larger kernels; for 1x1, dy @ kernel^T on the strided positions."""
+  """dL/dx: for 1x1 kernels dy @ kernel^T on the strided positions; where the output
+  is smaller than the kernel, the gradient of the patches' product (lax's is a
+  convolution over the dilated dy, as slow there as the forward one); else lax's."""
   if not _is_pointwise(kernel, padding):
-    _, x_vjp = jax.vjp(lambda x: _conv_forward(x, kernel, strides, padding, precision), x)
+    forward = _patches_conv if _smaller_than_kernel(*dy.shape[1:3], kernel) else _conv_forward
+    _, x_vjp = jax.vjp(lambda x: forward(x, kernel, strides, padding, precision), x)
     return x_vjp(dy)[0]
   (_, h, w, _), (sh, sw), (_, ho, wo, _) = x.shape, strides, dy.shape
   dx = _dot(dy, kernel[0, 0], ((3,), (1,)), precision)
@@ -137,9 +170,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """`lax.conv_general_dilated` computed the way XLA CPU runs fastest.
 
   On CPU, for a plain (undilated, ungrouped) NHWC convolution of at least 16
-  input channels, the kernel gradient is one matrix product per kernel tap and a
-  1x1 convolution is a matrix product over channels: the same sums in another
-  order, 3x faster for a ResNet-50 step. Other convolutions, and every
+  input channels, the kernel gradient is one matrix product per kernel tap, a
+  1x1 convolution is a matrix product over channels, and a convolution of an
+  image smaller than its kernel (and its input gradient, where the output is) one
+  product of patches: the same sums in another order, 3x faster for a ResNet-50
+  step. Other convolutions, and every
   convolution on an accelerator, go to lax unchanged.
   """
   plain = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
