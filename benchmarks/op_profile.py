@@ -199,7 +199,7 @@ def run_profile(args, trace_dir):
 
 
 def main(argv=None):
-  args = throughput.parse_args(argv)
+  args = throughput.parse_args(argv, description=__doc__)
   with tempfile.TemporaryDirectory() as trace_dir:
     result = run_profile(args, trace_dir)
   print(f"{result['mode']} {result['model']} x{result['width']} {result['dtype']}, batch "

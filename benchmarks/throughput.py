@@ -56,9 +56,9 @@ CPU_PEAK_FLOPS = 188e9
 _BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
-def parse_args(argv):
+def parse_args(argv, description=__doc__):
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+      description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--mode', default='pretrain', choices=kinds.TRAIN_MODES,
                       help='pretrain: SimCLR (two views); finetune/baseline: supervised.')
   parser.add_argument('--model', default='resnet50', choices=sorted(resnet.STAGE_SIZES))

@@ -86,6 +86,54 @@ def test_throughput_times_scanned_dispatches_per_step(capsys, monkeypatch):
   assert result['images_per_s'] == pytest.approx(4 / result['step_s_median'])
 
 
+def test_op_profile_puts_every_traced_operation_of_a_tiny_step_in_a_category(capsys,
+                                                                              monkeypatch):
+  op_profile = _load('op_profile')
+  monkeypatch.setitem(resnet.STAGE_SIZES, 'resnet18', (1, 1))
+  result = op_profile.main(TINY)
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed == json.loads(json.dumps(result))
+  categories = result['categories']
+  assert set(categories) == set(op_profile.CATEGORIES)
+  assert result['thunks_per_step'] > 0 and result['thunks_named_outside_hlo'] == 0
+  assert sum(c['busy_ms_per_step'] for c in categories.values()) == pytest.approx(
+      result['busy_ms_per_step'])
+  assert sum(c['share_of_busy'] for c in categories.values()) == pytest.approx(1.0)
+  # The stem's convolution (1 input channel) stays XLA's; the blocks' are products.
+  assert categories['conv']['thunks_per_step'] >= 1 and categories['dot']['thunks_per_step'] > 1
+  assert result['slowest'] and result['slowest'][0]['ms_per_step'] > 0
+
+
+def test_op_profile_reads_categories_from_compiled_hlo():
+  op_profile = _load('op_profile')
+  hlo = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation.1 (param_0: f32[4], /*index=1*/param_1: f32[4]) -> f32[] {
+  %param_0 = f32[4]{0} parameter(0)
+  %reduce.1 = f32[] reduce(%param_0, %c), dimensions={0}, to_apply=%add
+}
+
+%fused_computation.2 (param_0.1: f32[4]) -> f32[4] {
+  %param_0.1 = f32[4]{0} parameter(0)
+  ROOT %multiply.3 = f32[4]{0} multiply(%param_0.1, %param_0.1)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %reduce_fusion = f32[] fusion(%a), kind=kLoop, calls=%fused_computation.1
+  %multiply_fusion = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused_computation.2
+  %copy.4 = f32[4]{0} copy(%a)
+  %convolution.5 = f32[1,2,2,4]{3,2,1,0} convolution(%x, %k), window={size=3x3}
+  ROOT %dot.6 = f32[4]{0} dot(%a, %a), lhs_contracting_dims={0}
+}
+"""
+  categories = op_profile.parse_hlo(hlo)
+  assert categories['reduce_fusion'] == 'reduce'
+  assert categories['multiply_fusion'] == 'elementwise'
+  assert categories['copy.4'] == 'copy'
+  assert categories['convolution.5'] == 'conv' and categories['dot.6'] == 'dot'
+
+
 def test_augmentation_benchmark_prints_json(capsys):
   augmentation = _load('augmentation')
   with pytest.raises(SystemExit):  # absl's app.run exits after main.

@@ -16,7 +16,7 @@ from tests.conftest import with_fields
 
 
 class _Convolutions(nn.Module):
-  """The convolutions of the ResNets' blocks: strided, 1x1 widening and narrowing, padded."""
+  """The convolutions of the ResNets' blocks: strided, 1x1 widening, 3x3 narrowing, padded."""
   fast: bool
   dtype: jnp.dtype = jnp.float32
 
@@ -27,8 +27,8 @@ class _Convolutions(nn.Module):
     x = nn.relu(conv(24, (3, 3), (2, 2))(x))
     x = nn.relu(conv(16, (1, 1), (2, 2))(x))
     x = nn.relu(conv(160, (1, 1))(x))
-    x = nn.relu(conv(16, (1, 1))(x))
-    return conv(8, (3, 3), padding='VALID')(x)
+    x = nn.relu(conv(16, (3, 3))(x))  # 160 channels: the kernel gradient per tap.
+    return conv(8, (3, 3), padding='VALID')(x)  # A 2 x 2 output: products of patches.
 
 
 @pytest.mark.parametrize('dtype,rtol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -96,12 +96,17 @@ def test_images_smaller_than_the_kernel_have_lax_values_and_gradients(size, stri
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU convolution path')
-@pytest.mark.parametrize('size,convolutions', [(2, 0), (8, 2)])
-def test_only_images_smaller_than_the_kernel_become_a_product(size, convolutions):
-  """XLA CPU swaps the operands of a convolution of a 2 x 2 image, 10x slower: the
-  forward pass and input gradient there are products; larger images keep XLA's."""
-  x = jnp.ones((4, size, size, 32))
-  kernel = jnp.ones((3, 3, 32, 32))
+@pytest.mark.parametrize('size,channels,convolutions', [
+    (2, 64, 0), (2, 32, 0),  # products only
+    (8, 64, 2),              # XLA's forward and input gradient, kernel gradient per tap
+    (8, 32, 3),              # fewer channels: XLA's kernel gradient too
+])
+def test_which_convolutions_stay_xlas(size, channels, convolutions):
+  """XLA CPU swaps the operands of a convolution of a 2 x 2 image, 10x slower: all
+  three of its products there are matrix products; larger images keep XLA's
+  convolution, and its kernel gradient below 64 channels."""
+  x = jnp.ones((4, size, size, channels))
+  kernel = jnp.ones((3, 3, channels, 32))
   step = jax.jit(jax.grad(lambda x, k: jnp.sum(cpu_kernels.conv_general_dilated(
       x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2), argnums=(0, 1)))
   hlo = step.lower(x, kernel).compile().as_text()

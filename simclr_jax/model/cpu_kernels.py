@@ -19,6 +19,9 @@ import jax.numpy as jnp
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _MIN_CHANNELS = 16
+# Kernel gradients of larger kernels as products per tap from this many input
+# channels; below it lax's is faster (docs/performance.md).
+_MIN_TAP_CHANNELS = 64
 
 
 def _on_cpu_only(cpu_fn, default_fn, *args):
@@ -92,12 +95,9 @@ def _conv_forward(x, kernel, strides, padding, precision):
 
 
 def _input_gradient(x, kernel, dy, strides, padding, precision):
-  """dL/dx: for 1x1 kernels dy @ kernel^T on the strided positions; where the output
-  is smaller than the kernel, the gradient of the patches' product (lax's is a
-  convolution over the dilated dy, as slow there as the forward one); else lax's."""
+  """dL/dx: lax's for larger kernels; for 1x1, dy @ kernel^T on the strided positions."""
   if not _is_pointwise(kernel, padding):
-    forward = _patches_conv if _smaller_than_kernel(*dy.shape[1:3], kernel) else _conv_forward
-    _, x_vjp = jax.vjp(lambda x: forward(x, kernel, strides, padding, precision), x)
+    _, x_vjp = jax.vjp(lambda x: _conv_forward(x, kernel, strides, padding, precision), x)
     return x_vjp(dy)[0]
   (_, h, w, _), (sh, sw), (_, ho, wo, _) = x.shape, strides, dy.shape
   dx = _dot(dy, kernel[0, 0], ((3,), (1,)), precision)
@@ -110,10 +110,19 @@ def _kernel_gradient(x, dy, window, strides, padding, precision):
 
   For tap (i, j) the gradient is taps(x)^T @ dy over the N * H * W output
   positions. XLA CPU's own kernel-gradient convolution (a window as large as the
-  image) runs 5-10x slower (docs/performance.md).
+  image) ran 5-10x slower on ResNet-50's shapes on an AVX2 CPU; on a Sapphire Rapids
+  CPU it is as fast from 64 channels and 1.5-2.4x faster below, where it is kept
+  (docs/performance.md).
   """
   (kh, kw), (sh, sw), (_, ho, wo, features) = window, strides, dy.shape
   channels = x.shape[3]
+  if kh * kw > 1 and channels < _MIN_TAP_CHANNELS:
+    # Few channels: copying the taps costs more than the products gain.
+    _, kernel_vjp = jax.vjp(
+        lambda k: lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_NHWC,
+                                           precision=precision),
+        jnp.zeros((kh, kw, channels, features), x.dtype))
+    return kernel_vjp(dy)[0]
   x = lax.pad(x, jnp.zeros((), x.dtype),
               [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
   # The rows and columns of x that tap (i, j) of the kernel sees.
@@ -156,8 +165,15 @@ def _conv_nhwc_fwd(x, kernel, strides, padding, precision):
 
 def _conv_nhwc_bwd(strides, padding, precision, residuals, dy):
   x, kernel = residuals
-  dx = _input_gradient(x, kernel, dy, strides, padding, precision)
-  dkernel = _kernel_gradient(x, dy, kernel.shape[:2], strides, padding, precision)
+  if not _is_pointwise(kernel, padding) and _smaller_than_kernel(*dy.shape[1:3], kernel):
+    # An output smaller than the kernel: lax's input gradient is a convolution over
+    # the dilated dy, as slow as the forward one there; the patches' product's
+    # gradients are two products.
+    _, vjp = jax.vjp(lambda x, k: _patches_conv(x, k, strides, padding, precision), x, kernel)
+    dx, dkernel = vjp(dy)
+  else:
+    dx = _input_gradient(x, kernel, dy, strides, padding, precision)
+    dkernel = _kernel_gradient(x, dy, kernel.shape[:2], strides, padding, precision)
   return dx, dkernel.astype(kernel.dtype)
 
 
