@@ -17,12 +17,11 @@ Presets (`:preset=NAME`):
     one seed; the whole sweep, both protocols, meant to take minutes on a 2-core CPU:
       python main.py --config=configs/sweep.py:preset=runlocal --workdir=runs/sweep_local
   cpu: the Kaggle data, the same model at 64 px, about 600 steps per run (the
-    reference protocol: 25 epochs), 3 seeds at the few-label budgets, 5 folds, both tasks, all four
-    protocols; sized for about 2.5 hours of a quiet 2-core CPU with the honest and
-    reference protocols alone (docs/results/README.md), to which the two protocols
-    between them add 40 runs of the same length and 2 pretrainings (about 50 minutes
-    more by those timings; `"--config.sweep.protocols=('honest', 'reference')"` leaves
-    them out):
+    reference protocol: 25 epochs), 3 seeds at the few-label budgets, 5 folds, both
+    tasks, all four protocols, three arms; about 4 hours of a quiet 2-core CPU (the
+    binary task under the honest and reference protocols alone took 1 h 33 min,
+    docs/results/README.md; `"--config.sweep.protocols=('honest', 'reference')"` leaves
+    the two protocols between them out):
       python main.py --config=configs/sweep.py:preset=cpu \
         --config.data.path=/path/to/alzheimer-mri-dataset.zip --workdir=runs/sweep_cpu
   full: the reference's settings (ResNet-50, 128 px, 3 channels, batch 32, flatten
@@ -83,10 +82,12 @@ def runlocal(config):
 
 
 def cpu(config):
-  """The Kaggle data at 64 px with a quarter-width ResNet-18: the study in about 4.5 h of 2 CPU cores.
+  """The Kaggle data at 64 px with a quarter-width ResNet-18: the study in about 4 h of 2 CPU cores.
 
-  (3.3 h before the linear-probe arm, which adds a probe beside every fine-tuning run at
-  about 45 % of its time: 16-17 s against 38 s in docs/performance.md's sweep cell.)
+  (Measured on 2026-12-06: the binary task under the honest and reference protocols, 3
+  seeds, 186 trained runs, in 1 h 33 min; the three_class task and the two protocols
+  between add about 2.5 h by those timings. A supervised run of about 600 steps takes
+  26 s, a linear probe 9-14 s, a pretraining 3 min.)
   Sized on this project's 2-core machine (docs/results/README.md) so that the learned
   arms fit the data: under the reference protocol the baseline on all labels reached
   96.3 % test accuracy (the reference: 98.1 %) with these settings, where the
@@ -110,8 +111,7 @@ def cpu(config):
   - all four protocols run, so that results.md's inflation table adds the reference's
     choices one at a time: the two between honest and reference (one slice split,
     the honest protocol's budgets and run lengths) add 2 x 2 tasks x 5 subject
-    budgets x 2 arms = 40 runs and 2 pretrainings, about 50 minutes by the timings of
-    docs/results/README.md (2.5 h for honest and reference alone);
+    budgets x 3 arms, with 3 seeds at the few-label budgets, and 2 pretrainings;
   - SimCLR pretrains 6 epochs: 25 epochs raised the linear probe on fold 0's
     validation subjects (61.3 -> 66.6 % at 8 labeled subjects) but not fine-tuning
     (55.3 -> 54.3 %), within one or two subjects' noise, at 4x the pretraining time
