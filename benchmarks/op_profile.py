@@ -40,15 +40,9 @@ import tempfile
 import time
 
 import jax
-import numpy as np
-from jax.sharding import Mesh
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax.train import optimizers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CATEGORIES = ('conv', 'dot', 'reduce', 'copy', 'pool', 'elementwise', 'other')
 # The executor's events that are not operations.
@@ -165,25 +159,19 @@ def summarize(ops, executions, categories, steps):
 
 def run_profile(args, trace_dir):
   """Builds, compiles, warms and traces the step of `args`; returns the summary."""
-  config = throughput.benchmark_config(args)
-  devices = jax.devices()[:args.num_devices or None]
-  mesh = Mesh(np.asarray(devices), ('data',))
-  model = state_lib.create_model(config)
-  tx = optimizers.create_optimizer(config)
-  state = state_lib.create_train_state(config, model, jax.random.key(config.seed), tx, mesh)
-  arguments = steps_lib.example_arguments(config, mesh, 1)
-  p_train_steps = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
+  config, devices, state, arguments, p_train_steps = throughput.build_step(args)
+  k = args.steps_per_dispatch
   compiled = p_train_steps.lower(state, *arguments).compile()
   categories = parse_hlo(compiled.as_text())
   state, arguments, _, _ = throughput.time_windows(p_train_steps, state, arguments,
-                                                   args.warmup_steps, 1, 1)
+                                                   args.warmup_steps, 1, k)
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     start = time.perf_counter()
     state, arguments, seconds, cpu_seconds = throughput.time_windows(
-        p_train_steps, state, arguments, args.steps, 1, 1)
+        p_train_steps, state, arguments, args.steps, 1, k)
     traced_seconds = time.perf_counter() - start
   ops, executions = thunk_events(trace_dir)
-  summary = summarize(ops, executions, categories, args.steps)
+  summary = summarize(ops, executions, categories, args.steps * k)
   summary.update({
       'benchmark': 'op_profile', 'mode': config.mode, 'model': config.model.name,
       'width': config.model.width, 'image_size': config.data.image_size,

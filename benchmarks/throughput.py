@@ -161,9 +161,9 @@ def time_windows(p_train_steps, state, arguments, num_windows, window, steps_per
   return state, (metrics, *rest), seconds, cpu_seconds
 
 
-def run_benchmark(args):
-  """Builds, compiles and times the step of `args`; returns the result dictionary."""
-  load_start = os.getloadavg()
+def build_step(args):
+  """(config, devices, state, example arguments, jitted train steps) of `args`: the
+  real TrainState and `steps.make_train_steps` on a `data` mesh of the devices."""
   config = benchmark_config(args)
   if args.num_devices > len(jax.devices()):
     raise ValueError(
@@ -178,9 +178,16 @@ def run_benchmark(args):
   model = state_lib.create_model(config)
   tx = optimizers.create_optimizer(config)
   state = state_lib.create_train_state(config, model, jax.random.key(config.seed), tx, mesh)
-  k = args.steps_per_dispatch
-  arguments = steps_lib.example_arguments(config, mesh, k)
+  arguments = steps_lib.example_arguments(config, mesh, args.steps_per_dispatch)
   p_train_steps = steps_lib.make_train_steps(config, steps_lib.objective(config, model), mesh)
+  return config, devices, state, arguments, p_train_steps
+
+
+def run_benchmark(args):
+  """Builds, compiles and times the step of `args`; returns the result dictionary."""
+  load_start = os.getloadavg()
+  config, devices, state, arguments, p_train_steps = build_step(args)
+  k = args.steps_per_dispatch
 
   # Trace, lower and compile once; the jitted steps then reuse this executable.
   with CompileCounter() as compiles:

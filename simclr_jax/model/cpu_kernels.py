@@ -165,10 +165,11 @@ def _conv_nhwc_fwd(x, kernel, strides, padding, precision):
 
 def _conv_nhwc_bwd(strides, padding, precision, residuals, dy):
   x, kernel = residuals
-  if not _is_pointwise(kernel, padding) and _smaller_than_kernel(*dy.shape[1:3], kernel):
-    # An output smaller than the kernel: lax's input gradient is a convolution over
-    # the dilated dy, as slow as the forward one there; the patches' product's
-    # gradients are two products.
+  if not _is_pointwise(kernel, padding) and (_smaller_than_kernel(*x.shape[1:3], kernel) or
+                                             _smaller_than_kernel(*dy.shape[1:3], kernel)):
+    # An input or output smaller than the kernel: lax's gradients are convolutions
+    # as slow there as the forward one (over the dilated dy for the input's); the
+    # patches' product's gradients are two products.
     _, vjp = jax.vjp(lambda x, k: _patches_conv(x, k, strides, padding, precision), x, kernel)
     dx, dkernel = vjp(dy)
   else:
